@@ -1,0 +1,176 @@
+"""The stack's configuration: one validated attrs value for the CLI and the API."""
+
+import ipaddress
+
+import attrs
+
+from .wire.ethernet import is_unicast, mac_from_str, mac_to_str
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message is meant for the user as is."""
+
+
+def _network(value):
+    if isinstance(value, ipaddress.IPv4Network):
+        return value
+    try:
+        return ipaddress.IPv4Network(value, strict=True)
+    except ValueError as e:
+        raise ConfigError(f"subnet {value!r} is not an IPv4 network: {e}") from None
+
+
+def _address(value):
+    if isinstance(value, ipaddress.IPv4Address):
+        return value
+    try:
+        return ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not an IPv4 address") from None
+
+
+def _optional_address(value):
+    return None if value is None else _address(value)
+
+
+def _mac(value):
+    if isinstance(value, bytes) and len(value) == 6:
+        return value
+    try:
+        return mac_from_str(value)
+    except (ValueError, AttributeError, TypeError):
+        raise ConfigError(f"{value!r} is not a MAC address") from None
+
+
+def _static_leases(value):
+    """Accept {mac: ip} or [(mac, ip)] in any spelling; keep a tuple of pairs."""
+    items = value.items() if isinstance(value, dict) else value
+    return tuple((_mac(mac), _address(ip)) for mac, ip in items)
+
+
+def _networks(value):
+    if isinstance(value, str):
+        value = [value]
+    out = []
+    for v in value:
+        try:
+            out.append(v if isinstance(v, ipaddress.IPv4Network)
+                       else ipaddress.IPv4Network(v, strict=False))
+        except ValueError:
+            raise ConfigError(f"{v!r} is not an IPv4 CIDR") from None
+    return tuple(out)
+
+
+def _address_map(value):
+    """Accept {virtual: host} or [(virtual, host)] or ["V=H"]; keep pairs."""
+    items = value.items() if isinstance(value, dict) else value
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            virtual, sep, host = item.partition("=")
+            if not sep:
+                raise ConfigError(f"map {item!r} is not VIRTUAL=HOST")
+            item = (virtual, host)
+        virtual, host = item
+        out.append((_address(virtual), _address(host)))
+    return tuple(out)
+
+
+def _names(value):
+    if isinstance(value, str):
+        value = [value]
+    return tuple(v.strip(".") for v in value if v)
+
+
+MIN_MTU = 576
+MAX_MTU = 65520
+
+
+@attrs.frozen(kw_only=True)
+class StackConfig:
+    """Addresses and limits of the guest network.
+
+    Defaults follow arcbox-net's convention: 10.0.2.0/24, gateway (and DNS)
+    10.0.2.1, first guest 10.0.2.2.
+    """
+
+    subnet: ipaddress.IPv4Network = attrs.field(
+        default="10.0.2.0/24", converter=_network)
+    gateway: ipaddress.IPv4Address = attrs.field(default="10.0.2.1", converter=_address)
+    guest: ipaddress.IPv4Address = attrs.field(default="10.0.2.2", converter=_address)
+    #: The DNS server announced by DHCP; None means the gateway.
+    dns: ipaddress.IPv4Address | None = attrs.field(default=None, converter=_optional_address)
+    mtu: int = attrs.field(default=1500)
+    domain: str | None = attrs.field(default=None)
+    search: tuple = attrs.field(default=(), converter=_names)
+    lease_time: int = attrs.field(default=3600)
+    gateway_mac: bytes = attrs.field(default="02:ab:cb:00:00:01", converter=_mac)
+    static_leases: tuple = attrs.field(default=(), converter=_static_leases)
+    #: TCP/UDP/ICMP to the gateway address reach the host's 127.0.0.1.
+    host_loopback: bool = attrs.field(default=True)
+    #: (guest-visible address, host address) pairs, e.g. 203.0.113.10 -> 127.0.0.2.
+    address_map: tuple = attrs.field(default=(), converter=_address_map)
+    #: Egress policy: CIDRs the guest may / may not reach (most specific wins).
+    allow: tuple = attrs.field(default=(), converter=_networks)
+    deny: tuple = attrs.field(default=("169.254.0.0/16",), converter=_networks)
+    #: Seconds a guest SYN waits for the host connect before ICMP host unreachable.
+    connect_timeout: float = attrs.field(default=10.0)
+    #: Concurrent TCP connections; beyond it a SYN gets RST (counted).
+    max_connections: int = attrs.field(default=4096)
+
+    def __attrs_post_init__(self):
+        net = self.subnet
+        if net.prefixlen > 30:
+            raise ConfigError(f"subnet {net} is too small: it needs room for a gateway and a guest")
+        for name in ("gateway", "guest"):
+            addr = getattr(self, name)
+            if addr not in net:
+                raise ConfigError(f"{name} {addr} is not inside subnet {net}")
+            if addr in (net.network_address, net.broadcast_address):
+                raise ConfigError(f"{name} {addr} is the network or broadcast address of {net}")
+        if self.guest == self.gateway:
+            raise ConfigError(f"guest and gateway are both {self.gateway}")
+        if not isinstance(self.mtu, int) or not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ConfigError(f"mtu {self.mtu!r} is out of range {MIN_MTU}..{MAX_MTU}")
+        if not isinstance(self.lease_time, int) or self.lease_time < 10:
+            raise ConfigError(f"lease time {self.lease_time!r} must be at least 10 seconds")
+        if not is_unicast(self.gateway_mac):
+            raise ConfigError(f"gateway MAC {mac_to_str(self.gateway_mac)} is not unicast")
+        if not isinstance(self.connect_timeout, (int, float)) or not 0 < self.connect_timeout <= 600:
+            raise ConfigError(f"connect timeout {self.connect_timeout!r} must be in (0, 600] seconds")
+        if not isinstance(self.max_connections, int) or self.max_connections < 1:
+            raise ConfigError(f"max connections {self.max_connections!r} must be at least 1")
+        seen_virtual = set()
+        for virtual, host in self.address_map:
+            if virtual in seen_virtual:
+                raise ConfigError(f"address {virtual} is mapped twice")
+            if virtual == self.guest or virtual in self.subnet and virtual != self.gateway:
+                raise ConfigError(f"cannot map {virtual}: it is a guest address of {self.subnet}")
+            seen_virtual.add(virtual)
+        seen = set()
+        for mac, ip in self.static_leases:
+            if ip not in net or ip in (net.network_address, net.broadcast_address, self.gateway):
+                raise ConfigError(f"static lease {mac_to_str(mac)}={ip} is not a usable address of {net}")
+            if mac in seen:
+                raise ConfigError(f"static lease for {mac_to_str(mac)} given twice")
+            seen.add(mac)
+        for name in (self.domain, *self.search):
+            if name is not None and (not name or len(name) > 253 or " " in name):
+                raise ConfigError(f"{name!r} is not a domain name")
+
+    @property
+    def dns_server(self):
+        return self.dns or self.gateway
+
+    @property
+    def netmask(self):
+        return self.subnet.netmask
+
+    @property
+    def owned_addresses(self):
+        """Addresses the stack answers ARP for."""
+        return {a for a in (self.gateway, self.dns_server) if a in self.subnet}
+
+    def summary(self):
+        return (f"subnet {self.subnet} gateway {self.gateway} guest {self.guest} "
+                f"dns {self.dns_server} mtu {self.mtu}")

@@ -1,0 +1,73 @@
+"""The contracts between the stack's parts, in one place.
+
+Links move Ethernet frames; the dispatcher classifies them and hands each to
+the handler registered for its EtherType, IP protocol or UDP port.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IFrameSink(Interface):
+    """Receives what a link reads from the guest."""
+
+    def frames_received(frames):
+        """A batch of frames read in one wakeup (a list of bytes)."""
+
+    def link_lost(reason):
+        """The link's fd closed or failed; no more frames will come."""
+
+
+class ILink(Interface):
+    """A guest network card: a transport of whole Ethernet frames."""
+
+    description = Attribute("Human-readable description, e.g. 'tap tap0 in netns x'.")
+    mtu = Attribute("The largest IP packet the link carries.")
+
+    def start(sink):
+        """Begin reading; deliver batches of frames to ``sink`` (an IFrameSink)."""
+
+    def send_frame(frame):
+        """Queue one frame (bytes, or a sequence of buffers to gather).
+
+        Never drops on EAGAIN/ENOBUFS: the frame waits in the write queue.
+        """
+
+    def stop():
+        """Stop reading and writing and close the link's fd."""
+
+
+class IEthernetHandler(Interface):
+    """Handles one EtherType other than IPv4 (e.g. ARP)."""
+
+    ethertype = Attribute("The EtherType handled, e.g. 0x0806.")
+
+    def handle_frame(frame):
+        """Handle a whole Ethernet frame."""
+
+
+class IIPv4Handler(Interface):
+    """Handles one IP protocol of IPv4 packets addressed through the gateway."""
+
+    ip_protocol = Attribute("The IP protocol number handled, e.g. 6 for TCP.")
+
+    def handle_ipv4(frame, ip):
+        """Handle ``frame``, whose IPv4 header was parsed into ``ip``."""
+
+
+class IUDPService(Interface):
+    """A UDP service the stack itself offers (DHCP, DNS on the gateway)."""
+
+    udp_port = Attribute("The destination port served.")
+    local_only = Attribute(
+        "True if only datagrams to a stack-owned address (or broadcast) are "
+        "for this service; others fall through to UDP NAT.")
+
+    def handle_datagram(frame, ip, src_port, payload):
+        """Handle one datagram; ``payload`` is the UDP payload."""
+
+
+class IFlushable(Interface):
+    """A handler that wants a call after each batch of frames (to batch ACKs)."""
+
+    def flush():
+        """The current batch of frames has been dispatched."""

@@ -1,0 +1,206 @@
+"""The shared machinery of frame-per-read links (datagram sockets, TAP).
+
+Why not twisted's FileDescriptor: it treats writes as a byte stream (frames
+would be joined) and has no notion of a frame budget per wakeup. This class
+is a minimal IReadWriteDescriptor instead:
+
+- doRead reads frames until EAGAIN or ``read_budget`` frames, so timers and
+  host sockets still get their turn under load, and hands the whole batch to
+  the sink in one call (handlers batch their ACKs per call).
+- send_frame writes at once when the queue is empty; on EAGAIN/ENOBUFS the
+  frame is queued and written when the fd becomes writable. A frame that was
+  accepted is never dropped (a lost TCP segment would open a sequence gap).
+- An exception escaping doRead would make the reactor drop us silently, so
+  errors are caught here and turned into a logged, orderly stop.
+"""
+
+import errno
+import os
+from collections import deque
+
+from twisted.internet import reactor as default_reactor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted.internet.interfaces import IReadWriteDescriptor
+
+from ..interfaces import ILink
+
+_RETRY_LATER = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR)
+
+
+class LinkLost(Exception):
+    """The link's fd closed or failed."""
+
+
+@implementer(ILink, IReadWriteDescriptor)
+class FrameLink:
+    log = Logger()
+    read_budget = 512
+    #: Largest frame read; 64 KiB frames plus headroom (a vnet header).
+    read_size = 65550
+
+    def __init__(self, fd, description, mtu=1500, reactor=None, owns_fd=True):
+        self._fd = fd
+        self.description = description
+        self.mtu = mtu
+        self._reactor = reactor or default_reactor
+        self._owns_fd = owns_fd
+        self._queue = deque()
+        self._writing = False
+        self._sink = None
+        self._stopped = False
+        self.frames_in = 0
+        self.frames_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.queued_high_water = 0
+
+    # -- ILink
+
+    def start(self, sink):
+        self._sink = sink
+        os.set_blocking(self._fd, False)
+        self._reactor.addReader(self)
+
+    def send_frame(self, frame):
+        if self._stopped:
+            return
+        if self._queue:
+            self._enqueue(frame)
+            return
+        try:
+            self._write(frame)
+        except OSError as e:
+            if e.errno in _RETRY_LATER:
+                self._enqueue(frame)
+            else:
+                self._lost(e)
+
+    def stop(self):
+        if self._stopped:
+            return
+        self._stopped = True
+        self._reactor.removeReader(self)
+        self._reactor.removeWriter(self)
+        self._queue.clear()
+        if self._owns_fd:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = -1
+
+    # -- what subclasses may override
+
+    def _read(self):
+        """Return one frame; raise BlockingIOError when none is ready."""
+        data = os.read(self._fd, self.read_size)
+        if not data:
+            raise LinkLost("end of file")
+        return data
+
+    def _write(self, frame):
+        if isinstance(frame, (bytes, bytearray, memoryview)):
+            n = os.write(self._fd, frame)
+            length = len(frame)
+        else:
+            n = os.writev(self._fd, frame)
+            length = sum(len(b) for b in frame)
+        if n != length:
+            # A frame link takes whole frames or nothing; a short write means
+            # the fd is not what we think it is.
+            raise LinkLost(f"short write of a frame ({n} of {length} bytes)")
+        self.frames_out += 1
+        self.bytes_out += n
+
+    # -- IReadWriteDescriptor
+
+    def fileno(self):
+        return self._fd
+
+    def logPrefix(self):
+        return "arcbox-link"
+
+    def doRead(self):
+        frames = []
+        try:
+            for _ in range(self.read_budget):
+                try:
+                    frame = self._read()
+                except BlockingIOError:
+                    break
+                except InterruptedError:
+                    continue
+                if frame is not None:
+                    frames.append(frame)
+        except (OSError, LinkLost) as e:
+            self._deliver(frames)
+            self._lost(e)
+            return None
+        self._deliver(frames)
+        return None
+
+    def _deliver(self, frames):
+        if not frames or self._sink is None:
+            return
+        self.frames_in += len(frames)
+        self.bytes_in += sum(len(f) for f in frames)
+        try:
+            self._sink.frames_received(frames)
+        except Exception:
+            # The dispatcher already guards each frame; this is a last resort
+            # so that one bug cannot take the whole link down.
+            self.log.failure("frame sink raised")
+
+    def doWrite(self):
+        queue = self._queue
+        while queue:
+            try:
+                self._write(queue[0])
+            except OSError as e:
+                if e.errno in _RETRY_LATER:
+                    return None
+                self._lost(e)
+                return None
+            except LinkLost as e:
+                self._lost(e)
+                return None
+            queue.popleft()
+        self._writing = False
+        self._reactor.removeWriter(self)
+        return None
+
+    def connectionLost(self, reason):
+        self._lost(reason.value if isinstance(reason, Failure) else reason)
+
+    def _enqueue(self, frame):
+        if not isinstance(frame, (bytes, bytearray)):
+            frame = bytes(frame) if isinstance(frame, memoryview) else [bytes(b) for b in frame]
+        self._queue.append(frame)
+        if len(self._queue) > self.queued_high_water:
+            self.queued_high_water = len(self._queue)
+        if not self._writing:
+            self._writing = True
+            self._reactor.addWriter(self)
+
+    @property
+    def queued_frames(self):
+        return len(self._queue)
+
+    def _lost(self, error):
+        if self._stopped:
+            return
+        self.log.error("guest link {link} lost: {error}", link=self.description,
+                       error=_describe(error))
+        sink = self._sink
+        self.stop()
+        if sink is not None:
+            sink.link_lost(error)
+
+
+def _describe(error):
+    if isinstance(error, OSError) and error.errno:
+        return f"{os.strerror(error.errno)} (errno {errno.errorcode.get(error.errno, error.errno)})"
+    return str(error) or type(error).__name__

@@ -1,0 +1,176 @@
+"""``--tap NAME``: a TAP device; ``--netns``: a TAP created inside a namespace.
+
+The stack holds the TAP's fd; the kernel on the other side is the guest.
+For ``--netns`` the device is created from a short-lived thread that has
+joined the target namespace (namespaces are per thread on Linux), so the
+stack itself never leaves the host namespace, as slirp4netns does. The fd
+keeps working from any namespace once opened.
+"""
+
+import ctypes
+import ctypes.util
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+import subprocess
+import threading
+
+from .base import FrameLink
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+SIOCSIFMTU = 0x8922
+IFF_UP = 0x1
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd, nstype):
+    """os.setns only exists from Python 3.12; libc has it everywhere."""
+    if hasattr(os, "setns"):
+        return os.setns(fd, nstype)
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class TapError(Exception):
+    """A TAP device or namespace could not be set up; the message says why."""
+
+
+def open_tap(name):
+    """Open (creating if needed) TAP ``name`` in the calling thread's namespace."""
+    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or " " in name:
+        raise TapError(f"{name!r} is not a valid interface name")
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise TapError(f"cannot open /dev/net/tun: {e.strerror}") from None
+    try:
+        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI)
+        fcntl.ioctl(fd, TUNSETIFF, ifr)
+    except OSError as e:
+        os.close(fd)
+        hint = " (is it a TUN device, or held by another process?)" if e.errno == 16 else ""
+        raise TapError(f"cannot attach to TAP {name}: {e.strerror}{hint}") from None
+    return fd
+
+
+def _ifreq(name, payload=b""):
+    return struct.pack("16s", name.encode()) + payload.ljust(24, b"\0")
+
+
+def _sockaddr_in(address):
+    return struct.pack("HH4s8x", socket.AF_INET, 0, ipaddress.IPv4Address(address).packed)
+
+
+def configure_interface(name, address=None, prefixlen=None, mtu=None, gateway=None):
+    """Bring ``name`` up, optionally with an address, MTU and default route.
+
+    Works in the calling thread's namespace (ioctl on a fresh socket, and
+    ``ip route`` for the route: a child process inherits the thread's
+    namespace).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            if mtu is not None:
+                fcntl.ioctl(s, SIOCSIFMTU, _ifreq(name, struct.pack("i", mtu)))
+            if address is not None:
+                fcntl.ioctl(s, SIOCSIFADDR, _ifreq(name, _sockaddr_in(address)))
+                mask = ipaddress.IPv4Network(f"0.0.0.0/{prefixlen}").netmask
+                fcntl.ioctl(s, SIOCSIFNETMASK, _ifreq(name, _sockaddr_in(mask)))
+            flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(name)), 16)[0]
+            fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq(name, struct.pack("H", flags | IFF_UP)))
+        except OSError as e:
+            raise TapError(f"cannot configure {name}: {e.strerror}") from None
+    if gateway is not None:
+        result = subprocess.run(
+            ["ip", "-4", "route", "replace", "default", "via", str(gateway), "dev", name],
+            capture_output=True, text=True)
+        if result.returncode:
+            raise TapError(f"cannot add default route via {gateway}: {result.stderr.strip()}")
+
+
+def resolve_netns(name_or_path):
+    """A namespace name (as in ``ip netns``) or a path such as /proc/PID/ns/net."""
+    if "/" in name_or_path:
+        path = name_or_path
+    else:
+        path = os.path.join("/var/run/netns", name_or_path)
+    if not os.path.exists(path):
+        raise TapError(f"network namespace {name_or_path!r} not found ({path} does not exist)")
+    return path
+
+
+def open_tap_in_netns(netns, name, configure=None):
+    """Create TAP ``name`` inside ``netns`` and return its fd.
+
+    ``configure`` is None or a dict of configure_interface() arguments.
+    """
+    path = resolve_netns(netns)
+    result = {}
+
+    def work():
+        try:
+            nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            result["error"] = TapError(f"cannot open namespace {path}: {e.strerror}")
+            return
+        try:
+            _setns(nsfd, CLONE_NEWNET)
+        except OSError as e:
+            result["error"] = TapError(f"cannot enter namespace {path}: {e.strerror}")
+            return
+        finally:
+            os.close(nsfd)
+        try:
+            fd = open_tap(name)
+            try:
+                configure_interface(name, **(configure or {}))
+            except TapError:
+                os.close(fd)
+                raise
+            result["fd"] = fd
+        except TapError as e:
+            result["error"] = e
+        except Exception as e:  # never leave the caller without an answer
+            result["error"] = TapError(f"cannot create {name} in {path}: {e}")
+
+    # The thread ends in the namespace and is discarded with it.
+    thread = threading.Thread(target=work, name=f"arcbox-netns-{name}")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["fd"]
+
+
+class TapLink(FrameLink):
+    """A TAP fd: one read is one frame, one write is one frame."""
+
+    def __init__(self, fd, description, mtu=1500, reactor=None):
+        super().__init__(fd, description, mtu=mtu, reactor=reactor, owns_fd=True)
+
+    @classmethod
+    def open(cls, name, mtu=1500, reactor=None):
+        fd = open_tap(name)
+        try:
+            configure_interface(name)
+        except TapError:
+            os.close(fd)
+            raise
+        return cls(fd, f"tap {name}", mtu=mtu, reactor=reactor)
+
+    @classmethod
+    def open_in_netns(cls, netns, name="tap0", mtu=1500, configure=None, reactor=None):
+        fd = open_tap_in_netns(netns, name, configure)
+        return cls(fd, f"tap {name} in netns {netns}", mtu=mtu, reactor=reactor)

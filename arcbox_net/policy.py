@@ -1,0 +1,73 @@
+"""Where guest traffic may go: address mapping and the egress policy.
+
+Shared by the TCP, UDP and ICMP NAT. ``Egress.route(dst)`` turns the address
+the guest used into the host address to connect to, or None when the policy
+denies it. The policy is applied to the host address (after mapping): that
+is the address traffic really reaches, so ``--deny 0.0.0.0/0 --allow
+127.0.0.0/8`` keeps every packet on this machine whatever the guest tries.
+"""
+
+import ipaddress
+
+LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
+DEFAULT_DENY = (ipaddress.IPv4Network("169.254.0.0/16"),)
+
+
+class EgressPolicy:
+    """Allow/deny rules by CIDR; the most specific rule wins, default allow."""
+
+    def __init__(self, allow=(), deny=DEFAULT_DENY):
+        self.allow = tuple(allow)
+        self.deny = tuple(deny)
+        rules = [(net, True) for net in self.allow] + [(net, False) for net in self.deny]
+        # Longest prefix first; at equal length an explicit allow beats deny.
+        rules.sort(key=lambda r: (r[0].prefixlen, r[1]), reverse=True)
+        self._rules = tuple(rules)
+        self._cache = {}
+
+    def allows(self, address):
+        if isinstance(address, bytes):
+            address = ipaddress.IPv4Address(address)
+        cached = self._cache.get(address)
+        if cached is not None:
+            return cached
+        verdict = True
+        for net, allowed in self._rules:
+            if address in net:
+                verdict = allowed
+                break
+        if len(self._cache) < 65536:
+            self._cache[address] = verdict
+        return verdict
+
+
+class Egress:
+    """Maps guest-visible destinations to host addresses and applies the policy."""
+
+    def __init__(self, config):
+        self.gateway = config.gateway.packed
+        self.host_loopback = config.host_loopback
+        self.mapping = {virtual.packed: host for virtual, host in config.address_map}
+        self.policy = EgressPolicy(allow=config.allow, deny=config.deny)
+
+    def host_address(self, dst):
+        """The host address for guest destination ``dst`` (4 bytes), ignoring policy.
+
+        None when there is no host address for it (the gateway without
+        host loopback).
+        """
+        host = self.mapping.get(dst)
+        if host is not None:
+            return host
+        if dst == self.gateway:
+            return LOOPBACK if self.host_loopback else None
+        return ipaddress.IPv4Address(dst)
+
+    def route(self, dst):
+        """(verdict, host_address): verdict is "ok", "denied" or "no-route"."""
+        host = self.host_address(dst)
+        if host is None:
+            return "no-route", None
+        if not self.policy.allows(host):
+            return "denied", host
+        return "ok", host

@@ -1,0 +1,95 @@
+"""NetworkStack: the embedding API, an IService that serves one guest link.
+
+A Twisted program creates a link (``links.open_link`` or a link class), a
+StackConfig, and a NetworkStack, then starts it like any service::
+
+    stack = NetworkStack(TapLink.open_in_netns("vm1"), StackConfig(mtu=9000))
+    stack.setServiceParent(application)   # or stack.startService()
+
+The stack wires the dispatcher to the protocol handlers; it owns the link
+and closes it when stopped. If the link dies (the VM went away) the stack
+stops itself and fires ``whenLinkLost()`` Deferreds.
+"""
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .config import StackConfig
+from .dispatch import FrameDispatcher
+from .protocols.arp import ArpHandler
+from .protocols.dhcp import DhcpHandler
+from .protocols.icmp import IcmpHandler
+from .wire.ethernet import mac_to_str
+
+
+class NetworkStack(service.Service):
+    log = Logger()
+
+    def __init__(self, link, config=None, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config = config or StackConfig()
+        self.link = link
+        self.dispatcher = FrameDispatcher(self.config, link)
+        self.dispatcher.on_link_lost = self._link_lost
+        self.arp = ArpHandler(self.dispatcher)
+        self.dhcp = DhcpHandler(self.dispatcher, self.config, clock=reactor.seconds)
+        self.icmp = IcmpHandler(self.dispatcher)
+        for handler in (self.arp, self.dhcp, self.icmp):
+            self.dispatcher.register(handler)
+        self._lost_waiters = []
+        self.link_lost_reason = None
+
+    def startService(self):
+        super().startService()
+        self.link.start(self.dispatcher)
+        self.log.info("arcbox-net serving {link}: {summary}",
+                      link=self.link.description, summary=self.config.summary())
+
+    def stopService(self):
+        super().stopService()
+        self.link.stop()
+
+    def whenLinkLost(self):
+        """A Deferred that fires with the reason when the guest link dies."""
+        d = defer.Deferred()
+        if self.link_lost_reason is not None:
+            d.callback(self.link_lost_reason)
+        else:
+            self._lost_waiters.append(d)
+        return d
+
+    def _link_lost(self, reason):
+        self.link_lost_reason = reason
+        if self.running:
+            self.log.error("stopping: the guest link {link} is gone", link=self.link.description)
+            super().stopService()
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for d in waiters:
+            d.callback(reason)
+
+    # -- introspection
+
+    def leases(self):
+        """Current DHCP leases as dicts (mac, address, expiry, state)."""
+        return [
+            {"mac": mac_to_str(lease.mac), "address": str(lease.address),
+             "expiry": lease.expiry, "state": lease.state}
+            for lease in self.dhcp.core.leases()
+        ]
+
+    def stats(self):
+        drops = dict(self.dispatcher.drops)
+        for part in (self.arp.core, self.dhcp.core, self.icmp.echo):
+            for reason, n in part.drops.items():
+                drops[reason] = drops.get(reason, 0) + n
+        return {
+            "frames_in": self.dispatcher.frames_in,
+            "frames_out": self.dispatcher.frames_out,
+            "drops": drops,
+            "link": {"description": self.link.description,
+                     "queued_frames": getattr(self.link, "queued_frames", 0)},
+            "guest_mac": mac_to_str(self.dispatcher.guest_mac) if self.dispatcher.guest_mac else None,
+        }

@@ -1,0 +1,49 @@
+"""ICMPv4 messages the stack sends: echo replies and destination-unreachable errors."""
+
+import struct
+
+from . import MalformedFrame
+from .checksum import checksum
+
+TYPE_ECHO_REPLY = 0
+TYPE_DEST_UNREACH = 3
+TYPE_ECHO_REQUEST = 8
+TYPE_TIME_EXCEEDED = 11
+
+# Destination-unreachable codes (RFC 792, RFC 1812).
+CODE_NET_UNREACH = 0
+CODE_HOST_UNREACH = 1
+CODE_PROTO_UNREACH = 2
+CODE_PORT_UNREACH = 3
+CODE_FRAG_NEEDED = 4
+CODE_ADMIN_PROHIBITED = 13
+
+_HEADER = struct.Struct("!BBHHH")
+
+
+def parse(frame, ip):
+    """Return (type, code, ident, sequence) of the ICMP message in ``frame``."""
+    off = ip.payload_offset
+    if ip.payload_end - off < 8:
+        raise MalformedFrame("short-icmp")
+    icmp_type, code, _csum, ident, seq = _HEADER.unpack_from(frame, off)
+    return icmp_type, code, ident, seq
+
+
+def build(icmp_type, code, rest_of_header, body):
+    """An ICMP message: 4 bytes of type-specific header, then ``body``."""
+    raw = bytes((icmp_type, code, 0, 0)) + rest_of_header + body
+    csum = checksum(raw)
+    return raw[:2] + csum.to_bytes(2, "big") + raw[4:]
+
+
+def echo_reply(request_icmp):
+    """The reply to an echo request (same id, sequence and payload)."""
+    return build(TYPE_ECHO_REPLY, 0, bytes(request_icmp[4:8]), bytes(request_icmp[8:]))
+
+
+def dest_unreachable(code, original_ip_packet, mtu=0):
+    """Destination unreachable quoting the offending packet's header + 8 bytes."""
+    quoted = bytes(original_ip_packet[:((original_ip_packet[0] & 0x0F) * 4) + 8])
+    rest = struct.pack("!HH", 0, mtu if code == CODE_FRAG_NEEDED else 0)
+    return build(TYPE_DEST_UNREACH, code, rest, quoted)

@@ -1,0 +1,128 @@
+"""TCP segment view and builder.
+
+Options are only decoded on SYN segments (MSS, window scale): that is the
+only time this stack needs them, and it keeps the per-segment path short.
+"""
+
+import struct
+
+from . import MalformedFrame
+from .checksum import checksum, ones_sum, pseudo_header_sum
+from .ipv4 import PROTO_TCP
+
+HEADER_LEN = 20
+
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+URG = 0x20
+
+OPT_END = 0
+OPT_NOP = 1
+OPT_MSS = 2
+OPT_WSCALE = 3
+
+_HEADER = struct.Struct("!HHIIBBHHH")
+
+
+class TcpSegment:
+    """A parsed TCP segment; ``payload`` is a slice of the frame."""
+
+    __slots__ = ("src_port", "dst_port", "seq", "ack", "flags", "window",
+                 "payload", "mss", "wscale")
+
+    def __init__(self, src_port, dst_port, seq, ack, flags, window,
+                 payload=b"", mss=None, wscale=None):
+        self.src_port = src_port
+        self.dst_port = dst_port
+        self.seq = seq
+        self.ack = ack
+        self.flags = flags
+        self.window = window
+        self.payload = payload
+        self.mss = mss
+        self.wscale = wscale
+
+    def __repr__(self):
+        return (f"TcpSegment({self.src_port}->{self.dst_port} seq={self.seq} "
+                f"ack={self.ack} flags={flags_str(self.flags)} win={self.window} "
+                f"len={len(self.payload)} mss={self.mss} wscale={self.wscale})")
+
+    @property
+    def seq_len(self):
+        """Sequence space consumed: payload plus one each for SYN and FIN."""
+        return len(self.payload) + bool(self.flags & SYN) + bool(self.flags & FIN)
+
+
+def flags_str(flags):
+    names = ((FIN, "F"), (SYN, "S"), (RST, "R"), (PSH, "P"), (ACK, "A"), (URG, "U"))
+    return "".join(n for bit, n in names if flags & bit) or "-"
+
+
+def parse(frame, ip):
+    """Parse the segment in ``frame`` (a memoryview or bytes) after ``ip``."""
+    off = ip.payload_offset
+    end = ip.payload_end
+    if end - off < HEADER_LEN:
+        raise MalformedFrame("short-tcp")
+    sport, dport, seq, ack, data_off, flags, window, _csum, _urg = \
+        _HEADER.unpack_from(frame, off)
+    hlen = (data_off >> 4) * 4
+    if hlen < HEADER_LEN or off + hlen > end:
+        raise MalformedFrame("bad-tcp-header-length")
+    seg = TcpSegment(sport, dport, seq, ack, flags, window, frame[off + hlen:end])
+    if flags & SYN and hlen > HEADER_LEN:
+        _parse_syn_options(frame[off + HEADER_LEN:off + hlen], seg)
+    return seg
+
+
+def _parse_syn_options(opts, seg):
+    i = 0
+    n = len(opts)
+    while i < n:
+        kind = opts[i]
+        if kind == OPT_END:
+            break
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= n:
+            break
+        length = opts[i + 1]
+        if length < 2 or i + length > n:
+            break
+        if kind == OPT_MSS and length == 4:
+            seg.mss = (opts[i + 2] << 8) | opts[i + 3]
+        elif kind == OPT_WSCALE and length == 3:
+            seg.wscale = min(opts[i + 2], 14)
+        i += length
+
+
+def syn_options(mss=None, wscale=None):
+    out = b""
+    if mss is not None:
+        out += struct.pack("!BBH", OPT_MSS, 4, mss)
+    if wscale is not None:
+        out += struct.pack("!BBBB", OPT_NOP, OPT_WSCALE, 3, wscale)
+    return out
+
+
+def build(src_ip, dst_ip, sport, dport, seq, ack, flags, window,
+          payload=b"", options=b""):
+    """TCP header (+options) + payload as bytes, checksum filled in."""
+    hlen = HEADER_LEN + len(options)
+    head = _HEADER.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
+                        (hlen // 4) << 4, flags, window, 0, 0) + options
+    length = hlen + len(payload)
+    partial = pseudo_header_sum(src_ip, dst_ip, PROTO_TCP, length)
+    if payload:
+        partial = ones_sum(payload, partial)
+    csum = checksum(head, partial)
+    return head[:16] + csum.to_bytes(2, "big") + head[18:], payload
+
+
+def build_bytes(*args, **kwargs):
+    head, payload = build(*args, **kwargs)
+    return head + bytes(payload)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install what arcbox-net's demo and tests need, idempotently (Debian, as root):
+# the real guest-side tools from apt and a Python venv in .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(iproute2 busybox iputils-ping dnsutils curl socat iperf3 python3 python3-venv)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# An editable install in compat mode: twistd finds the plugin from the source tree.
+.venv/bin/python -m pip install -q --disable-pip-version-check \
+  --config-settings editable_mode=compat -e '.[test]'

@@ -1,0 +1,39 @@
+import ipaddress
+
+import pytest
+
+from arcbox_net.config import ConfigError, StackConfig
+
+
+def test_defaults_follow_the_arcbox_convention():
+    c = StackConfig()
+    assert c.subnet == ipaddress.IPv4Network("10.0.2.0/24")
+    assert str(c.gateway) == "10.0.2.1" and str(c.guest) == "10.0.2.2"
+    assert c.dns_server == c.gateway and c.mtu == 1500
+    assert c.owned_addresses == {c.gateway}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"subnet": "10.0.2.0/33"}, "not an IPv4 network"),
+    ({"subnet": "10.0.2.1/24"}, "not an IPv4 network"),
+    ({"subnet": "10.0.2.0/31"}, "too small"),
+    ({"gateway": "10.0.3.1"}, "gateway 10.0.3.1 is not inside subnet"),
+    ({"guest": "10.0.2.255"}, "network or broadcast"),
+    ({"guest": "10.0.2.1"}, "guest and gateway are both"),
+    ({"mtu": 70000}, "out of range"),
+    ({"mtu": 100}, "out of range"),
+    ({"lease_time": 0}, "at least 10 seconds"),
+    ({"gateway_mac": "01:00:5e:00:00:01"}, "not unicast"),
+    ({"gateway_mac": "zz"}, "not a MAC address"),
+    ({"static_leases": {"02:00:00:00:00:01": "10.0.9.9"}}, "not a usable address"),
+    ({"domain": "has space"}, "not a domain name"),
+])
+def test_invalid_settings_have_clear_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        StackConfig(**kwargs)
+
+
+def test_other_subnet_and_static_leases():
+    c = StackConfig(subnet="192.168.127.0/24", gateway="192.168.127.1", guest="192.168.127.2",
+                    static_leases=[("02-00-00-00-00-01", "192.168.127.50")], mtu=65520)
+    assert c.static_leases == ((b"\x02\0\0\0\0\x01", ipaddress.IPv4Address("192.168.127.50")),)
