@@ -25,6 +25,8 @@ class Options(usage.Options):
     optFlags = [
         ["configure", None, "With --netns: give the TAP the guest address, default route "
                             "and MTU directly (no DHCP needed)."],
+        ["no-host-loopback", None, "Do not connect traffic for the gateway address to the "
+                                   "host's 127.0.0.1."],
     ]
     optParameters = [
         ["fd", None, None, "Inherited connected socket (SOCK_DGRAM or SOCK_SEQPACKET) "
@@ -41,6 +43,15 @@ class Options(usage.Options):
         ["domain", None, None, "Domain name announced by DHCP (option 15)."],
         ["lease-time", None, 3600, "DHCP lease time in seconds.", _int("--lease-time")],
         ["mac", None, "02:ab:cb:00:00:01", "MAC address of the gateway."],
+        ["connect-timeout", None, 10.0, "Seconds a guest TCP SYN waits for the host connect.",
+         float],
+        ["max-connections", None, 4096, "Concurrent TCP connections; beyond it SYNs get RST.",
+         _int("--max-connections")],
+        ["udp-timeout", None, 60.0, "Idle timeout of a UDP flow, in seconds.", float],
+        ["max-udp-flows", None, 1024, "Concurrent UDP flows; beyond it the oldest idle flow "
+                                      "is evicted.", _int("--max-udp-flows")],
+        ["dns-timeout", None, 5.0, "Seconds before an unanswered upstream DNS query "
+                                   "becomes SERVFAIL.", float],
         ["ready-fd", None, None, "Write one byte to this fd when serving, then close it.",
          _int("--ready-fd")],
     ]
@@ -49,6 +60,11 @@ class Options(usage.Options):
         super().__init__()
         self["search"] = []
         self["static_leases"] = []
+        self["maps"] = []
+        self["allow"] = []
+        self["deny"] = []
+        self["dns_upstreams"] = []
+        self["dns_records"] = []
 
     def opt_search(self, domain):
         """Domain search list entry announced by DHCP (option 119); repeatable."""
@@ -60,6 +76,33 @@ class Options(usage.Options):
         if not sep:
             raise usage.UsageError(f"--static-lease takes MAC=ADDRESS, not {spec!r}")
         self["static_leases"].append((mac, address))
+
+    def opt_map(self, spec):
+        """VIRTUAL=HOST: traffic to guest-visible VIRTUAL goes to host address HOST
+        (e.g. 203.0.113.10=127.0.0.2); repeatable."""
+        if "=" not in spec:
+            raise usage.UsageError(f"--map takes VIRTUAL=HOST, not {spec!r}")
+        self["maps"].append(spec)
+
+    def opt_allow(self, cidr):
+        """Let the guest reach this CIDR (host address, after --map); repeatable."""
+        self["allow"].append(cidr)
+
+    def opt_deny(self, cidr):
+        """Keep the guest from this CIDR (most specific rule wins; 169.254.0.0/16
+        is denied by default); repeatable."""
+        self["deny"].append(cidr)
+
+    def opt_dns_upstream(self, spec):
+        """ADDR[:PORT] of an upstream DNS server (default: the host's
+        /etc/resolv.conf); repeatable."""
+        self["dns_upstreams"].append(spec)
+
+    def opt_dns_record(self, spec):
+        """NAME=ADDR: answer NAME with ADDR from the gateway's DNS; repeatable."""
+        if "=" not in spec:
+            raise usage.UsageError(f"--dns-record takes NAME=ADDR, not {spec!r}")
+        self["dns_records"].append(spec)
 
     def parseOptions(self, options=None):
         """One line on stderr and exit 2 for any bad option (not a usage dump)."""
@@ -75,7 +118,13 @@ class Options(usage.Options):
                 subnet=self["subnet"], gateway=self["gateway"], guest=self["guest"],
                 dns=self["dns"], mtu=self["mtu"], domain=self["domain"],
                 search=self["search"], lease_time=self["lease-time"],
-                gateway_mac=self["mac"], static_leases=self["static_leases"])
+                gateway_mac=self["mac"], static_leases=self["static_leases"],
+                host_loopback=not self["no-host-loopback"], address_map=self["maps"],
+                allow=self["allow"], deny=["169.254.0.0/16", *self["deny"]],
+                connect_timeout=self["connect-timeout"],
+                max_connections=self["max-connections"], udp_timeout=self["udp-timeout"],
+                max_udp_flows=self["max-udp-flows"], dns_upstreams=self["dns_upstreams"],
+                dns_records=self["dns_records"], dns_timeout=self["dns-timeout"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["configure"] and self["netns"] is None:

@@ -76,6 +76,44 @@ def _address_map(value):
     return tuple(out)
 
 
+def _upstreams(value):
+    """DNS upstreams as (IPv4Address, port); accepts "ADDR", "ADDR:PORT" or pairs."""
+    if isinstance(value, str):
+        value = [value]
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            host, sep, port = item.partition(":")
+            try:
+                port = int(port) if sep else 53
+            except ValueError:
+                raise ConfigError(f"DNS upstream {item!r} is not ADDR[:PORT]") from None
+            item = (host, port)
+        host, port = item
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError(f"DNS upstream port {port!r} is out of range")
+        out.append((_address(host), port))
+    return tuple(out)
+
+
+def _records(value):
+    """Local DNS records as (name, IPv4Address); accepts "NAME=ADDR" or pairs."""
+    items = value.items() if isinstance(value, dict) else value
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            name, sep, addr = item.partition("=")
+            if not sep:
+                raise ConfigError(f"DNS record {item!r} is not NAME=ADDR")
+            item = (name, addr)
+        name, addr = item
+        name = name.strip().rstrip(".").lower()
+        if not name or len(name) > 253 or " " in name:
+            raise ConfigError(f"{name!r} is not a DNS name")
+        out.append((name, _address(addr)))
+    return tuple(out)
+
+
 def _names(value):
     if isinstance(value, str):
         value = [value]
@@ -117,6 +155,17 @@ class StackConfig:
     connect_timeout: float = attrs.field(default=10.0)
     #: Concurrent TCP connections; beyond it a SYN gets RST (counted).
     max_connections: int = attrs.field(default=4096)
+    #: UDP flow idle timeout (seconds), and the longer one once replies came back.
+    udp_timeout: float = attrs.field(default=60.0)
+    udp_established_timeout: float = attrs.field(default=180.0)
+    #: UDP flows at once; beyond it the oldest idle flow is evicted (counted).
+    max_udp_flows: int = attrs.field(default=1024)
+    #: DNS upstreams as (address, port); empty means the host's /etc/resolv.conf.
+    dns_upstreams: tuple = attrs.field(default=(), converter=_upstreams)
+    #: Extra local DNS names (name, address), answered before any upstream.
+    dns_records: tuple = attrs.field(default=(), converter=_records)
+    #: Seconds before an unanswered upstream query becomes SERVFAIL.
+    dns_timeout: float = attrs.field(default=5.0)
 
     def __attrs_post_init__(self):
         net = self.subnet
@@ -140,6 +189,12 @@ class StackConfig:
             raise ConfigError(f"connect timeout {self.connect_timeout!r} must be in (0, 600] seconds")
         if not isinstance(self.max_connections, int) or self.max_connections < 1:
             raise ConfigError(f"max connections {self.max_connections!r} must be at least 1")
+        for name in ("udp_timeout", "udp_established_timeout", "dns_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name.replace('_', ' ')} {value!r} must be a positive number of seconds")
+        if not isinstance(self.max_udp_flows, int) or self.max_udp_flows < 1:
+            raise ConfigError(f"max UDP flows {self.max_udp_flows!r} must be at least 1")
         seen_virtual = set()
         for virtual, host in self.address_map:
             if virtual in seen_virtual:

@@ -49,6 +49,13 @@ class Egress:
         self.host_loopback = config.host_loopback
         self.mapping = {virtual.packed: host for virtual, host in config.address_map}
         self.policy = EgressPolicy(allow=config.allow, deny=config.deny)
+        #: (guest-visible address bytes, port) -> (host, port) of a service the
+        #: stack runs itself on the host (e.g. DNS over TCP on the gateway).
+        self.local_services = {}
+
+    def add_local_service(self, address, port, host, host_port):
+        """Send TCP/UDP for ``address``:``port`` to ``host``:``host_port`` instead."""
+        self.local_services[(address, port)] = (host, host_port)
 
     def host_address(self, dst):
         """The host address for guest destination ``dst`` (4 bytes), ignoring policy.

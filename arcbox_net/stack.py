@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from .config import StackConfig
 from .dispatch import FrameDispatcher
+from .policy import Egress
 from .protocols.arp import ArpHandler
 from .protocols.dhcp import DhcpHandler
 from .protocols.icmp import IcmpHandler
@@ -37,13 +38,29 @@ class NetworkStack(service.Service):
         self.arp = ArpHandler(self.dispatcher)
         self.dhcp = DhcpHandler(self.dispatcher, self.config, clock=reactor.seconds)
         self.icmp = IcmpHandler(self.dispatcher)
-        for handler in (self.arp, self.dhcp, self.icmp):
+        #: Address mapping and egress policy shared by the TCP, UDP and ICMP NAT.
+        self.egress = Egress(self.config)
+        #: Every part with drop counters, start/stop hooks or flows to list.
+        self.parts = [self.arp, self.dhcp, self.icmp]
+        self._add_nat()
+        self._add_dns()
+        for handler in self.parts:
             self.dispatcher.register(handler)
         self._lost_waiters = []
         self.link_lost_reason = None
 
+    def _add_nat(self):
+        """Outbound NAT handlers (TCP, UDP, ICMP to other hosts)."""
+
+    def _add_dns(self):
+        """The DNS resolver proxy on the gateway."""
+
     def startService(self):
         super().startService()
+        for part in self.parts:
+            start = getattr(part, "start", None)
+            if start is not None:
+                start()
         self.link.start(self.dispatcher)
         self.log.info("arcbox-net serving {link}: {summary}",
                       link=self.link.description, summary=self.config.summary())
@@ -51,6 +68,10 @@ class NetworkStack(service.Service):
     def stopService(self):
         super().stopService()
         self.link.stop()
+        for part in self.parts:
+            stop = getattr(part, "stop", None)
+            if stop is not None:
+                stop()
 
     def whenLinkLost(self):
         """A Deferred that fires with the reason when the guest link dies."""
@@ -65,7 +86,7 @@ class NetworkStack(service.Service):
         self.link_lost_reason = reason
         if self.running:
             self.log.error("stopping: the guest link {link} is gone", link=self.link.description)
-            super().stopService()
+            self.stopService()
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
             d.callback(reason)
