@@ -51,6 +51,9 @@ class NetworkStack(service.Service):
 
     def _add_nat(self):
         """Outbound NAT handlers (TCP, UDP, ICMP to other hosts)."""
+        from .tcp.nat import TcpNat
+        self.tcp = TcpNat(self.dispatcher, self.config, self.egress, self.reactor)
+        self.parts.append(self.tcp)
 
     def _add_dns(self):
         """The DNS resolver proxy on the gateway."""
@@ -103,10 +106,17 @@ class NetworkStack(service.Service):
 
     def stats(self):
         drops = dict(self.dispatcher.drops)
-        for part in (self.arp.core, self.dhcp.core, self.icmp.echo):
-            for reason, n in part.drops.items():
+        counters = {}
+        sources = [self.icmp.echo, getattr(self.icmp, "forward", None)]
+        for part in self.parts:
+            sources += [part, getattr(part, "core", None)]
+        for source in dict.fromkeys(s for s in sources if s is not None):
+            for reason, n in getattr(source, "drops", {}).items():
                 drops[reason] = drops.get(reason, 0) + n
+            for name, n in getattr(source, "counters", {}).items():
+                counters[name] = counters.get(name, 0) + n
         return {
+            "counters": counters,
             "frames_in": self.dispatcher.frames_in,
             "frames_out": self.dispatcher.frames_out,
             "drops": drops,

@@ -1,0 +1,897 @@
+"""Theory of operation: one guest TCP connection, sans I/O.
+
+The guest opens TCP connections to anywhere; for each one the stack plays the
+remote endpoint. This module is that endpoint's TCP, and nothing else: it
+never touches a socket, a clock or a frame. The adapter (a separate module)
+feeds it guest segments, host-side happenings and the time, and carries out
+what it asks for. Everything here is synchronous and deterministic, so tests
+drive it with a fake ``now``.
+
+Inputs and outputs
+------------------
+Inputs, by who drives them:
+
+- the guest: ``segment_received`` for every segment of this 4-tuple, then
+  ``flush`` once at the end of the batch of frames (a batch is one read
+  wakeup of the link);
+- the host side: ``accept``/``refuse`` (the host connect succeeded or
+  failed), ``send`` (bytes read from the host socket), ``close`` (host EOF),
+  ``abort`` (host reset), ``set_receive_open`` (host transport paused or
+  resumed); after ``send`` the adapter calls ``flush`` too;
+- the clock: ``on_timer`` once ``next_deadline`` has passed.
+
+Outputs are queued and collected by the adapter after each input:
+``take_segments`` (to encode and send to the guest, in order),
+``take_received`` (guest bytes to write to the host, in order) and
+``take_events`` (Established, GuestEndOfData, GuestReset, Refused, TimedOut,
+Closed). Collect received data before events: data always precedes the
+GuestEndOfData of the FIN that follows it.
+
+States
+------
+::
+
+    passive open (guest connects out):
+      HELD --accept--> SYN_RECEIVED --ACK of our SYN--> ESTABLISHED
+      HELD --refuse--> CLOSED (RST)
+    active open (port forwarding, we connect to the guest):
+      SYN_SENT --SYN-ACK--> ESTABLISHED        (RST: Refused; silence: TimedOut)
+    guest closes first:
+      ESTABLISHED --guest FIN--> CLOSE_WAIT --close--> LAST_ACK --ACK--> CLOSED
+    host closes first:
+      ESTABLISHED --close--> FIN_WAIT_1 --ACK--> FIN_WAIT_2 --guest FIN--> TIME_WAIT
+      FIN_WAIT_1 --guest FIN--> CLOSING --ACK--> TIME_WAIT --time_wait--> CLOSED
+    anything --RST in window / abort / give-up--> CLOSED
+
+HELD exists so that the guest's SYN is answered only once the host connect
+has succeeded (a refused host connect becomes an RST, a timeout silence),
+which is what the guest would have seen talking to the host directly. In
+HELD nothing is sent and segments are ignored; the adapter absorbs the
+guest's SYN retransmits meanwhile. ``close()`` before the handshake is over
+is remembered and takes effect on entering ESTABLISHED.
+
+Every state change goes through ``_transition`` and the ``_TRANSITIONS``
+table below; entry actions (events, the TIME-WAIT timer) live there too.
+Closed is emitted exactly once, on entering CLOSED, whatever the path.
+
+Guest to host (receiving)
+-------------------------
+In-order data inside our window is delivered at once to ``take_received``.
+Out-of-order data inside the window is kept (copied, merged, bounded by the
+window) until the gap fills, and answered at once with a duplicate ACK: that
+is what drives the guest's fast retransmit. A FIN is taken in order only
+(a FIN seen ahead of a gap is remembered). Everything else is cumulative:
+``flush`` sends one ACK for the whole batch if one is owed, so a burst of
+segments costs one ACK, not one each. Wholly old segments (our ACK was lost)
+and data beyond the window are re-ACKed; pure ACKs are never answered, so
+two confused peers cannot ACK each other forever.
+
+Flow control toward the host is the advertised window. While the host
+transport accepts data we offer ``receive_window`` past ``rcv_nxt``. When the
+adapter pauses (``set_receive_open(False)``) the right edge we already
+offered is frozen: the guest may fill it and the window decays to zero. The
+edge never shrinks: data up to it is always accepted (a scaled window field
+may show it up to 2**shift - 1 bytes short, see ``_window_field``). On
+resume we offer the full window again and send a window update at once.
+
+Host to guest (sending)
+-----------------------
+``send`` appends to one bytearray that starts at ``snd_una``: acknowledged
+bytes are deleted from its front, bytes in flight and unsent bytes follow.
+``flush`` sends what ``min(guest window, max_in_flight)`` allows, in
+segments of the send MSS with PSH on the last one. Small writes made between
+two flushes therefore travel as full segments; a window-limited short tail
+is held back while data is in flight (sender-side silly window avoidance).
+The FIN goes after the last byte, on the last data segment when it can.
+
+There is no congestion control: the path to the guest is a local virtual
+link whose only real limit is the guest's receive window (which we obey).
+Loss there is rare and handled by retransmission alone.
+
+Timers
+------
+One deadline (``next_deadline``) serves every timer, as only one is ever
+meaningful at a time:
+
+- SYN / SYN-ACK retransmission, ``syn_retries`` times with doubling RTO,
+  then TimedOut (active open) or RST + GuestReset (passive open);
+- retransmission (RFC 6298: SRTT/RTTVAR from samples of segments never
+  retransmitted, clamped to [rto_min, rto_max], doubled on each timeout and
+  reset by an ACK of new data); it resends the first unacknowledged segment.
+  Further holes are repaired on partial ACKs (NewReno-style), and the 3rd
+  duplicate ACK triggers one fast retransmit. After ``max_retransmits``
+  timeouts in a row: RST to the guest, GuestReset, CLOSED;
+- persist: with data waiting and a zero guest window, 1-byte probes with
+  backoff; any ACK from the guest resets the give-up count, so a live guest
+  that keeps its window shut is probed forever;
+- TIME-WAIT: ``time_wait`` seconds (bounded; the guest is on a local link).
+
+There is no delayed-ACK timer: ``flush`` at the end of each batch is the ACK
+clock, which coalesces as well and adds no latency.
+
+Sequence numbers are 32-bit and wrap; all comparisons go through seq_diff.
+"""
+
+import enum
+
+import attrs
+
+from ..wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
+
+MASK = 0xFFFFFFFF
+_DEFAULT_MSS = 536  # RFC 1122: the MSS to assume when the SYN has none
+
+
+def seq_diff(a, b):
+    """``a - b`` as a signed distance in 32-bit sequence space."""
+    d = (a - b) & MASK
+    return d - 0x100000000 if d & 0x80000000 else d
+
+
+def seq_lt(a, b):
+    return seq_diff(a, b) < 0
+
+
+def seq_le(a, b):
+    return seq_diff(a, b) <= 0
+
+
+class TcpState(enum.Enum):
+    HELD = "HELD"
+    SYN_SENT = "SYN_SENT"
+    SYN_RECEIVED = "SYN_RECEIVED"
+    ESTABLISHED = "ESTABLISHED"
+    CLOSE_WAIT = "CLOSE_WAIT"
+    LAST_ACK = "LAST_ACK"
+    FIN_WAIT_1 = "FIN_WAIT_1"
+    FIN_WAIT_2 = "FIN_WAIT_2"
+    CLOSING = "CLOSING"
+    TIME_WAIT = "TIME_WAIT"
+    CLOSED = "CLOSED"
+
+
+HELD = TcpState.HELD
+SYN_SENT = TcpState.SYN_SENT
+SYN_RECEIVED = TcpState.SYN_RECEIVED
+ESTABLISHED = TcpState.ESTABLISHED
+CLOSE_WAIT = TcpState.CLOSE_WAIT
+LAST_ACK = TcpState.LAST_ACK
+FIN_WAIT_1 = TcpState.FIN_WAIT_1
+FIN_WAIT_2 = TcpState.FIN_WAIT_2
+CLOSING = TcpState.CLOSING
+TIME_WAIT = TcpState.TIME_WAIT
+CLOSED = TcpState.CLOSED
+
+# The whole state machine. Inputs: "accept" (host connect done), "syn-ack"
+# (guest answered our SYN), "syn-acked" (guest ACKed our SYN-ACK),
+# "host-close", "guest-fin", "fin-acked", "timer" (TIME-WAIT over), and
+# "reset" (RST accepted, abort, refuse, give-up), valid in every state.
+_TRANSITIONS = {
+    HELD: {"accept": SYN_RECEIVED},
+    SYN_SENT: {"syn-ack": ESTABLISHED},
+    SYN_RECEIVED: {"syn-acked": ESTABLISHED},
+    ESTABLISHED: {"guest-fin": CLOSE_WAIT, "host-close": FIN_WAIT_1},
+    CLOSE_WAIT: {"host-close": LAST_ACK},
+    LAST_ACK: {"fin-acked": CLOSED},
+    FIN_WAIT_1: {"fin-acked": FIN_WAIT_2, "guest-fin": CLOSING},
+    FIN_WAIT_2: {"guest-fin": TIME_WAIT},
+    CLOSING: {"fin-acked": TIME_WAIT},
+    TIME_WAIT: {"timer": CLOSED},
+    CLOSED: {},
+}
+for _state, _moves in _TRANSITIONS.items():
+    if _state is not CLOSED:
+        _moves["reset"] = CLOSED
+
+# The guest has taken our SYN: segments are checked against our window.
+_SYNCHRONIZED = frozenset({SYN_RECEIVED, ESTABLISHED, CLOSE_WAIT, LAST_ACK, FIN_WAIT_1,
+                           FIN_WAIT_2, CLOSING, TIME_WAIT})
+# Cumulative ACKs make sense (SYN_RECEIVED answers with its SYN-ACK instead).
+_ACKING = _SYNCHRONIZED - {SYN_RECEIVED}
+# The guest has not sent its FIN yet: its data is accepted.
+_RECEIVING = frozenset({ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2})
+# Our data or FIN may still be unsent (CLOSING too: the guest's FIN may cross
+# a FIN of ours still queued behind data).
+_SENDING = frozenset({ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, LAST_ACK, CLOSING})
+# Host data is still welcome.
+_ACCEPTS_SEND = frozenset({HELD, SYN_SENT, SYN_RECEIVED, ESTABLISHED, CLOSE_WAIT})
+
+
+@attrs.frozen
+class TcpParams:
+    """Tunables of a connection; the adapter sets ``mss_limit`` to link MTU - 40."""
+
+    mss_limit: int = 1460
+    receive_window: int = 262144
+    send_buffer_limit: int = 1048576  # for the adapter: pause the host reader above it
+    window_scale: int = 7
+    rto_initial: float = 1.0
+    rto_min: float = 0.2
+    rto_max: float = 60.0
+    max_retransmits: int = 12
+    syn_retries: int = 6
+    time_wait: float = 2.0
+    max_in_flight: int | None = None
+
+
+# -- events
+
+
+@attrs.frozen
+class Established:
+    """The handshake is complete: start relaying."""
+
+
+@attrs.frozen
+class GuestEndOfData:
+    """The guest sent FIN: half-close the host socket's write side."""
+
+
+@attrs.frozen
+class GuestReset:
+    """The guest reset the connection, or stopped answering: abort the host side."""
+
+    reason: str = "rst"  # "rst" or "timeout"
+
+
+@attrs.frozen
+class Refused:
+    """Active open: the guest answered our SYN with RST."""
+
+
+@attrs.frozen
+class TimedOut:
+    """Active open: the guest never answered our SYN."""
+
+
+@attrs.frozen
+class Closed:
+    """The connection is over; the adapter may forget it."""
+
+
+class TcpConnection:
+    __slots__ = (
+        "state", "params", "local_port", "guest_port", "created_at",
+        "bytes_from_guest", "bytes_to_guest",
+        # send side
+        "iss", "snd_una", "snd_nxt", "snd_wnd", "snd_shift", "send_mss",
+        "_wl1", "_wl2", "_sendbuf", "_fin_queued", "_fin_sent",
+        "_dupacks", "_in_recovery", "_recover",
+        # receive side
+        "irs", "rcv_nxt", "rcv_shift", "_rcv_adv", "_receive_open", "_ack_owed",
+        "_ooo", "_ooo_fin", "_guest_wscale",
+        # timers
+        "_timer", "_rto", "_cur_rto", "_srtt", "_rttvar", "_rtt_seq", "_rtt_time",
+        "_retries",
+        # outputs
+        "_out", "_received", "_events", "_closed_emitted",
+    )
+
+    def __init__(self, local_port, guest_port, now, iss, params, state):
+        self.state = state
+        self.params = params
+        self.local_port = local_port
+        self.guest_port = guest_port
+        self.created_at = now
+        self.bytes_from_guest = 0
+        self.bytes_to_guest = 0
+        iss &= MASK
+        self.iss = iss
+        self.snd_una = iss
+        self.snd_nxt = (iss + 1) & MASK  # our SYN, once sent
+        self.snd_wnd = 0
+        self.snd_shift = 0
+        self.send_mss = min(params.mss_limit, _DEFAULT_MSS)
+        self._wl1 = 0
+        self._wl2 = 0
+        self._sendbuf = bytearray()
+        self._fin_queued = False
+        self._fin_sent = False
+        self._dupacks = 0
+        self._in_recovery = False
+        self._recover = 0
+        self.irs = 0
+        self.rcv_nxt = 0
+        self.rcv_shift = 0
+        self._rcv_adv = 0
+        self._receive_open = True
+        self._ack_owed = False
+        self._ooo = []  # [seq, bytes], sorted, non-overlapping
+        self._ooo_fin = None
+        self._guest_wscale = None
+        self._timer = None
+        self._rto = self._cur_rto = params.rto_initial
+        self._srtt = None
+        self._rttvar = 0.0
+        self._rtt_seq = None
+        self._rtt_time = 0.0
+        self._retries = 0
+        self._out = []
+        self._received = []
+        self._events = []
+        self._closed_emitted = False
+
+    def __repr__(self):
+        return (f"<TcpConnection {self.local_port}<->{self.guest_port} {self.state.name} "
+                f"una={self.snd_una} nxt={self.snd_nxt} rcv={self.rcv_nxt}>")
+
+    # -- opening
+
+    @classmethod
+    def from_guest_syn(cls, syn, now, iss, params):
+        """The guest's SYN arrived; wait in HELD for the host connect."""
+        self = cls(syn.dst_port, syn.src_port, now, iss, params, HELD)
+        self.irs = syn.seq & MASK
+        self.rcv_nxt = (self.irs + 1) & MASK
+        self._wl1 = self.irs
+        self.snd_wnd = syn.window  # never scaled in a SYN
+        self._negotiate(syn.mss, syn.wscale)
+        return self
+
+    @classmethod
+    def open_to_guest(cls, local_port, guest_port, now, iss, params):
+        """Active open (port forwarding): send our SYN."""
+        self = cls(local_port, guest_port, now, iss, params, SYN_SENT)
+        self._send_syn(now)
+        return self
+
+    def accept(self, now):
+        """The host connect succeeded: answer the held SYN."""
+        if self._transition("accept", now):
+            self._send_syn(now)
+
+    def refuse(self):
+        """The host connect failed: RST the held SYN, as the host would have."""
+        if self.state is HELD:
+            self._out.append(TcpSegment(self.local_port, self.guest_port, 0, self.rcv_nxt,
+                                        RST | ACK, 0))
+            self._transition("reset", None)
+
+    # -- host side
+
+    def send(self, data):
+        """Queue host bytes for the guest; they leave on the next ``flush``."""
+        if self.state in _ACCEPTS_SEND and not self._fin_queued:
+            self._sendbuf += data
+
+    def close(self, now):
+        """Host EOF: FIN after everything already queued."""
+        if self.state in _ACCEPTS_SEND and not self._fin_queued:
+            self._fin_queued = True
+            if self._transition("host-close", now):
+                self._push(now)
+
+    def abort(self):
+        """Host reset: RST the guest and forget everything."""
+        st = self.state
+        if st is HELD:
+            self.refuse()
+        elif st is not CLOSED:
+            if st in _SYNCHRONIZED and st is not TIME_WAIT:
+                self._emit(RST | ACK, self.snd_nxt)
+            self._transition("reset", None)
+
+    def set_receive_open(self, is_open, now):
+        """Host transport paused (False) or resumed (True)."""
+        is_open = bool(is_open)
+        if is_open == self._receive_open:
+            return
+        self._receive_open = is_open
+        if is_open and self.state in _RECEIVING:
+            self._emit(ACK, self.snd_nxt)  # window update
+
+    # -- batches and timers
+
+    def flush(self, now):
+        """End of a batch: send what the window allows, then any owed ACK."""
+        st = self.state
+        if st in _SENDING:
+            self._push(now)
+        if self._ack_owed:
+            if st in _ACKING:
+                self._emit(ACK, self.snd_nxt)
+            else:
+                self._ack_owed = False
+
+    def next_deadline(self):
+        return self._timer
+
+    def on_timer(self, now):
+        deadline = self._timer
+        if deadline is None or now < deadline:
+            return
+        self._timer = None
+        st = self.state
+        p = self.params
+        if st is TIME_WAIT:
+            self._transition("timer", now)
+            return
+        if st is SYN_SENT or st is SYN_RECEIVED:
+            self._retries += 1
+            if self._retries > p.syn_retries:
+                if st is SYN_SENT:
+                    self._events.append(TimedOut())
+                else:
+                    self._emit(RST | ACK, self.snd_nxt)
+                    self._events.append(GuestReset("timeout"))
+                self._transition("reset", now)
+                return
+            self._cur_rto = min(self._cur_rto * 2, p.rto_max)
+            self._send_syn(now)
+            self._rtt_seq = None  # Karn
+            return
+        if st not in _SYNCHRONIZED:
+            return
+        in_flight = self.snd_nxt != self.snd_una
+        probing = self.snd_wnd == 0 and (in_flight or self._has_unsent())
+        if not (probing or in_flight):
+            self._push(now)
+            return
+        self._retries += 1
+        if self._retries > p.max_retransmits:
+            self._emit(RST | ACK, self.snd_nxt)
+            self._events.append(GuestReset("timeout"))
+            self._transition("reset", now)
+            return
+        if probing:
+            self._probe()
+        else:
+            self._retransmit()
+            self._in_recovery = True
+            self._recover = self.snd_nxt
+        self._cur_rto = min(self._cur_rto * 2, p.rto_max)
+        self._timer = now + self._cur_rto
+
+    # -- outputs
+
+    def take_segments(self):
+        out = self._out
+        self._out = []
+        return out
+
+    def take_received(self):
+        out = self._received
+        self._received = []
+        return out
+
+    def take_events(self):
+        out = self._events
+        self._events = []
+        return out
+
+    @property
+    def send_buffered(self):
+        """Host bytes the guest has not acknowledged yet (unsent + in flight)."""
+        return len(self._sendbuf)
+
+    @property
+    def is_closed(self):
+        return self.state is CLOSED
+
+    @staticmethod
+    def reset_for(seg):
+        """The RFC 793 answer to a segment that matches no connection."""
+        if seg.flags & RST:
+            return None
+        if seg.flags & ACK:
+            return TcpSegment(seg.dst_port, seg.src_port, seg.ack, 0, RST, 0)
+        return TcpSegment(seg.dst_port, seg.src_port, 0, (seg.seq + seg.seq_len) & MASK,
+                          RST | ACK, 0)
+
+    # -- the state machine
+
+    def _transition(self, what, now):
+        """Apply input ``what`` if the table has a move for it; run entry actions."""
+        new = _TRANSITIONS[self.state].get(what)
+        if new is None:
+            return False
+        self.state = new
+        if new is ESTABLISHED:
+            self._events.append(Established())
+            if self._fin_queued:  # close() came during the handshake
+                self._transition("host-close", now)
+        elif new is TIME_WAIT:
+            self._timer = now + self.params.time_wait
+        elif new is CLOSED:
+            self._timer = None
+            self._sendbuf = bytearray()
+            self._ooo = []
+            if not self._closed_emitted:
+                self._closed_emitted = True
+                self._events.append(Closed())
+        return True
+
+    # -- segment arrival
+
+    def segment_received(self, seg, now):
+        st = self.state
+        if st in _SYNCHRONIZED:
+            self._synchronized(seg, now)
+        elif st is SYN_SENT:
+            self._syn_sent(seg, now)
+        # HELD: the adapter absorbs the guest's SYN retransmits; CLOSED: over.
+
+    def _syn_sent(self, seg, now):
+        flags = seg.flags
+        if flags & ACK and seg.ack != self.snd_nxt:
+            if not flags & RST:
+                self._out.append(TcpSegment(self.local_port, self.guest_port, seg.ack, 0,
+                                            RST, 0))
+            return
+        if flags & RST:
+            if flags & ACK:
+                self._events.append(Refused())
+                self._transition("reset", now)
+            return
+        if flags & SYN and flags & ACK:
+            self.irs = seg.seq & MASK
+            self.rcv_nxt = (self.irs + 1) & MASK
+            self._rcv_adv = (self.rcv_nxt + min(self.params.receive_window, 65535)) & MASK
+            self._negotiate(seg.mss, seg.wscale)
+            self._handshake_done(seg, now, seg.window)
+            self._emit(ACK, self.snd_nxt)
+            self._transition("syn-ack", now)
+        # A bare SYN (simultaneous open) is not supported: our SYN retransmits.
+
+    def _synchronized(self, seg, now):
+        flags = seg.flags
+        seq = seg.seq
+        rcv_nxt = self.rcv_nxt
+        if flags & RST:
+            if seq == rcv_nxt or (seq_lt(rcv_nxt, seq) and seq_lt(seq, self._rcv_adv)):
+                if self.state is not TIME_WAIT:
+                    self._events.append(GuestReset("rst"))
+                self._transition("reset", now)
+            return
+        if flags & SYN:
+            if self.state is SYN_RECEIVED and seq == self.irs and not flags & ACK:
+                self._send_syn(now)  # our SYN-ACK was lost
+                self._rtt_seq = None
+            else:
+                self._emit(ACK, self.snd_nxt)  # challenge ACK (RFC 5961)
+            return
+        n = len(seg.payload)
+        fin = flags & FIN
+        if n or fin:
+            if seq_le((seq + n + (1 if fin else 0)) & MASK, rcv_nxt):
+                self._ack_owed = True  # all old: our ACK was lost
+                if fin and self.state is TIME_WAIT:
+                    self._timer = now + self.params.time_wait
+                return
+            if seq != rcv_nxt and not seq_lt(seq, self._rcv_adv):
+                self._ack_owed = True  # beyond the window
+                return
+        elif seq != rcv_nxt and not (seq_lt(rcv_nxt, seq) and seq_lt(seq, self._rcv_adv)):
+            return  # a stale pure ACK: dropped, never answered
+        if not flags & ACK:
+            return
+        if self.state is SYN_RECEIVED:
+            if seg.ack != self.snd_nxt:
+                self._out.append(TcpSegment(self.local_port, self.guest_port, seg.ack, 0,
+                                            RST, 0))
+                return
+            self._handshake_done(seg, now, seg.window << self.snd_shift)
+            self._transition("syn-acked", now)
+        elif not self._process_ack(seg, now):
+            return
+        if n or fin:
+            if self.state in _RECEIVING:
+                self._receive(seg.payload, seq, n, fin, now)
+            else:
+                self._ack_owed = True
+
+    def _handshake_done(self, seg, now, window):
+        """Our SYN is acknowledged (either direction of open)."""
+        self.snd_una = self.snd_nxt
+        self.snd_wnd = window
+        self._wl1 = seg.seq
+        self._wl2 = seg.ack
+        if self._rtt_seq is not None:
+            self._rtt_sample(now - self._rtt_time)
+            self._rtt_seq = None
+        self._timer = None
+        self._retries = 0
+        self._cur_rto = self._rto
+
+    def _process_ack(self, seg, now):
+        """The ACK and window of an acceptable segment; False: drop the segment."""
+        ack = seg.ack
+        una = self.snd_una
+        acked = seq_diff(ack, una)
+        if acked > seq_diff(self.snd_nxt, una):
+            if seg.payload or seg.flags & FIN:
+                self._ack_owed = True  # acks what we never sent
+            return False
+        wnd = seg.window << self.snd_shift
+        fin_acked = False
+        if acked > 0:
+            buf = self._sendbuf
+            if acked > len(buf):  # the FIN too
+                fin_acked = True
+                self.bytes_to_guest += len(buf)
+                buf.clear()
+            else:
+                del buf[:acked]
+                self.bytes_to_guest += acked
+            self.snd_una = ack
+            if self._rtt_seq is not None and seq_lt(self._rtt_seq, ack):
+                self._rtt_sample(now - self._rtt_time)
+                self._rtt_seq = None
+            self._cur_rto = self._rto
+            self._retries = 0
+            self._dupacks = 0
+            self._timer = None
+            if self._in_recovery:
+                if seq_lt(ack, self._recover):
+                    self._retransmit()  # partial ACK: the next hole
+                else:
+                    self._in_recovery = False
+        elif (acked == 0 and wnd and wnd == self.snd_wnd and self.snd_nxt != una
+              and not seg.payload and not seg.flags & FIN):
+            self._dupacks += 1
+            if self._dupacks == 3 and not self._in_recovery:
+                self._retransmit()
+                self._in_recovery = True
+                self._recover = self.snd_nxt
+        seq = seg.seq
+        if acked >= 0 and (seq_lt(self._wl1, seq)
+                           or (seq == self._wl1 and seq_le(self._wl2, ack))):
+            if self.snd_wnd == 0 and wnd and self.state is not TIME_WAIT:
+                # Persist is over. What went past the zero window (probes) was
+                # dropped by the guest: send it again with the new data.
+                self._cur_rto = self._rto
+                self._timer = None
+                if not self._fin_sent:
+                    self.snd_nxt = self.snd_una
+            self.snd_wnd = wnd
+            self._wl1 = seq
+            self._wl2 = ack
+        if self.snd_wnd == 0:
+            self._retries = 0  # the guest is alive: keep probing
+        if fin_acked and self._transition("fin-acked", now) and self.state is CLOSED:
+            return False
+        if self._timer is None and (self.snd_nxt != self.snd_una or self._has_unsent()):
+            self._timer = now + self._cur_rto
+        return True
+
+    def _receive(self, payload, seq, n, fin, now):
+        """Data (and FIN) of an acceptable segment in a receiving state."""
+        rcv_nxt = self.rcv_nxt
+        old = seq_diff(rcv_nxt, seq)
+        if old > 0:
+            payload = payload[old:]
+            n -= old
+            seq = rcv_nxt
+        room = seq_diff(self._rcv_adv, seq)
+        if n > room:
+            n = room if room > 0 else 0
+            payload = payload[:n]
+            fin = 0
+            self._ack_owed = True
+        if seq == rcv_nxt:
+            self._ack_owed = True
+            if n:
+                self._received.append(payload)
+                self.rcv_nxt = (rcv_nxt + n) & MASK
+                self.bytes_from_guest += n
+                if self._ooo:
+                    self._drain_ooo()
+            if fin or self._ooo_fin == self.rcv_nxt:
+                self._guest_fin(now)
+        else:
+            if n:
+                self._store_ooo(payload, seq, n)
+            if fin:
+                self._ooo_fin = (seq + n) & MASK
+            self._emit(ACK, self.snd_nxt)  # duplicate ACK, at once
+
+    def _store_ooo(self, payload, seq, n):
+        """Keep the parts of an early segment not already held (copies: rare path)."""
+        rcv = self.rcv_nxt
+        start = seq_diff(seq, rcv)
+        end = start + n
+        pos = start
+        new = []
+        for s_seq, data in self._ooo:
+            s = seq_diff(s_seq, rcv)
+            e = s + len(data)
+            if e <= pos:
+                continue
+            if s >= end:
+                break
+            if s > pos:
+                new.append([(rcv + pos) & MASK, bytes(payload[pos - start:s - start])])
+            pos = e
+            if pos >= end:
+                break
+        if pos < end:
+            new.append([(rcv + pos) & MASK, bytes(payload[pos - start:])])
+        if new:
+            self._ooo.extend(new)
+            self._ooo.sort(key=lambda piece: seq_diff(piece[0], rcv))
+
+    def _drain_ooo(self):
+        ooo = self._ooo
+        rcv = self.rcv_nxt
+        while ooo:
+            s_seq, data = ooo[0]
+            have = seq_diff(rcv, s_seq)
+            if have < 0:
+                break
+            del ooo[0]
+            if have < len(data):
+                piece = data[have:] if have else data
+                self._received.append(piece)
+                rcv = (rcv + len(piece)) & MASK
+                self.bytes_from_guest += len(piece)
+        self.rcv_nxt = rcv
+
+    def _guest_fin(self, now):
+        self.rcv_nxt = (self.rcv_nxt + 1) & MASK
+        self._ooo = []
+        self._ooo_fin = None
+        self._ack_owed = True
+        self._events.append(GuestEndOfData())
+        self._transition("guest-fin", now)
+
+    # -- sending
+
+    def _has_unsent(self):
+        if self._fin_sent:
+            return False
+        return len(self._sendbuf) > ((self.snd_nxt - self.snd_una) & MASK) or self._fin_queued
+
+    def _push(self, now):
+        """Send new data (and the FIN) as far as the window allows.
+
+        Only called in _SENDING states, where a queued FIN means close() has
+        taken effect.
+        """
+        if self._fin_sent:
+            return
+        buf = self._sendbuf
+        una = self.snd_una
+        pos = (self.snd_nxt - una) & MASK  # bytes in flight
+        end = len(buf)
+        if pos < end:
+            limit = self.snd_wnd
+            cap = self.params.max_in_flight
+            if cap is not None and cap < limit:
+                limit = cap
+            stop = end if end <= limit else limit
+            mss = self.send_mss
+            if stop > pos:
+                tail = (stop - pos) % mss
+                if stop < end and tail and (pos or stop - pos > tail):
+                    stop -= tail  # no runt while an ACK is due to open the window
+                if stop > pos:
+                    lp = self.local_port
+                    gp = self.guest_port
+                    ack = self.rcv_nxt
+                    wnd = self._window_field()
+                    out = self._out
+                    if self._rtt_seq is None:
+                        self._rtt_seq = (una + pos) & MASK
+                        self._rtt_time = now
+                    while pos < stop:
+                        nxt = pos + mss if pos + mss < stop else stop
+                        out.append(TcpSegment(lp, gp, (una + pos) & MASK, ack, ACK,
+                                              wnd, buf[pos:nxt]))
+                        pos = nxt
+                    last = out[-1]
+                    last.flags = ACK | PSH
+                    if stop == end and self._fin_queued:
+                        last.flags = ACK | PSH | FIN
+                        self._fin_sent = True
+                        stop += 1
+                    self.snd_nxt = (una + stop) & MASK
+                    self._ack_owed = False
+        if pos == end and self._fin_queued and not self._fin_sent:
+            # A FIN needs no window room: receivers take it at the right edge.
+            if self._rtt_seq is None:
+                self._rtt_seq = self.snd_nxt
+                self._rtt_time = now
+            self._emit(ACK | FIN, self.snd_nxt)
+            self._fin_sent = True
+            self.snd_nxt = (self.snd_nxt + 1) & MASK
+        if self._timer is None and (self.snd_nxt != una or self._has_unsent()):
+            self._timer = now + self._cur_rto
+
+    def _retransmit(self):
+        """Resend the first unacknowledged segment."""
+        flight = (self.snd_nxt - self.snd_una) & MASK
+        if not flight:
+            return
+        data = flight - 1 if self._fin_sent else flight
+        n = data if data < self.send_mss else self.send_mss
+        flags = ACK | PSH if n else ACK
+        if self._fin_sent and n == data:
+            flags |= FIN
+        self._emit(flags, self.snd_una, self._sendbuf[:n])
+        if self._rtt_seq is not None and seq_lt(self._rtt_seq, self.snd_una + max(n, 1)):
+            self._rtt_seq = None  # Karn: no sample from a resent segment
+
+    def _probe(self):
+        """Zero-window probe: one byte (resent if one is already out)."""
+        buf = self._sendbuf
+        flight = (self.snd_nxt - self.snd_una) & MASK
+        if flight:
+            if flight > len(buf):  # the FIN is out: it carries the probe
+                self._retransmit()
+                return
+            self._emit(ACK, self.snd_una, buf[:1])
+        elif buf:
+            self._emit(ACK, self.snd_nxt, buf[:1])
+            self.snd_nxt = (self.snd_nxt + 1) & MASK
+        self._rtt_seq = None
+
+    def _send_syn(self, now):
+        """Our SYN (active open) or SYN-ACK; window fields of SYNs are never scaled."""
+        p = self.params
+        passive = self.state is SYN_RECEIVED
+        self._out.append(TcpSegment(
+            self.local_port, self.guest_port, self.iss, self.rcv_nxt if passive else 0,
+            SYN | ACK if passive else SYN, min(p.receive_window, 65535), b"",
+            p.mss_limit,
+            min(p.window_scale, 14) if (self._guest_wscale is not None or not passive)
+            else None))
+        if passive:
+            self._rcv_adv = (self.rcv_nxt + min(p.receive_window, 65535)) & MASK
+        if self._rtt_seq is None and self._retries == 0:
+            self._rtt_seq = self.iss
+            self._rtt_time = now
+        self._timer = now + self._cur_rto
+
+    def _emit(self, flags, seq, payload=b""):
+        """Queue one segment; with ACK it carries rcv_nxt and our current window."""
+        if flags & ACK:
+            self._ack_owed = False
+            self._out.append(TcpSegment(self.local_port, self.guest_port, seq, self.rcv_nxt,
+                                        flags, self._window_field(), payload))
+        else:
+            self._out.append(TcpSegment(self.local_port, self.guest_port, seq, 0, flags, 0,
+                                        payload))
+
+    def _window_field(self):
+        """The window to advertise, scaled; the right edge we accept never recedes.
+
+        Rounding down to the scale's granularity may show the edge up to
+        2**shift - 1 bytes short of what we accept (RFC 7323 appendix F);
+        rounding up instead would creep the edge forward on every ACK.
+        """
+        shift = self.rcv_shift
+        committed = seq_diff(self._rcv_adv, self.rcv_nxt)
+        wnd = self.params.receive_window if self._receive_open else 0
+        if committed > wnd:
+            wnd = committed
+        field = wnd >> shift
+        if field > 65535:
+            field = 65535
+        edge = (self.rcv_nxt + (field << shift)) & MASK
+        if seq_lt(self._rcv_adv, edge):
+            self._rcv_adv = edge
+        return field
+
+    # -- helpers
+
+    def _negotiate(self, guest_mss, guest_wscale):
+        """MSS and window scaling from the guest's SYN (RFC 7323: both or neither)."""
+        self.send_mss = max(1, min(self.params.mss_limit, guest_mss or _DEFAULT_MSS))
+        self._guest_wscale = guest_wscale
+        if guest_wscale is not None:
+            self.snd_shift = min(guest_wscale, 14)
+            self.rcv_shift = min(self.params.window_scale, 14)
+
+    def _rtt_sample(self, r):
+        """RFC 6298 section 2."""
+        p = self.params
+        if r < 0:
+            r = 0.0
+        if self._srtt is None:
+            self._srtt = r
+            self._rttvar = r / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - r)
+            self._srtt = 0.875 * self._srtt + 0.125 * r
+        rto = self._srtt + max(0.001, 4 * self._rttvar)
+        self._rto = min(max(rto, p.rto_min), p.rto_max)

@@ -1,0 +1,446 @@
+"""TCP NAT: guest connections spliced onto host sockets.
+
+Theory of operation
+-------------------
+Every guest TCP connection is terminated by a ``TcpConnection`` (the sans-I/O
+state machine in ``connection.py``) and spliced onto a host socket opened
+with a Twisted endpoint. ``TcpSplice`` is the glue for one connection: it is
+the host socket's protocol, the producer the host transport pauses when its
+buffer fills, and the owner of the connection's one timer.
+
+Deferred SYN release: a guest SYN creates the connection in state HELD and
+starts the host connect; nothing is sent to the guest until the connect's
+Deferred fires. Success releases the SYN-ACK; failure becomes what a real
+network would say (refused -> RST|ACK, unreachable -> ICMP with the matching
+code, timeout -> ICMP host unreachable, policy -> ICMP admin prohibited).
+A retransmitted SYN (same ISN) is absorbed by the held connection; a new ISN
+on the same 4-tuple cancels the attempt and starts again.
+
+Flow control, both ways bounded:
+- guest -> host: the host transport pauses us (IPushProducer) above its
+  buffer size; the connection then stops opening its receive window, so the
+  guest can have at most one window in flight beyond that.
+- host -> guest: host data waits in the connection's send buffer until the
+  guest acknowledges it; above ``send_buffer_limit`` the host transport is
+  paused (the kernel window to the host peer closes), below half it resumes.
+
+Batching: segments of one read burst are fed to their connections, and each
+touched connection is flushed once at the end of the burst (one cumulative
+ACK, one host write, one timer update).
+"""
+
+import errno
+import random
+import resource
+import socket
+import struct
+from collections import Counter
+
+from twisted.internet import error as neterror
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..interfaces import IFlushable, IIPv4Handler
+from ..wire import icmp, ipv4, tcp
+from ..wire.tcp import ACK, FIN, RST, SYN
+from .connection import (Closed, Established, GuestEndOfData, GuestReset, TcpConnection,
+                         TcpParams, TcpState)
+
+_PURE_SYN_MASK = SYN | ACK | RST | FIN
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _ip_str(raw):
+    return socket.inet_ntoa(raw)
+
+
+@implementer(IIPv4Handler, IFlushable)
+class TcpNat:
+    """The IPv4 handler for TCP: owns the connection table."""
+
+    log = Logger()
+    ip_protocol = ipv4.PROTO_TCP
+
+    def __init__(self, dispatcher, config, egress, reactor, params=None):
+        self.dispatcher = dispatcher
+        self.config = config
+        self.egress = egress
+        self.reactor = reactor
+        self.params = params or TcpParams(mss_limit=config.mtu - 40)
+        self.connections = {}
+        self._dirty = []
+        self.drops = Counter()
+        self.counters = Counter()
+
+    # -- lifecycle
+
+    def start(self):
+        _raise_fd_limit()
+
+    def stop(self):
+        for splice in list(self.connections.values()):
+            splice.abort_all()
+        self.connections.clear()
+
+    # -- guest side
+
+    def handle_ipv4(self, frame, ip):
+        seg = tcp.parse(frame, ip)
+        key = (ip.src, seg.src_port, ip.dst, seg.dst_port)
+        splice = self.connections.get(key)
+        if splice is not None and seg.flags & _PURE_SYN_MASK == SYN and splice.replaced_by(seg):
+            splice.abort_all()
+            splice = None
+        if splice is None:
+            if seg.flags & _PURE_SYN_MASK == SYN:
+                self._open(key, seg, frame, ip)
+            else:
+                self._reset_unmatched(key, seg)
+            return
+        splice.conn.segment_received(seg, self.reactor.seconds())
+        if not splice.dirty:
+            splice.dirty = True
+            self._dirty.append(splice)
+
+    def flush(self):
+        if not self._dirty:
+            return
+        now = self.reactor.seconds()
+        dirty, self._dirty = self._dirty, []
+        for splice in dirty:
+            splice.dirty = False
+            splice.pump(now)
+
+    def _reset_unmatched(self, key, seg):
+        reply = TcpConnection.reset_for(seg)
+        if reply is None:
+            self.drops["tcp-unmatched-rst"] += 1
+            return
+        self.drops["tcp-no-connection"] += 1
+        self.emit(key, reply)
+
+    def _open(self, key, seg, frame, ip):
+        guest_ip, guest_port, remote_ip, remote_port = key
+        quote = bytes(frame[ip.payload_offset - ip.header_len:ip.payload_offset + 8])
+        if len(self.connections) >= self.config.max_connections:
+            self.drops["tcp-connection-limit"] += 1
+            self.emit(key, TcpConnection.reset_for(seg))
+            return
+        target = self.egress.local_services.get((remote_ip, remote_port))
+        if target is None:
+            verdict, host = self.egress.route(remote_ip)
+            if verdict == "denied":
+                self.drops["tcp-denied"] += 1
+                self.send_icmp_error(key, quote, icmp.CODE_ADMIN_PROHIBITED)
+                return
+            if verdict == "no-route":
+                self.drops["tcp-no-route"] += 1
+                self.emit(key, TcpConnection.reset_for(seg))
+                return
+            target = (str(host), remote_port)
+        conn = TcpConnection.from_guest_syn(seg, self.reactor.seconds(),
+                                            random.getrandbits(32), self.params)
+        splice = TcpSplice(self, key, conn, quote, target)
+        self.connections[key] = splice
+        self.counters["tcp-opened"] += 1
+        splice.connect()
+
+    # -- the way out
+
+    def emit(self, key, seg):
+        guest_ip, _gport, remote_ip, _rport = key
+        options = tcp.syn_options(seg.mss, seg.wscale) if seg.flags & SYN else b""
+        head, payload = tcp.build(remote_ip, guest_ip, seg.src_port, seg.dst_port, seg.seq,
+                                  seg.ack, seg.flags, seg.window, seg.payload, options)
+        if payload:
+            self.dispatcher.send_ipv4(remote_ip, guest_ip, ipv4.PROTO_TCP, [head, payload])
+        else:
+            self.dispatcher.send_ipv4(remote_ip, guest_ip, ipv4.PROTO_TCP, head)
+
+    def send_icmp_error(self, key, quote, code):
+        guest_ip, _gport, remote_ip, _rport = key
+        self.dispatcher.send_ipv4(remote_ip, guest_ip, ipv4.PROTO_ICMP,
+                                  icmp.dest_unreachable(code, quote))
+
+    def forget(self, splice):
+        if self.connections.get(splice.key) is splice:
+            del self.connections[splice.key]
+
+    # -- introspection
+
+    def flows(self):
+        now = self.reactor.seconds()
+        out = []
+        for (gip, gport, rip, rport), splice in self.connections.items():
+            conn = splice.conn
+            out.append({
+                "protocol": "tcp", "guest": f"{_ip_str(gip)}:{gport}",
+                "remote": f"{_ip_str(rip)}:{rport}", "host": f"{splice.target[0]}:{splice.target[1]}",
+                "state": conn.state.name, "bytes_out": conn.bytes_from_guest,
+                "bytes_in": conn.bytes_to_guest, "age": round(now - conn.created_at, 3),
+            })
+        return out
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class TcpSplice(Protocol):
+    """One guest connection and its host socket."""
+
+    log = Logger()
+
+    def __init__(self, nat, key, conn, quote, target):
+        self.nat = nat
+        self.key = key
+        self.conn = conn
+        self.quote = quote
+        self.target = target
+        self.dirty = False
+        self.transport = None
+        self._connecting = None
+        self._timer = None
+        self._host_paused = False
+        self._host_eof = False
+        self._producer_registered = False
+        self._finished = False
+        self._syn_seq = conn.irs
+
+    # -- connect (deferred SYN release)
+
+    def connect(self):
+        nat = self.nat
+        endpoint = TCP4ClientEndpoint(nat.reactor, self.target[0], self.target[1],
+                                      timeout=nat.config.connect_timeout)
+        self._connecting = endpoint.connect(_SpliceFactory(self))
+        self._connecting.addCallbacks(self._connected, self._connect_failed)
+
+    def replaced_by(self, syn):
+        """Should a new SYN on our 4-tuple replace this connection?"""
+        state = self.conn.state
+        if state is TcpState.HELD:
+            return syn.seq != self._syn_seq
+        return state in (TcpState.TIME_WAIT, TcpState.CLOSED)
+
+    def _connected(self, _proto):
+        self._connecting = None
+        if self._finished:
+            return
+        self.conn.accept(self.nat.reactor.seconds())
+        self.pump()
+
+    def _connect_failed(self, failure):
+        self._connecting = None
+        if self._finished:
+            return None
+        nat = self.nat
+        if failure.check(neterror.ConnectingCancelledError):
+            return None
+        if failure.check(neterror.ConnectionRefusedError):
+            nat.counters["tcp-refused"] += 1
+            self.conn.refuse()
+            self.pump()
+        else:
+            code = _icmp_code_for(failure)
+            nat.counters["tcp-connect-failed"] += 1
+            if code is None:
+                self.conn.refuse()
+                self.pump()
+            else:
+                nat.send_icmp_error(self.key, self.quote, code)
+        self._finish()
+        return None
+
+    # -- host transport (IProtocol / IHalfCloseableProtocol)
+
+    def connectionMade(self):
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:
+            pass
+        self.transport.registerProducer(self, True)
+        self._producer_registered = True
+
+    def dataReceived(self, data):
+        conn = self.conn
+        conn.send(data)
+        self.pump()
+        if not self._host_paused and conn.send_buffered >= self.nat.params.send_buffer_limit:
+            self._host_paused = True
+            self.transport.pauseProducing()
+
+    def readConnectionLost(self):
+        """Host EOF: FIN to the guest once the pending data is out."""
+        self._host_eof = True
+        self.conn.close(self.nat.reactor.seconds())
+        self.pump()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        self.transport_gone = True
+        if self._finished:
+            return
+        if self.conn.is_closed:
+            self._finish()
+            return
+        if reason.check(neterror.ConnectionDone) or self._host_eof:
+            self.conn.close(self.nat.reactor.seconds())
+        else:
+            self.nat.counters["tcp-host-reset"] += 1
+            self.conn.abort()
+        self.pump()
+        self._host_closed = True
+
+    # -- IPushProducer: the host transport asks us to slow the guest down
+
+    def pauseProducing(self):
+        self.conn.set_receive_open(False, self.nat.reactor.seconds())
+
+    def resumeProducing(self):
+        self.conn.set_receive_open(True, self.nat.reactor.seconds())
+        self.pump()
+
+    def stopProducing(self):
+        pass
+
+    # -- moving things along
+
+    def pump(self, now=None):
+        """Flush the connection, send what it produced, write guest data, act on events."""
+        conn = self.conn
+        nat = self.nat
+        conn.flush(nat.reactor.seconds() if now is None else now)
+        for seg in conn.take_segments():
+            nat.emit(self.key, seg)
+        received = conn.take_received()
+        if received:
+            transport = self.transport
+            if transport is not None and not getattr(self, "_host_closed", False):
+                transport.write(b"".join(received) if len(received) > 1 else bytes(received[0]))
+            else:
+                # The host socket is gone: as a real host would, reset.
+                conn.abort()
+                for seg in conn.take_segments():
+                    nat.emit(self.key, seg)
+        for event in conn.take_events():
+            self._on_event(event)
+        if self._host_paused and self.transport is not None \
+                and conn.send_buffered < nat.params.send_buffer_limit // 2:
+            self._host_paused = False
+            self.transport.resumeProducing()
+        self._schedule()
+
+    def _on_event(self, event):
+        transport = self.transport
+        if isinstance(event, GuestEndOfData):
+            if transport is not None:
+                if self._producer_registered:
+                    self._producer_registered = False
+                    transport.unregisterProducer()
+                transport.loseWriteConnection()
+        elif isinstance(event, GuestReset):
+            self.nat.counters["tcp-guest-reset"] += 1
+            self._reset_host()
+        elif isinstance(event, Closed):
+            self._finish()
+        elif isinstance(event, Established):
+            self.nat.counters["tcp-established"] += 1
+
+    def _reset_host(self):
+        transport = self.transport
+        if transport is None:
+            return
+        try:
+            transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except Exception:
+            pass
+        transport.abortConnection()
+
+    def _schedule(self):
+        if self._finished:
+            return
+        deadline = self.conn.next_deadline()
+        timer = self._timer
+        if deadline is None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._timer = None
+            return
+        delay = max(0.0, deadline - self.nat.reactor.seconds())
+        if timer is not None and timer.active():
+            if abs(timer.getTime() - deadline) > 0.001:
+                timer.reset(delay)
+        else:
+            self._timer = self.nat.reactor.callLater(delay, self._on_timer)
+
+    def _on_timer(self):
+        self._timer = None
+        if self._finished:
+            return
+        self.conn.on_timer(self.nat.reactor.seconds())
+        self.pump()
+
+    def _finish(self):
+        if self._finished:
+            return
+        self._finished = True
+        self.nat.forget(self)
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timer = None
+        if self._connecting is not None:
+            d, self._connecting = self._connecting, None
+            d.cancel()
+        transport = self.transport
+        if transport is not None and not getattr(self, "_host_closed", False):
+            transport.loseConnection()
+
+    def abort_all(self):
+        """Drop this connection without telling the guest (replaced or shutting down)."""
+        self._reset_host()
+        self._finish()
+
+
+class _SpliceFactory(Factory):
+    """Hands the endpoint our splice; quiet, as there is one per connection."""
+
+    noisy = False
+
+    def __init__(self, splice):
+        self.splice = splice
+
+    def buildProtocol(self, addr):
+        return self.splice
+
+
+def _icmp_code_for(failure):
+    """The ICMP unreachable code for a failed host connect, or None for RST."""
+    if failure.check(neterror.TimeoutError, neterror.TCPTimedOutError):
+        return icmp.CODE_HOST_UNREACH
+    if failure.check(neterror.NoRouteError):
+        return icmp.CODE_NET_UNREACH
+    os_error = getattr(failure.value, "osError", None)
+    if isinstance(os_error, int):
+        if os_error == errno.EHOSTUNREACH:
+            return icmp.CODE_HOST_UNREACH
+        if os_error == errno.ENETUNREACH:
+            return icmp.CODE_NET_UNREACH
+        if os_error in (errno.EACCES, errno.EPERM):
+            return icmp.CODE_ADMIN_PROHIBITED
+    return None
+
+
+def _raise_fd_limit():
+    """Each connection holds a host fd: allow as many as the hard limit."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
