@@ -52,6 +52,10 @@ class Options(usage.Options):
                                       "is evicted.", _int("--max-udp-flows")],
         ["dns-timeout", None, 5.0, "Seconds before an unanswered upstream DNS query "
                                    "becomes SERVFAIL.", float],
+        ["forward-source", None, "gateway", "Source address the guest sees on forwarded "
+                                            "connections: gateway, or preserve (the host "
+                                            "client's address when it is not loopback)."],
+        ["api", None, None, "Serve the HTTP/JSON control API on this unix socket (mode 0600)."],
         ["ready-fd", None, None, "Write one byte to this fd when serving, then close it.",
          _int("--ready-fd")],
     ]
@@ -65,6 +69,7 @@ class Options(usage.Options):
         self["deny"] = []
         self["dns_upstreams"] = []
         self["dns_records"] = []
+        self["forwards"] = []
 
     def opt_search(self, domain):
         """Domain search list entry announced by DHCP (option 119); repeatable."""
@@ -92,6 +97,12 @@ class Options(usage.Options):
         """Keep the guest from this CIDR (most specific rule wins; 169.254.0.0/16
         is denied by default); repeatable."""
         self["deny"].append(cidr)
+
+    def opt_forward(self, spec):
+        """PROTO:[BIND_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT: forward a host port into the
+        guest (PROTO tcp or udp; BIND_ADDR default 127.0.0.1; GUEST_ADDR default the
+        leased guest address); repeatable."""
+        self["forwards"].append(spec)
 
     def opt_dns_upstream(self, spec):
         """ADDR[:PORT] of an upstream DNS server (default: the host's
@@ -124,7 +135,8 @@ class Options(usage.Options):
                 connect_timeout=self["connect-timeout"],
                 max_connections=self["max-connections"], udp_timeout=self["udp-timeout"],
                 max_udp_flows=self["max-udp-flows"], dns_upstreams=self["dns_upstreams"],
-                dns_records=self["dns_records"], dns_timeout=self["dns-timeout"])
+                dns_records=self["dns_records"], dns_timeout=self["dns-timeout"],
+                forwards=self["forwards"], forward_source=self["forward-source"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["configure"] and self["netns"] is None:
@@ -155,6 +167,23 @@ def make_service(options):
         sys.stderr.write(f"arcbox-net: {e}\n")
         raise SystemExit(1)
     stack = NetworkStack(link, options.config, reactor=reactor)
+    # Bind forwards (and the API socket) now, so a port that cannot be bound
+    # is a one-line error and a non-zero exit, not a log line later.
+    failures = []
+    stack.start_forwards().addErrback(failures.append)
+    if failures:
+        from .stack import _first_error
+        link.stop()
+        sys.stderr.write(f"arcbox-net: {_first_error(failures[0])}\n")
+        raise SystemExit(1)
+    if options["api"]:
+        from .api import listen_api
+        try:
+            listen_api(stack, options["api"], reactor)
+        except Exception as e:
+            link.stop()
+            sys.stderr.write(f"arcbox-net: cannot serve the API on {options['api']}: {e}\n")
+            raise SystemExit(1)
 
     def link_lost(_reason):
         if reactor.running:

@@ -114,6 +114,13 @@ def _records(value):
     return tuple(out)
 
 
+def _forwards(value):
+    from .forward import ForwardSpec
+    if isinstance(value, (str, ForwardSpec)):
+        value = [value]
+    return tuple(v if isinstance(v, ForwardSpec) else ForwardSpec.parse(v) for v in value)
+
+
 def _names(value):
     if isinstance(value, str):
         value = [value]
@@ -166,6 +173,10 @@ class StackConfig:
     dns_records: tuple = attrs.field(default=(), converter=_records)
     #: Seconds before an unanswered upstream query becomes SERVFAIL.
     dns_timeout: float = attrs.field(default=5.0)
+    #: Port forwards bound at start (ForwardSpec or "PROTO:[BIND:]HOST_PORT:[ADDR:]PORT").
+    forwards: tuple = attrs.field(default=(), converter=_forwards)
+    #: Source address the guest sees on forwarded connections: "gateway" or "preserve".
+    forward_source: str = attrs.field(default="gateway")
 
     def __attrs_post_init__(self):
         net = self.subnet
@@ -195,6 +206,8 @@ class StackConfig:
                 raise ConfigError(f"{name.replace('_', ' ')} {value!r} must be a positive number of seconds")
         if not isinstance(self.max_udp_flows, int) or self.max_udp_flows < 1:
             raise ConfigError(f"max UDP flows {self.max_udp_flows!r} must be at least 1")
+        if self.forward_source not in ("gateway", "preserve"):
+            raise ConfigError(f"forward source {self.forward_source!r} must be gateway or preserve")
         seen_virtual = set()
         for virtual, host in self.address_map:
             if virtual in seen_virtual:

@@ -10,7 +10,9 @@ The dispatcher is also the stack's way out to the guest (``send_ipv4``): it
 knows the gateway and guest MACs and wraps IP packets in Ethernet.
 """
 
-from collections import Counter
+import struct
+import time
+from collections import Counter, deque
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -21,6 +23,7 @@ from .wire import MalformedFrame, ethernet, ipv4, udp
 from .wire.checksum import ones_sum
 
 _BROADCAST_IP = b"\xff\xff\xff\xff"
+_ARP_REQUEST = struct.Struct("!HHBBH6s4s6s4s")
 
 
 @implementer(IFrameSink)
@@ -42,6 +45,10 @@ class FrameDispatcher:
         self._udp_services = {}
         self._flushables = []
         self._ident = 0
+        # IP packets waiting for the guest's MAC (we spoke first: a port
+        # forward to a guest that has not sent anything yet).
+        self._unresolved = deque(maxlen=256)
+        self._last_arp_request = -1.0
         self.on_link_lost = None
         self.on_guest_mac = None
 
@@ -119,6 +126,8 @@ class FrameDispatcher:
         self.guest_mac = bytes(mac)
         if self.on_guest_mac is not None:
             self.on_guest_mac(self.guest_mac)
+        while self._unresolved:
+            self.send_frame([self.ethernet_header(), *self._unresolved.popleft()])
 
     def _dispatch_ipv4(self, frame):
         ip = ipv4.parse(frame, ethernet.HEADER_LEN)
@@ -164,6 +173,9 @@ class FrameDispatcher:
 
     def send_ipv4(self, src, dst, protocol, payload, dst_mac=None, ttl=64):
         """Wrap an L4 payload (bytes, or a list of buffers) in IPv4 and Ethernet."""
+        if dst_mac is None and self.guest_mac is None:
+            self._hold_until_resolved(src, dst, protocol, payload, ttl)
+            return
         if isinstance(payload, (bytes, bytearray, memoryview)):
             length = len(payload)
             head = self.ethernet_header(dst_mac) + ipv4.build_header(
@@ -174,6 +186,25 @@ class FrameDispatcher:
             head = self.ethernet_header(dst_mac) + ipv4.build_header(
                 src, dst, protocol, length, ttl=ttl, ident=self.next_ident())
             self.send_frame([head, *payload])
+
+    def _hold_until_resolved(self, src, dst, protocol, payload, ttl):
+        """Queue the packet and ask the guest for its MAC (at most once a second)."""
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            payload = [bytes(payload)]
+        else:
+            payload = [bytes(p) for p in payload]
+        length = sum(len(p) for p in payload)
+        if len(self._unresolved) == self._unresolved.maxlen:
+            self.drops["unresolved-queue-full"] += 1
+        self._unresolved.append([ipv4.build_header(src, dst, protocol, length, ttl=ttl,
+                                                   ident=self.next_ident()), *payload])
+        now = time.monotonic()
+        if now - self._last_arp_request >= 1.0:
+            self._last_arp_request = now
+            self.send_frame(ethernet.header(ethernet.BROADCAST, self.gateway_mac,
+                                            ethernet.ETHERTYPE_ARP)
+                            + _ARP_REQUEST.pack(1, 0x0800, 6, 4, 1, self.gateway_mac,
+                                                self.config.gateway.packed, b"\0" * 6, dst))
 
     def send_udp(self, src, dst, sport, dport, payload, dst_mac=None):
         self.send_ipv4(src, dst, ipv4.PROTO_UDP, udp.build(src, dst, sport, dport, payload),

@@ -12,6 +12,7 @@ stops itself and fires ``whenLinkLost()`` Deferreds.
 """
 
 from twisted.application import service
+from twisted.internet.defer import FirstError
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -48,6 +49,12 @@ class NetworkStack(service.Service):
             self.dispatcher.register(handler)
         self._lost_waiters = []
         self.link_lost_reason = None
+        self._subscribers = []
+        self.dhcp.core.on_lease = self._lease_granted
+        self.tcp.on_event = self.emit
+        from .forward import ForwardManager
+        self.forwarder = ForwardManager(self, self.config.forward_source)
+        self._forwards_started = False
 
     def _add_nat(self):
         """Outbound NAT handlers (TCP, UDP, ICMP to other hosts)."""
@@ -60,6 +67,9 @@ class NetworkStack(service.Service):
 
     def startService(self):
         super().startService()
+        if not self._forwards_started:
+            self.start_forwards().addErrback(
+                lambda f: self.log.error("port forwarding: {error}", error=_first_error(f)))
         for part in self.parts:
             start = getattr(part, "start", None)
             if start is not None:
@@ -70,6 +80,7 @@ class NetworkStack(service.Service):
 
     def stopService(self):
         super().stopService()
+        self.forwarder.stop()
         self.link.stop()
         for part in self.parts:
             stop = getattr(part, "stop", None)
@@ -94,7 +105,61 @@ class NetworkStack(service.Service):
         for d in waiters:
             d.callback(reason)
 
+    # -- port forwarding
+
+    def start_forwards(self):
+        """Bind the configured forwards; the Deferred fails on the first error."""
+        self._forwards_started = True
+        return defer.gatherResults([self.forwarder.add(spec) for spec in self.config.forwards],
+                                   consumeErrors=True)
+
+    def add_forward(self, spec):
+        """Add a forward (a ForwardSpec or "tcp:8080:80"); Deferred of its JSON dict.
+
+        Fails with arcbox_net.forward.ForwardError (message and HTTP status).
+        """
+        return self.forwarder.add(spec).addCallback(lambda forward: forward.to_json())
+
+    def remove_forward(self, forward_id):
+        """Close a forward's listener (open connections go on); Deferred of None."""
+        return self.forwarder.remove(forward_id)
+
+    def forwards(self):
+        return self.forwarder.list()
+
+    # -- events
+
+    def subscribe(self, callback):
+        """Call ``callback(kind, details)`` for each event; returns an unsubscribe function.
+
+        Kinds: "lease-granted", "connection-opened", "connection-closed",
+        "forward-added", "forward-removed". ``details`` is a JSON-able dict.
+        """
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def emit(self, kind, details):
+        for callback in list(self._subscribers):
+            try:
+                callback(kind, details)
+            except Exception:
+                self.log.failure("event subscriber failed on {kind}", kind=kind)
+
+    def _lease_granted(self, lease):
+        details = {"mac": mac_to_str(lease.mac), "address": str(lease.address),
+                   "expiry": lease.expiry}
+        self.log.info("lease {address} granted to {mac}", **details)
+        self.emit("lease-granted", details)
+
     # -- introspection
+
+    def connections(self):
+        """Every TCP connection and UDP flow: 4-tuple, state, bytes each way, age."""
+        flows = []
+        for part in [*self.parts, getattr(self.icmp, "forward", None)]:
+            if part is not None and hasattr(part, "flows"):
+                flows.extend(part.flows())
+        return flows
 
     def leases(self):
         """Current DHCP leases as dicts (mac, address, expiry, state)."""
@@ -124,3 +189,9 @@ class NetworkStack(service.Service):
                      "queued_frames": getattr(self.link, "queued_frames", 0)},
             "guest_mac": mac_to_str(self.dispatcher.guest_mac) if self.dispatcher.guest_mac else None,
         }
+
+
+def _first_error(failure):
+    if failure.check(FirstError):
+        failure = failure.value.subFailure
+    return failure.getErrorMessage()

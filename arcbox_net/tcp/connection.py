@@ -179,11 +179,12 @@ _TRANSITIONS = {
     TIME_WAIT: {"timer": CLOSED},
     CLOSED: {},
 }
-for _state, _moves in _TRANSITIONS.items():
-    if _state is not CLOSED:
+for _moves in _TRANSITIONS.values():
+    if _moves is not _TRANSITIONS[CLOSED]:
         _moves["reset"] = CLOSED
+del _moves
 
-# The guest has taken our SYN: segments are checked against our window.
+# Both sequence spaces are known: guest segments are checked against our window.
 _SYNCHRONIZED = frozenset({SYN_RECEIVED, ESTABLISHED, CLOSE_WAIT, LAST_ACK, FIN_WAIT_1,
                            FIN_WAIT_2, CLOSING, TIME_WAIT})
 # Cumulative ACKs make sense (SYN_RECEIVED answers with its SYN-ACK instead).
@@ -212,6 +213,18 @@ class TcpParams:
     syn_retries: int = 6
     time_wait: float = 2.0
     max_in_flight: int | None = None
+
+    def __attrs_post_init__(self):
+        if not 1 <= self.mss_limit <= 65535:
+            raise ValueError(f"mss_limit {self.mss_limit} is not a 16-bit MSS")
+        if not 0 <= self.window_scale <= 14:
+            raise ValueError(f"window_scale {self.window_scale} is not in 0..14 (RFC 7323)")
+        if self.receive_window < 1 << self.window_scale:
+            # The scaled window field would always read 0: the guest could never send.
+            raise ValueError(f"receive_window {self.receive_window} is below the window "
+                             f"scale's granularity ({1 << self.window_scale})")
+        if not 0 < self.rto_min <= self.rto_max:
+            raise ValueError("need 0 < rto_min <= rto_max")
 
 
 # -- events
@@ -250,6 +263,8 @@ class Closed:
 
 
 class TcpConnection:
+    """One guest TCP connection; see the module docstring."""
+
     __slots__ = (
         "state", "params", "local_port", "guest_port", "created_at",
         "bytes_from_guest", "bytes_to_guest",
@@ -264,7 +279,7 @@ class TcpConnection:
         "_timer", "_rto", "_cur_rto", "_srtt", "_rttvar", "_rtt_seq", "_rtt_time",
         "_retries",
         # outputs
-        "_out", "_received", "_events", "_closed_emitted",
+        "_out", "_received", "_events",
     )
 
     def __init__(self, local_port, guest_port, now, iss, params, state):
@@ -309,7 +324,6 @@ class TcpConnection:
         self._out = []
         self._received = []
         self._events = []
-        self._closed_emitted = False
 
     def __repr__(self):
         return (f"<TcpConnection {self.local_port}<->{self.guest_port} {self.state.name} "
@@ -496,9 +510,7 @@ class TcpConnection:
             self._timer = None
             self._sendbuf = bytearray()
             self._ooo = []
-            if not self._closed_emitted:
-                self._closed_emitted = True
-                self._events.append(Closed())
+            self._events.append(Closed())  # once: CLOSED has no way out
         return True
 
     # -- segment arrival
@@ -808,8 +820,7 @@ class TcpConnection:
         if self._fin_sent and n == data:
             flags |= FIN
         self._emit(flags, self.snd_una, self._sendbuf[:n])
-        if self._rtt_seq is not None and seq_lt(self._rtt_seq, self.snd_una + max(n, 1)):
-            self._rtt_seq = None  # Karn: no sample from a resent segment
+        self._rtt_seq = None  # Karn; and a sample taken across a repair would be inflated
 
     def _probe(self):
         """Zero-window probe: one byte (resent if one is already out)."""

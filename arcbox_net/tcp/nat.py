@@ -30,12 +30,14 @@ ACK, one host write, one timer update).
 """
 
 import errno
+import ipaddress
 import random
 import resource
 import socket
 import struct
 from collections import Counter
 
+import attrs
 from twisted.internet import error as neterror
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -46,8 +48,8 @@ from zope.interface import implementer
 from ..interfaces import IFlushable, IIPv4Handler
 from ..wire import icmp, ipv4, tcp
 from ..wire.tcp import ACK, FIN, RST, SYN
-from .connection import (Closed, Established, GuestEndOfData, GuestReset, TcpConnection,
-                         TcpParams, TcpState)
+from .connection import (Closed, Established, GuestEndOfData, GuestReset, Refused,
+                         TcpConnection, TcpParams, TcpState, TimedOut)
 
 _PURE_SYN_MASK = SYN | ACK | RST | FIN
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -74,6 +76,10 @@ class TcpNat:
         self._dirty = []
         self.drops = Counter()
         self.counters = Counter()
+        #: Callable(kind, details) told of "connection-opened"/"connection-closed".
+        self.on_event = None
+        #: Inbound (forwarded) connections: gentler SYN retries than a host.
+        self.inbound_params = attrs.evolve(self.params, syn_retries=2, rto_initial=0.5)
 
     # -- lifecycle
 
@@ -146,6 +152,8 @@ class TcpNat:
         splice = TcpSplice(self, key, conn, quote, target)
         self.connections[key] = splice
         self.counters["tcp-opened"] += 1
+        if self.on_event is not None:
+            self.on_event("connection-opened", splice.describe())
         splice.connect()
 
     # -- the way out
@@ -168,21 +176,31 @@ class TcpNat:
     def forget(self, splice):
         if self.connections.get(splice.key) is splice:
             del self.connections[splice.key]
+            self.counters["tcp-closed"] += 1
+            if self.on_event is not None:
+                self.on_event("connection-closed", splice.describe())
+
+    # -- port forwarding: connections the host opens to the guest
+
+    def inbound_factory(self, forward):
+        """A protocol factory for a forward's host listener."""
+        return _InboundFactory(self, forward)
+
+    def free_port(self, guest_ip, guest_port, src_ip, preferred=None):
+        """A source port for a connection to the guest not used by another one."""
+        if preferred and (guest_ip, guest_port, src_ip, preferred) not in self.connections:
+            return preferred
+        for _ in range(64):
+            port = random.randint(32768, 60999)
+            if (guest_ip, guest_port, src_ip, port) not in self.connections:
+                return port
+        return None
 
     # -- introspection
 
     def flows(self):
         now = self.reactor.seconds()
-        out = []
-        for (gip, gport, rip, rport), splice in self.connections.items():
-            conn = splice.conn
-            out.append({
-                "protocol": "tcp", "guest": f"{_ip_str(gip)}:{gport}",
-                "remote": f"{_ip_str(rip)}:{rport}", "host": f"{splice.target[0]}:{splice.target[1]}",
-                "state": conn.state.name, "bytes_out": conn.bytes_from_guest,
-                "bytes_in": conn.bytes_to_guest, "age": round(now - conn.created_at, 3),
-            })
-        return out
+        return [splice.describe(now) for splice in self.connections.values()]
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -190,6 +208,8 @@ class TcpSplice(Protocol):
     """One guest connection and its host socket."""
 
     log = Logger()
+    #: "outbound" (the guest connected out) or "inbound" (a port forward).
+    direction = "outbound"
 
     def __init__(self, nat, key, conn, quote, target):
         self.nat = nat
@@ -205,7 +225,22 @@ class TcpSplice(Protocol):
         self._host_eof = False
         self._producer_registered = False
         self._finished = False
-        self._syn_seq = conn.irs
+        self._syn_seq = conn.irs if conn is not None else None
+
+    def describe(self, now=None):
+        gip, gport, rip, rport = self.key
+        conn = self.conn
+        if now is None:
+            now = self.nat.reactor.seconds()
+        return {
+            "protocol": "tcp", "direction": self.direction,
+            "guest": f"{_ip_str(gip)}:{gport}", "remote": f"{_ip_str(rip)}:{rport}",
+            "host": f"{self.target[0]}:{self.target[1]}" if self.target else None,
+            "state": conn.state.name if conn is not None else "LISTEN",
+            "bytes_from_guest": conn.bytes_from_guest if conn is not None else 0,
+            "bytes_to_guest": conn.bytes_to_guest if conn is not None else 0,
+            "age": round(now - conn.created_at, 3) if conn is not None else 0,
+        }
 
     # -- connect (deferred SYN release)
 
@@ -348,6 +383,15 @@ class TcpSplice(Protocol):
             self._finish()
         elif isinstance(event, Established):
             self.nat.counters["tcp-established"] += 1
+            if self.direction == "inbound" and transport is not None:
+                transport.resumeProducing()
+        elif isinstance(event, Refused):
+            self.nat.counters["tcp-forward-refused"] += 1
+            self._reset_host()
+        elif isinstance(event, TimedOut):
+            self.nat.counters["tcp-forward-timeout"] += 1
+            if transport is not None:
+                transport.abortConnection()
 
     def _reset_host(self):
         transport = self.transport
@@ -403,6 +447,60 @@ class TcpSplice(Protocol):
         """Drop this connection without telling the guest (replaced or shutting down)."""
         self._reset_host()
         self._finish()
+
+
+class InboundSplice(TcpSplice):
+    """A host client of a port forward, relayed to the guest by an active open."""
+
+    direction = "inbound"
+
+    def __init__(self, nat, forward, client):
+        super().__init__(nat, None, None, b"", (client.host, client.port))
+        self.forward = forward
+        self.client = client
+
+    def connectionMade(self):
+        nat = self.nat
+        forward = self.forward
+        guest_ip = forward.guest_address().packed
+        guest_port = forward.guest_port
+        src_ip, preferred = forward.source_for(self.client)
+        src_port = nat.free_port(guest_ip, guest_port, src_ip, preferred)
+        if src_port is None or len(nat.connections) >= nat.config.max_connections:
+            nat.drops["tcp-forward-no-slot"] += 1
+            self.transport.abortConnection()
+            self._finished = True
+            return
+        self.key = (guest_ip, guest_port, src_ip, src_port)
+        # Not a byte from the client until the guest has accepted.
+        self.transport.pauseProducing()
+        super().connectionMade()
+        self.conn = TcpConnection.open_to_guest(src_port, guest_port, nat.reactor.seconds(),
+                                                random.getrandbits(32), nat.inbound_params)
+        nat.connections[self.key] = self
+        nat.counters["tcp-forward-opened"] += 1
+        if nat.on_event is not None:
+            nat.on_event("connection-opened", self.describe())
+        self.pump()
+
+    def connectionLost(self, reason):
+        if self.conn is None:
+            return
+        super().connectionLost(reason)
+
+    def replaced_by(self, syn):
+        return self.conn.state in (TcpState.TIME_WAIT, TcpState.CLOSED)
+
+
+class _InboundFactory(Factory):
+    noisy = False
+
+    def __init__(self, nat, forward):
+        self.nat = nat
+        self.forward = forward
+
+    def buildProtocol(self, addr):
+        return InboundSplice(self.nat, self.forward, addr)
 
 
 class _SpliceFactory(Factory):

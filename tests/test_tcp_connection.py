@@ -1,0 +1,1005 @@
+"""The TCP state machine, driven by hand-written segments and a fake clock."""
+
+import heapq
+import itertools
+import random
+
+import pytest
+
+from arcbox_net.tcp.connection import (
+    Closed, Established, GuestEndOfData, GuestReset, Refused, TcpConnection, TcpParams,
+    TcpState, TimedOut, seq_diff, seq_le, seq_lt)
+from arcbox_net.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
+
+M = 0xFFFFFFFF
+LP = 443      # the port we impersonate
+GP = 40000    # the guest's port
+S = TcpState
+
+
+class Guest:
+    """Guest-side numbering: offsets from each side's first data byte."""
+
+    def __init__(self, conn, giss):
+        self.conn = conn
+        self.giss = giss
+
+    def seg(self, off=0, ack_off=0, flags=ACK, window=65535, payload=b"", **kw):
+        return TcpSegment(GP, LP, (self.giss + 1 + off) & M,
+                          (self.conn.iss + 1 + ack_off) & M, flags, window, payload, **kw)
+
+    def send(self, off=0, ack_off=0, flags=ACK, window=65535, payload=b"", now=0.0):
+        self.conn.segment_received(self.seg(off, ack_off, flags, window, payload), now)
+
+    def ack_of(self, seg):
+        """Our offset that ``seg`` (from the connection) acknowledges."""
+        return seq_diff(seg.ack, self.giss + 1)
+
+    def off_of(self, seg):
+        return seq_diff(seg.seq, self.conn.iss + 1)
+
+
+def held(params=TcpParams(), iss=1000, giss=5000, mss=1460, wscale=7, window=65535):
+    syn = TcpSegment(GP, LP, giss, 0, SYN, window, mss=mss, wscale=wscale)
+    return TcpConnection.from_guest_syn(syn, 0.0, iss, params)
+
+
+def established(params=TcpParams(), iss=1000, giss=5000, mss=1460, wscale=7, window=65535):
+    """A connection after a clean passive handshake, with outputs drained."""
+    c = held(params, iss, giss, mss, wscale, window)
+    c.accept(0.0)
+    c.take_segments()
+    g = Guest(c, giss)
+    g.send(window=window)
+    assert c.state is S.ESTABLISHED
+    assert c.take_events() == [Established()]
+    return c, g
+
+
+def only(segments):
+    assert len(segments) == 1, segments
+    return segments[0]
+
+
+# -- sequence arithmetic
+
+def test_sequence_helpers_wrap():
+    assert seq_lt(2**32 - 1, 0) and seq_lt(2**32 - 10, 5)
+    assert not seq_lt(5, 2**32 - 10)
+    assert seq_le(7, 7)
+    assert seq_diff(3, 2**32 - 2) == 5
+    assert seq_diff(2**32 - 2, 3) == -5
+
+
+# -- handshake
+
+def test_passive_handshake():
+    c = held()
+    assert c.state is S.HELD
+    assert c.take_segments() == [] and c.next_deadline() is None
+    c.segment_received(TcpSegment(GP, LP, 5000, 0, SYN, 65535, mss=1460, wscale=7), 0.1)
+    assert c.take_segments() == []  # HELD ignores segments
+    c.accept(0.5)
+    synack = only(c.take_segments())
+    assert (synack.src_port, synack.dst_port) == (LP, GP)
+    assert synack.flags == SYN | ACK
+    assert (synack.seq, synack.ack) == (1000, 5001)
+    assert (synack.mss, synack.wscale) == (1460, 7)
+    assert synack.window == 65535  # never scaled in a SYN
+    assert c.state is S.SYN_RECEIVED and c.take_events() == []
+    assert c.next_deadline() == pytest.approx(1.5)
+    c.segment_received(TcpSegment(GP, LP, 5001, 1001, ACK, 65535), 0.6)
+    assert c.state is S.ESTABLISHED
+    assert c.take_events() == [Established()]
+    c.flush(0.6)
+    assert c.take_segments() == []  # the handshake ACK needs no answer
+    assert c.next_deadline() is None
+
+
+def test_refuse():
+    c = held()
+    c.refuse()
+    rst = only(c.take_segments())
+    assert rst.flags == RST | ACK and (rst.seq, rst.ack) == (0, 5001)
+    assert c.state is S.CLOSED and c.is_closed
+    assert c.take_events() == [Closed()]
+    c.refuse()
+    c.abort()
+    assert c.take_segments() == [] and c.take_events() == []
+
+
+@pytest.mark.parametrize("bad", [dict(window_scale=15), dict(receive_window=100),
+                                 dict(mss_limit=0), dict(rto_min=0), dict(rto_max=0.1)])
+def test_params_are_checked(bad):
+    with pytest.raises(ValueError):
+        TcpParams(**bad)
+
+
+def test_syn_options_mss_is_min_of_both():
+    c = held(TcpParams(mss_limit=8960), mss=1200)
+    c.accept(0.0)
+    assert only(c.take_segments()).mss == 8960
+    assert c.send_mss == 1200
+    assert held(mss=None).send_mss == 536
+
+
+def test_window_scaling_negotiated():
+    c, g = established(wscale=2, window=1000)
+    assert c.snd_wnd == 4000  # the guest's window, scaled
+    c.send(b"x" * 10000)
+    c.flush(1.0)
+    assert [len(s.payload) for s in c.take_segments()] == [1460, 1460]  # no runt
+    g.send(ack_off=0, payload=b"hi", window=1000, now=1.0)
+    c.flush(1.0)
+    ack = c.take_segments()[-1]
+    assert ack.window == 262144 >> 7  # ours, scaled by our shift
+
+
+def test_window_scaling_not_negotiated():
+    c = held(wscale=None, window=20000)
+    c.accept(0.0)
+    synack = only(c.take_segments())
+    assert synack.wscale is None and synack.window == 65535
+    g = Guest(c, 5000)
+    g.send(window=20000)
+    assert c.snd_wnd == 20000
+    g.send(payload=b"x" * 100)
+    c.flush(0.0)
+    assert only(c.take_segments()).window == 65535  # capped, unscaled
+
+
+# -- guest to host
+
+def test_in_order_data_one_ack_per_flush():
+    c, g = established()
+    data = bytes(range(256)) * 80
+    for i in range(0, len(data), 1000):
+        g.send(off=i, payload=data[i:i + 1000])
+    assert c.take_segments() == []
+    assert b"".join(c.take_received()) == data
+    c.flush(0.1)
+    ack = only(c.take_segments())
+    assert g.ack_of(ack) == len(data) and ack.flags == ACK
+    c.flush(0.2)
+    assert c.take_segments() == []
+    assert c.bytes_from_guest == len(data)
+
+
+def test_out_of_order_is_buffered_and_dup_acked_at_once():
+    c, g = established()
+    g.send(off=2000, payload=b"c" * 1000)
+    dup = only(c.take_segments())  # immediate, not at flush
+    assert g.ack_of(dup) == 0
+    g.send(off=1500, payload=b"b" * 1000)  # overlaps the held segment
+    assert g.ack_of(only(c.take_segments())) == 0
+    assert c.take_received() == []
+    g.send(off=0, payload=b"a" * 1500)
+    assert b"".join(c.take_received()) == b"a" * 1500 + b"b" * 500 + b"c" * 1000
+    c.flush(0.0)
+    assert g.ack_of(only(c.take_segments())) == 3000
+
+
+def test_fin_ahead_of_a_gap_is_taken_when_the_gap_fills():
+    c, g = established()
+    g.send(off=100, flags=ACK | FIN, payload=b"b" * 100)
+    assert g.ack_of(only(c.take_segments())) == 0  # dup ACK
+    assert c.state is S.ESTABLISHED
+    g.send(off=0, payload=b"a" * 100)
+    assert c.take_events() == [GuestEndOfData()]
+    assert c.state is S.CLOSE_WAIT
+    c.flush(0.0)
+    assert g.ack_of(only(c.take_segments())) == 201
+
+
+def test_old_retransmitted_data_is_reacked():
+    c, g = established()
+    g.send(off=0, payload=b"a" * 1000)
+    c.flush(0.0)
+    c.take_segments()
+    c.take_received()
+    g.send(off=0, payload=b"a" * 1000)
+    assert c.take_received() == []
+    c.flush(0.0)
+    assert g.ack_of(only(c.take_segments())) == 1000
+    g.send(off=500, payload=b"a" * 500 + b"b" * 500)  # partly old
+    assert b"".join(c.take_received()) == b"b" * 500
+
+
+def test_pure_acks_are_never_answered():
+    c, g = established()
+    g.send()
+    g.send(off=-5)  # stale
+    g.send(off=10 ** 6)  # far out of window
+    g.send(ack_off=50)  # acks data never sent
+    c.flush(0.0)
+    assert c.take_segments() == []
+
+
+def test_data_beyond_the_window_is_trimmed():
+    p = TcpParams(receive_window=4000)
+    c, g = established(p, wscale=None)
+    g.send(off=0, payload=b"x" * 5000)
+    assert sum(map(len, c.take_received())) == 4000
+    c.flush(0.0)
+    ack = only(c.take_segments())
+    assert g.ack_of(ack) == 4000
+    g.send(off=9000, payload=b"y" * 10)  # wholly beyond: re-ACK only
+    c.flush(0.0)
+    assert g.ack_of(only(c.take_segments())) == 4000
+
+
+# -- host to guest
+
+def test_send_is_segmented_by_mss_and_limited_by_window():
+    c, g = established(mss=1000, wscale=None, window=5500)
+    c.send(b"x" * 3000)
+    c.send(b"y" * 7000)
+    assert c.take_segments() == []  # sent on flush: small writes coalesce
+    c.flush(0.0)
+    segs = c.take_segments()
+    assert [len(s.payload) for s in segs] == [1000] * 5  # no 500-byte runt
+    assert [g.off_of(s) for s in segs] == [0, 1000, 2000, 3000, 4000]
+    assert [s.flags for s in segs] == [ACK] * 4 + [ACK | PSH]
+    g.send(ack_off=3000, window=5500, now=0.1)
+    c.flush(0.1)
+    segs = c.take_segments()
+    assert [g.off_of(s) for s in segs] == [5000, 6000, 7000]
+    assert all(seq_le(s.seq + len(s.payload), c.snd_una + 5500) for s in segs)
+
+
+def test_max_in_flight_caps_unacked_bytes():
+    c, g = established(TcpParams(max_in_flight=3000), mss=1000)
+    c.send(b"x" * 10000)
+    c.flush(0.0)
+    assert sum(len(s.payload) for s in c.take_segments()) == 3000
+
+
+def test_send_buffered_accounting():
+    c, g = established(mss=1000)
+    c.send(b"x" * 10000)
+    assert c.send_buffered == 10000
+    c.flush(0.0)
+    c.take_segments()
+    assert c.send_buffered == 10000  # in flight is still ours
+    g.send(ack_off=3000, now=0.1)
+    assert c.send_buffered == 7000
+    g.send(ack_off=10000, now=0.2)
+    assert c.send_buffered == 0 and c.bytes_to_guest == 10000
+
+
+# -- retransmission
+
+def test_retransmission_backoff_and_reset_after_good_ack():
+    c = held()
+    c.accept(0.0)
+    c.take_segments()
+    g = Guest(c, 5000)
+    g.send(now=0.1)  # RTT sample 0.1: SRTT 0.1, RTTVAR 0.05, RTO 0.3
+    c.send(b"a" * 100)
+    c.flush(10.0)
+    first = only(c.take_segments())
+    assert c.next_deadline() == pytest.approx(10.3)
+    c.on_timer(10.29)
+    assert c.take_segments() == []
+    gaps = []
+    for _ in range(3):
+        now = c.next_deadline()
+        c.on_timer(now)
+        again = only(c.take_segments())
+        assert (again.seq, bytes(again.payload)) == (first.seq, b"a" * 100)
+        gaps.append(c.next_deadline() - now)
+    assert gaps == pytest.approx([0.6, 1.2, 2.4])
+    g.send(ack_off=100, now=20.0)  # acks a resent segment: no sample (Karn)
+    assert c.next_deadline() is None
+    c.send(b"b" * 100)
+    c.flush(20.0)
+    assert c.next_deadline() == pytest.approx(20.3)  # backoff gone
+    g.send(ack_off=200, now=20.1)  # a clean 0.1 s sample: RTTVAR 0.0375
+    c.send(b"c" * 100)
+    c.flush(20.1)
+    assert c.next_deadline() == pytest.approx(20.1 + 0.25)
+
+
+def test_rto_is_clamped():
+    c, g = established(TcpParams(rto_min=0.5))  # the handshake took no time
+    c.send(b"x")
+    c.flush(0.0)
+    assert c.next_deadline() == pytest.approx(0.5)
+    c, g = established(TcpParams(rto_max=5.0))
+    c.send(b"x")
+    c.flush(0.0)
+    for _ in range(10):
+        c.on_timer(c.next_deadline())
+    assert c.next_deadline() - c.created_at <= sum(min(0.2 * 2 ** i, 5.0) for i in range(11))
+
+
+def test_give_up_after_max_retransmits():
+    c, g = established(TcpParams(max_retransmits=3))
+    c.send(b"a" * 100)
+    c.flush(0.0)
+    c.take_segments()
+    resent = 0
+    while not c.is_closed:
+        c.on_timer(c.next_deadline())
+        segs = c.take_segments()
+        if c.is_closed:
+            rst = only(segs)
+        else:
+            resent += len(segs)
+    assert resent == 3
+    assert rst.flags & RST
+    assert c.take_events() == [GuestReset("timeout"), Closed()]
+    assert c.next_deadline() is None
+
+
+def test_fast_retransmit_on_third_duplicate_ack():
+    c, g = established(mss=1000)
+    c.send(b"z" * 5000)
+    c.flush(0.0)
+    c.take_segments()
+    g.send(ack_off=1000, now=0.01)
+    for i in range(2):
+        g.send(ack_off=1000, now=0.02)
+        assert c.take_segments() == []
+    g.send(ack_off=1000, now=0.03)
+    again = only(c.take_segments())
+    assert g.off_of(again) == 1000 and len(again.payload) == 1000
+    g.send(ack_off=1000, now=0.04)
+    assert c.take_segments() == []  # once
+    g.send(ack_off=1000, window=30000, now=0.05)  # a window update is no dup ACK
+    g.send(ack_off=2000, window=30000, now=0.06)  # partial ACK: the next hole
+    assert g.off_of(only(c.take_segments())) == 2000
+
+
+def test_zero_window_probes_then_resume():
+    c, g = established(TcpParams(max_retransmits=2), mss=1000, wscale=None)
+    c.send(b"a" * 1000)
+    c.flush(0.0)
+    c.take_segments()
+    g.send(ack_off=1000, window=0, now=0.1)
+    c.send(b"b" * 3000)
+    c.flush(0.1)
+    assert c.take_segments() == []
+    assert c.next_deadline() is not None
+    gaps = []
+    for _ in range(6):  # more than max_retransmits: a live guest is probed forever
+        now = c.next_deadline()
+        c.on_timer(now)
+        probe = only(c.take_segments())
+        assert g.off_of(probe) == 1000 and bytes(probe.payload) == b"b"
+        gaps.append(c.next_deadline() - now)
+        g.send(ack_off=1000, window=0, now=now)
+    assert not c.is_closed
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0]
+    g.send(ack_off=1000, window=65535, now=50.0)
+    c.flush(50.0)
+    segs = c.take_segments()
+    assert g.off_of(segs[0]) == 1000
+    assert sum(len(s.payload) for s in segs) == 3000
+
+
+def test_unanswered_zero_window_probes_give_up():
+    c, g = established(TcpParams(max_retransmits=2), wscale=None)
+    g.send(window=0)
+    c.send(b"a" * 10)
+    c.flush(0.0)
+    while not c.is_closed:
+        c.on_timer(c.next_deadline())
+    assert c.take_events() == [GuestReset("timeout"), Closed()]
+
+
+# -- closing
+
+def test_guest_closes_first():
+    c, g = established()
+    g.send(flags=ACK | FIN, payload=b"bye")
+    assert b"".join(c.take_received()) == b"bye"
+    assert c.take_events() == [GuestEndOfData()]
+    assert c.state is S.CLOSE_WAIT
+    c.flush(0.0)
+    assert g.ack_of(only(c.take_segments())) == 4
+    c.send(b"still talking")  # half-close: we may still send
+    c.close(0.1)
+    fin = only(c.take_segments())
+    assert fin.flags == ACK | PSH | FIN and bytes(fin.payload) == b"still talking"
+    assert c.state is S.LAST_ACK
+    g.send(off=4, ack_off=14, now=0.2)
+    assert c.state is S.CLOSED
+    assert c.take_events() == [Closed()]
+
+
+def test_host_closes_first_then_time_wait():
+    c, g = established()
+    c.close(1.0)
+    fin = only(c.take_segments())
+    assert fin.flags == ACK | FIN and g.off_of(fin) == 0
+    assert c.state is S.FIN_WAIT_1
+    g.send(ack_off=1, now=1.1)
+    assert c.state is S.FIN_WAIT_2 and c.next_deadline() is None
+    g.send(payload=b"more", ack_off=1, now=1.2)  # the guest still sends
+    assert b"".join(c.take_received()) == b"more"
+    g.send(off=4, ack_off=1, flags=ACK | FIN, now=1.3)
+    assert c.state is S.TIME_WAIT
+    assert c.take_events() == [GuestEndOfData()]
+    c.flush(1.3)
+    assert g.ack_of(only(c.take_segments())) == 5
+    assert c.next_deadline() == pytest.approx(3.3)
+    g.send(off=4, ack_off=1, flags=ACK | FIN, now=2.0)  # our ACK was lost
+    c.flush(2.0)
+    assert g.ack_of(only(c.take_segments())) == 5
+    assert c.next_deadline() == pytest.approx(4.0)
+    c.on_timer(4.0)
+    assert c.state is S.CLOSED and c.take_events() == [Closed()]
+
+
+def test_simultaneous_close():
+    c, g = established()
+    c.close(0.0)
+    c.take_segments()
+    g.send(flags=ACK | FIN, ack_off=0)  # crosses our FIN
+    assert c.state is S.CLOSING
+    c.flush(0.0)
+    assert g.ack_of(only(c.take_segments())) == 1
+    g.send(off=1, ack_off=1, now=0.1)
+    assert c.state is S.TIME_WAIT
+    c.on_timer(c.next_deadline())
+    assert c.take_events() == [GuestEndOfData(), Closed()]
+
+
+def test_fin_is_sent_after_pending_data():
+    c, g = established(mss=1000, wscale=None, window=2000)
+    c.send(b"d" * 5000)
+    c.close(0.0)
+    assert c.state is S.FIN_WAIT_1
+    segs = c.take_segments()
+    assert [len(s.payload) for s in segs] == [1000, 1000]
+    assert not any(s.flags & FIN for s in segs)
+    g.send(ack_off=2000, window=4000, now=0.1)
+    c.flush(0.1)
+    segs = c.take_segments()
+    assert [len(s.payload) for s in segs] == [1000, 1000, 1000]
+    assert segs[-1].flags == ACK | PSH | FIN
+    g.send(ack_off=5001, window=4000, now=0.2)
+    assert c.state is S.FIN_WAIT_2
+
+
+def test_guest_fin_crossing_our_queued_fin():
+    c, g = established(mss=1000, wscale=None, window=1000)
+    c.send(b"d" * 3000)
+    c.close(0.0)
+    assert len(c.take_segments()) == 1
+    g.send(flags=ACK | FIN, ack_off=1000, window=0)
+    assert c.state is S.CLOSING
+    c.flush(0.0)
+    assert g.ack_of(only(c.take_segments())) == 1
+    g.send(off=1, ack_off=1000, window=5000, now=0.1)
+    c.flush(0.1)
+    segs = c.take_segments()
+    assert [len(s.payload) for s in segs] == [1000, 1000] and segs[-1].flags & FIN
+    g.send(off=1, ack_off=3001, window=5000, now=0.2)
+    assert c.state is S.TIME_WAIT
+
+
+def test_fin_is_retransmitted_like_data():
+    c, g = established()
+    c.close(0.0)
+    fin = only(c.take_segments())
+    c.on_timer(c.next_deadline())
+    again = only(c.take_segments())
+    assert (again.seq, again.flags) == (fin.seq, ACK | FIN)
+
+
+def test_close_during_handshake_takes_effect_when_established():
+    c = held()
+    c.send(b"early")
+    c.close(0.0)
+    c.close(0.0)
+    c.accept(0.0)
+    c.take_segments()
+    Guest(c, 5000).send()
+    assert c.state is S.FIN_WAIT_1
+    c.flush(0.0)
+    seg = only(c.take_segments())
+    assert bytes(seg.payload) == b"early" and seg.flags & FIN
+
+
+def test_closed_is_emitted_once_whatever_the_path():
+    c, g = established()
+    c.close(0.0)
+    g.send(flags=ACK | RST, ack_off=1)
+    c.abort()
+    c.close(0.0)
+    c.on_timer(100.0)
+    events = c.take_events()
+    assert events.count(Closed()) == 1 and events == [GuestReset("rst"), Closed()]
+
+
+def test_abort_sends_rst():
+    c, g = established()
+    c.send(b"x")
+    c.abort()
+    rst = only(c.take_segments())
+    assert rst.flags & RST and rst.seq == c.snd_nxt
+    assert c.take_events() == [Closed()]
+
+
+# -- RST and SYN in synchronized states
+
+def test_rst_in_window_resets():
+    c, g = established()
+    g.send(off=100, flags=RST)
+    assert c.state is S.CLOSED
+    assert c.take_events() == [GuestReset("rst"), Closed()]
+
+
+def test_rst_out_of_window_is_ignored():
+    c, g = established()
+    g.send(off=-1, flags=RST)
+    g.send(off=10 ** 7, flags=RST | ACK)
+    assert c.state is S.ESTABLISHED and c.take_events() == []
+    c.flush(0.0)
+    assert c.take_segments() == []
+
+
+def test_syn_in_synchronized_state_gets_a_challenge_ack():
+    c, g = established()
+    c.segment_received(TcpSegment(GP, LP, 123, 0, SYN, 65535, mss=1460), 0.0)
+    ack = only(c.take_segments())
+    assert ack.flags == ACK and g.ack_of(ack) == 0
+    assert c.state is S.ESTABLISHED
+
+
+def test_syn_received_rst_ack_is_not_completion():
+    c = held()
+    c.accept(0.0)
+    c.take_segments()
+    g = Guest(c, 5000)
+    g.send(off=10 ** 7, flags=RST | ACK)  # out of window: ignored
+    assert c.state is S.SYN_RECEIVED and c.take_events() == []
+    g.send(flags=RST | ACK)
+    assert c.state is S.CLOSED
+    assert c.take_events() == [GuestReset("rst"), Closed()]
+
+
+def test_syn_received_fin_ack_with_wrong_ack_is_not_completion():
+    c = held()
+    c.accept(0.0)
+    c.take_segments()
+    g = Guest(c, 5000)
+    g.send(flags=ACK | FIN, ack_off=7)
+    assert c.state is S.SYN_RECEIVED and c.take_events() == []
+    rst = only(c.take_segments())
+    assert rst.flags == RST and rst.seq == (c.iss + 8) & M
+
+
+def test_syn_received_fin_ack_acking_our_syn_completes_then_half_closes():
+    # RFC 793: the guest got our SYN-ACK (its ACK may have been lost) and shut down.
+    c = held()
+    c.accept(0.0)
+    c.take_segments()
+    Guest(c, 5000).send(flags=ACK | FIN)
+    assert c.take_events() == [Established(), GuestEndOfData()]
+    assert c.state is S.CLOSE_WAIT
+
+
+def test_syn_received_resends_syn_ack_for_a_retransmitted_syn():
+    c = held()
+    c.accept(0.0)
+    synack = only(c.take_segments())
+    c.segment_received(TcpSegment(GP, LP, 5000, 0, SYN, 65535, mss=1460, wscale=7), 0.5)
+    again = only(c.take_segments())
+    assert (again.seq, again.ack, again.flags, again.wscale) == \
+        (synack.seq, synack.ack, SYN | ACK, 7)
+
+
+def test_syn_ack_retries_then_gives_up():
+    c = held(TcpParams(syn_retries=2))
+    c.accept(0.0)
+    c.take_segments()
+    times = []
+    while not c.is_closed:
+        now = c.next_deadline()
+        times.append(now)
+        c.on_timer(now)
+    assert times == pytest.approx([1.0, 3.0, 7.0])
+    segs = c.take_segments()
+    assert [s.flags for s in segs] == [SYN | ACK, SYN | ACK, RST | ACK]
+    assert c.take_events() == [GuestReset("timeout"), Closed()]
+
+
+# -- active open
+
+def active(params=TcpParams(), iss=7000):
+    c = TcpConnection.open_to_guest(LP, GP, 0.0, iss, params)
+    syn = only(c.take_segments())
+    assert c.state is S.SYN_SENT
+    assert (syn.flags, syn.seq, syn.mss, syn.wscale) == (SYN, iss, params.mss_limit, 7)
+    return c
+
+
+def test_active_open_syn_ack():
+    c = active()
+    c.send(b"hello")  # buffered until established
+    c.segment_received(TcpSegment(GP, LP, 900, 7001, SYN | ACK, 1000, mss=1200, wscale=3),
+                       0.05)
+    ack = only(c.take_segments())
+    assert (ack.flags, ack.seq, ack.ack) == (ACK, 7001, 901)
+    assert c.state is S.ESTABLISHED and c.take_events() == [Established()]
+    assert c.snd_wnd == 1000 and c.send_mss == 1200
+    c.flush(0.05)
+    assert bytes(only(c.take_segments()).payload) == b"hello"
+    assert c.next_deadline() == pytest.approx(0.05 + 0.2)  # RTT sample from the SYN
+
+
+def test_active_open_refused():
+    c = active()
+    c.segment_received(TcpSegment(GP, LP, 0, 9999, RST | ACK, 0), 0.0)  # wrong ack
+    c.segment_received(TcpSegment(GP, LP, 0, 0, RST, 0), 0.0)  # no ACK
+    assert c.state is S.SYN_SENT
+    c.segment_received(TcpSegment(GP, LP, 0, 7001, RST | ACK, 0), 0.0)
+    assert c.state is S.CLOSED
+    assert c.take_events() == [Refused(), Closed()]
+
+
+def test_active_open_times_out():
+    c = active(TcpParams(syn_retries=3))
+    c.segment_received(TcpSegment(GP, LP, 900, 7001, FIN | ACK, 1000), 0.1)  # no SYN
+    assert c.state is S.SYN_SENT
+    sent = 0
+    while not c.is_closed:
+        c.on_timer(c.next_deadline())
+        sent += len(c.take_segments())
+    assert sent == 3
+    assert c.take_events() == [TimedOut(), Closed()]
+
+
+# -- receive flow control
+
+@pytest.mark.parametrize("wscale", [None, 7])
+def test_receive_closed_decays_window_without_shrinking(wscale):
+    p = TcpParams(receive_window=20000)
+    c, g = established(p, wscale=wscale)
+    shift = 0 if wscale is None else 7
+    g.send(payload=b"x" * 10)
+    c.flush(0.0)
+    first = only(c.take_segments())
+    shown = g.ack_of(first) + (first.window << shift)
+    edge = max(20000, shown)  # the furthest offered, SYN-ACK included (guest offsets)
+    assert edge - (1 << shift) < shown
+    c.set_receive_open(False, 0.0)
+    assert c.take_segments() == []
+    off = 10
+    windows = []
+    while off < edge:
+        n = min(1500, edge - off)
+        g.send(off=off, payload=b"y" * n)
+        off += n
+        c.flush(0.0)
+        ack = only(c.take_segments())
+        assert g.ack_of(ack) == off  # everything up to the offered edge is taken
+        shown = off + (ack.window << shift)
+        assert edge - (1 << shift) < shown <= edge  # never beyond, never short by more
+        windows.append(ack.window)
+    assert windows == sorted(windows, reverse=True) and windows[-1] == 0
+    received = sum(map(len, c.take_received()))
+    assert received == edge
+    g.send(off=off, payload=b"z" * 100)  # beyond: dropped
+    assert c.take_received() == []
+    c.set_receive_open(True, 1.0)
+    update = only(c.take_segments())
+    assert update.window << shift == 20000 >> shift << shift
+    assert g.ack_of(update) == received
+
+
+# -- methods are safe in any state
+
+def test_calls_after_close_are_ignored():
+    c, g = established()
+    c.abort()
+    c.take_segments()
+    c.send(b"late")
+    c.close(1.0)
+    c.close(1.0)
+    c.flush(1.0)
+    c.on_timer(99.0)
+    c.set_receive_open(False, 1.0)
+    c.set_receive_open(True, 1.0)
+    g.send(payload=b"x")
+    c.accept(1.0)
+    assert c.take_segments() == [] and c.send_buffered == 0
+
+
+def test_reset_for():
+    assert TcpConnection.reset_for(TcpSegment(GP, LP, 1, 2, RST | ACK, 0)) is None
+    r = TcpConnection.reset_for(TcpSegment(GP, LP, 10, 777, ACK | PSH, 100, b"abc"))
+    assert (r.src_port, r.dst_port, r.seq, r.flags) == (LP, GP, 777, RST)
+    r = TcpConnection.reset_for(TcpSegment(GP, LP, 2**32 - 1, 0, SYN, 100))
+    assert (r.seq, r.ack, r.flags) == (0, 0, RST | ACK)
+    r = TcpConnection.reset_for(TcpSegment(GP, LP, 50, 0, FIN, 100, b"ab"))
+    assert (r.seq, r.ack, r.flags) == (0, 53, RST | ACK)
+
+
+# -- a simulated guest over a lossy, reordering wire
+
+class SimGuest:
+    """A minimal guest TCP: go-back-N sender, reassembling receiver.
+
+    Offsets count from each side's first data byte. The guest ACKs every
+    segment that occupies sequence space and probes a zero window. With
+    ``buffer`` set, its application reads in fits and starts: the window it
+    offers is what is left of ``buffer`` (so it goes to zero), data past the
+    offered edge is dropped, and it sends a window update when it reads.
+    """
+
+    MSS = 1460
+    SHIFT = 2  # the guest's window scale
+
+    def __init__(self, giss, data, rng, buffer=None):
+        self.giss = giss
+        self.data = data
+        self.rng = rng
+        self.buffer = buffer
+        self.unread = 0
+        self.una = self.nxt = 0
+        self.edge = 0  # right edge of the connection's window, as an offset
+        self.peer_iss = None
+        self.peer_shift = 0
+        self.rcv = 0
+        self.my_edge = 0  # the furthest edge we offered
+        self.received = bytearray()
+        self.ooo = {}
+        self.peer_fin = None
+        self.got_fin = False
+        self.last_progress = 0.0
+        self.out = []
+
+    def syn(self):
+        return TcpSegment(GP, LP, self.giss, 0, SYN, 65535, mss=self.MSS, wscale=self.SHIFT)
+
+    def _window(self):
+        free = (65535 << self.SHIFT) if self.buffer is None else self.buffer - self.unread
+        field = min(65535, max(0, free) >> self.SHIFT)
+        self.my_edge = max(self.my_edge, self.rcv + (field << self.SHIFT))
+        return field
+
+    def _emit(self, off, flags=ACK, payload=b""):
+        ack = (self.peer_iss + 1 + self.rcv + self.got_fin) & M
+        self.out.append(TcpSegment(GP, LP, (self.giss + 1 + off) & M, ack, flags,
+                                   self._window(), payload))
+
+    def receive(self, seg, now):
+        if seg.flags & SYN:  # the SYN-ACK
+            self.peer_iss = seg.seq
+            self.peer_shift = seg.wscale or 0
+            self.edge = seg.window
+            self._emit(0)
+            return
+        a = seq_diff(seg.ack, self.giss + 1)
+        if self.una <= a <= self.nxt:
+            if a > self.una:
+                self.una = a
+                self.last_progress = now
+            self.edge = max(self.edge, a + (seg.window << self.peer_shift))
+        off = seq_diff(seg.seq, self.peer_iss + 1)
+        payload = bytes(seg.payload)[:max(0, self.my_edge - off)]
+        fin = seg.flags & FIN and len(payload) == len(seg.payload)
+        if payload:
+            self.ooo.setdefault(off, payload)
+            while True:
+                for o in sorted(self.ooo):
+                    piece = self.ooo[o]
+                    if o <= self.rcv:
+                        del self.ooo[o]
+                        new = piece[self.rcv - o:]
+                        self.received += new
+                        self.unread += len(new)
+                        self.rcv = max(self.rcv, o + len(piece))
+                        break
+                else:
+                    break
+        if fin:
+            self.peer_fin = off + len(payload)
+        if self.peer_fin == self.rcv:
+            self.got_fin = True
+        if seg.seq_len:
+            self._emit(self.nxt)
+
+    def tick(self, now):
+        if self.unread and self.rng.random() < 0.05:  # the application reads
+            closed = self._window() == 0
+            self.unread = 0
+            if closed:
+                self._emit(self.nxt)  # window update
+        total = len(self.data) + 1  # and the FIN
+        if now - self.last_progress > 0.3:
+            self.last_progress = now
+            if self.una < self.nxt:
+                self.nxt = self.una  # go back N
+            elif self.nxt < len(self.data) and self.edge <= self.nxt:
+                self._emit(self.nxt, ACK, self.data[self.nxt:self.nxt + 1])  # probe
+                self.nxt += 1
+        while self.nxt < total:
+            if self.nxt < len(self.data):
+                n = min(self.MSS, len(self.data) - self.nxt, self.edge - self.nxt)
+                if n <= 0:
+                    break
+                self._emit(self.nxt, ACK | PSH, self.data[self.nxt:self.nxt + n])
+                self.nxt += n
+            else:
+                self._emit(self.nxt, ACK | FIN)
+                self.nxt += 1
+
+    def take(self):
+        out, self.out = self.out, []
+        return out
+
+
+def simulate(seed, up=200_000, down=200_000, loss=0.05, iss=None, giss=None,
+             toggle_receive=False, guest_buffer=None, host_closes_last=False, params=None):
+    """Both byte streams through a lossy, reordering wire; checks they arrive intact."""
+    rng = random.Random(seed)
+    params = params or TcpParams(time_wait=0.5)
+    iss = rng.getrandbits(32) if iss is None else iss
+    giss = rng.getrandbits(32) if giss is None else giss
+    to_guest_data = rng.randbytes(down)
+    guest = SimGuest(giss, rng.randbytes(up), rng, guest_buffer)
+    conn = TcpConnection.from_guest_syn(guest.syn(), 0.0, iss, params)
+    conn.accept(0.0)
+    guest.receive(only(conn.take_segments()), 0.0)
+    conn.segment_received(only(guest.take()), 0.0)
+
+    order = itertools.count()
+    wires = {"conn": [], "guest": []}
+
+    def put(dest, segs, now):
+        for s in segs:
+            if rng.random() >= loss:
+                heapq.heappush(wires[dest], (now + rng.uniform(0.0005, 0.01), next(order), s))
+
+    def due(dest, now):
+        wire = wires[dest]
+        while wire and wire[0][0] <= now:
+            yield heapq.heappop(wire)[2]
+
+    received = bytearray()
+    events = conn.take_events()
+    fed = 0
+    now = 0.0
+    for _ in range(100_000):
+        now += 0.001
+        for s in due("conn", now):
+            conn.segment_received(s, now)
+        if fed < down and conn.send_buffered < params.send_buffer_limit:
+            n = rng.randint(1, 30_000)
+            conn.send(memoryview(to_guest_data)[fed:fed + n])
+            fed = min(down, fed + n)
+        elif fed == down and (not host_closes_last or GuestEndOfData() in events):
+            conn.close(now)
+        if toggle_receive and rng.random() < 0.01:
+            conn.set_receive_open(rng.random() < 0.6, now)
+        conn.flush(now)
+        conn.on_timer(now)
+        for b in conn.take_received():
+            received += b
+        events += conn.take_events()
+        put("guest", conn.take_segments(), now)
+        for s in due("guest", now):
+            guest.receive(s, now)
+        guest.tick(now)
+        put("conn", guest.take(), now)
+        if conn.is_closed and guest.got_fin:
+            break
+    assert bytes(received) == guest.data
+    assert bytes(guest.received) == to_guest_data
+    assert events[0] == Established() and events[-1] == Closed()
+    assert events.count(GuestEndOfData()) == 1 and events.count(Closed()) == 1
+    assert GuestReset() not in events and GuestReset("timeout") not in events
+    assert conn.bytes_from_guest == up and conn.bytes_to_guest == down
+    return conn
+
+
+def test_wraparound_transfer_both_ways():
+    conn = simulate(1, up=100_000, down=100_000, loss=0.0, iss=2**32 - 10, giss=2**32 - 10)
+    assert seq_lt(2**32 - 10, conn.snd_una) and conn.snd_una < 2**32 - 10
+    assert conn.rcv_nxt < 2**32 - 10
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_loss_and_reordering(seed):
+    iss = [None, 2**32 - 50_000][seed % 2]
+    simulate(seed, loss=0.08, iss=iss, giss=iss, host_closes_last=seed % 3 == 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_with_flow_control_both_ways(seed):
+    """Our receive side paused at random; the guest's reader stalls (zero windows)."""
+    simulate(100 + seed, loss=0.03, toggle_receive=True, guest_buffer=40_000,
+             host_closes_last=seed % 2 == 0,
+             params=TcpParams(time_wait=0.5, receive_window=30_000, max_in_flight=20_000,
+                              window_scale=2))
+
+
+# -- fuzz
+
+def _in_state(state, rng):
+    """A connection brought to ``state`` by a regular exchange."""
+    iss = rng.choice([1000, 2**32 - 3, rng.getrandbits(32)])
+    giss = rng.choice([5000, 2**32 - 2, rng.getrandbits(32)])
+    if state is S.SYN_SENT:
+        return TcpConnection.open_to_guest(LP, GP, 0.0, iss, TcpParams()), giss
+    c = held(iss=iss, giss=giss, wscale=rng.choice([None, 0, 7, 14]))
+    if state is S.HELD:
+        return c, giss
+    if state is S.CLOSED:
+        c.refuse()
+        return c, giss
+    c.accept(0.0)
+    if state is S.SYN_RECEIVED:
+        return c, giss
+    g = Guest(c, giss)
+    g.send()
+    c.send(b"q" * 3000)
+    c.flush(0.0)
+    if state in (S.CLOSE_WAIT, S.LAST_ACK):
+        g.send(flags=ACK | FIN)
+        if state is S.LAST_ACK:
+            c.close(0.0)
+    elif state in (S.FIN_WAIT_1, S.FIN_WAIT_2, S.CLOSING, S.TIME_WAIT):
+        c.close(0.0)
+        if state is S.CLOSING:
+            g.send(flags=ACK | FIN)
+        elif state is not S.FIN_WAIT_1:
+            g.send(ack_off=3001)
+            if state is S.TIME_WAIT:
+                g.send(flags=ACK | FIN, ack_off=3001)
+    assert c.state is state
+    return c, giss
+
+
+def _random_segment(rng, c, giss):
+    def near(base):
+        return (base + rng.choice([0, 0, 1, -1, rng.randint(-70000, 70000),
+                                   rng.getrandbits(32)])) & M
+    seq = near(rng.choice([c.rcv_nxt, giss, giss + 1]))
+    ack = near(rng.choice([c.snd_una, c.snd_nxt, c.iss]))
+    flags = rng.getrandbits(6)
+    payload = rng.randbytes(rng.choice([0, 0, 1, 100, 1460, 70000]))
+    if rng.random() < 0.5:
+        payload = memoryview(payload)
+    return TcpSegment(GP, LP, seq, ack, flags, rng.getrandbits(16), payload,
+                      rng.choice([None, 0, 1, 536, 65535]), rng.choice([None, 0, 3, 14]))
+
+
+@pytest.mark.parametrize("state", list(TcpState), ids=lambda s: s.name)
+def test_fuzz_never_raises(state):
+    rng = random.Random(state.name)
+    now = 0.0
+    c, giss = _in_state(state, rng)
+    for i in range(5000):
+        if i % 40 == 0:
+            c, giss = _in_state(state, rng)
+        c.segment_received(_random_segment(rng, c, giss), now)
+        r = rng.random()
+        if r < 0.3:
+            c.flush(now)
+        elif r < 0.4:
+            now = max(now, c.next_deadline() or now)
+            c.on_timer(now)
+        elif r < 0.45:
+            c.send(b"s" * rng.randint(0, 5000))
+        elif r < 0.47:
+            c.set_receive_open(rng.random() < 0.5, now)
+        elif r < 0.48:
+            c.close(now)
+        elif r < 0.485:
+            c.abort()
+        now += rng.random() * 0.05
+        for s in c.take_segments():
+            assert 0 <= s.seq <= M and 0 <= s.ack <= M and 0 <= s.window <= 65535
+            assert len(s.payload) <= max(c.send_mss, 1)
+            assert s.src_port == LP and s.dst_port == GP
+        c.take_received()
+        assert c.take_events().count(Closed()) <= 1
+        assert c.send_buffered >= 0
+        assert 0 <= seq_diff(c.snd_nxt, c.snd_una) <= c.send_buffered + 1 or \
+            c.state in (S.HELD, S.SYN_SENT, S.SYN_RECEIVED, S.CLOSED)
