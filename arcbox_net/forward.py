@@ -30,13 +30,13 @@ class ForwardError(Exception):
         self.status = status
 
 
-def _port(text, what):
+def _port(text, what, lowest=1):
     try:
         port = int(text)
     except (TypeError, ValueError):
         raise ConfigError(f"{what} {text!r} is not a port number") from None
-    if not 0 < port < 65536:
-        raise ConfigError(f"{what} {port} is out of range 1..65535")
+    if not lowest <= port < 65536:
+        raise ConfigError(f"{what} {port} is out of range {lowest}..65535")
     return port
 
 
@@ -83,7 +83,7 @@ class ForwardSpec:
             host_port, guest_port = rest
         else:
             raise ConfigError(f"forward {text!r} is not PROTO:[BIND_ADDR:]HOST_PORT:GUEST_PORT")
-        return cls(protocol=protocol, host_port=_port(host_port, "host port"),
+        return cls(protocol=protocol, host_port=_port(host_port, "host port", lowest=0),
                    guest_port=_port(guest_port, "guest port"), bind=_addr(bind, "bind address"),
                    guest=None if guest is None else _addr(guest, "guest address"))
 
@@ -111,7 +111,7 @@ class ForwardSpec:
             bind, host_port = "127.0.0.1", listen
         guest = str(guest)
         guest_addr, sep, guest_port = guest.rpartition(":")
-        return cls(protocol=protocol, host_port=_port(host_port, "listen port"),
+        return cls(protocol=protocol, host_port=_port(host_port, "listen port", lowest=0),
                    guest_port=_port(guest_port, "guest port"), bind=_addr(bind, "listen address"),
                    guest=_addr(guest_addr, "guest address") if sep else None)
 
@@ -128,6 +128,8 @@ class Forward:
         self.spec = spec
         self.manager = manager
         self.listener = None
+        #: The port really bound (differs from the spec's when that is 0).
+        self.host_port = spec.host_port
 
     @property
     def guest_port(self):
@@ -154,7 +156,7 @@ class Forward:
     def to_json(self):
         guest = self.spec.guest or self.manager.leased_guest_address()
         return {"id": self.id, "protocol": self.spec.protocol,
-                "listen": f"{self.spec.bind}:{self.spec.host_port}",
+                "listen": f"{self.spec.bind}:{self.host_port}",
                 "guest": f"{guest}:{self.spec.guest_port}",
                 "guest_address_explicit": self.spec.guest is not None}
 
@@ -189,7 +191,7 @@ class ForwardManager:
             except ConfigError as e:
                 return defer.fail(ForwardError(str(e)))
         for other in self.forwards.values():
-            if (other.spec.protocol, other.spec.bind, other.spec.host_port) == \
+            if spec.host_port and (other.spec.protocol, other.spec.bind, other.host_port) == \
                     (spec.protocol, spec.bind, spec.host_port):
                 return defer.fail(ForwardError(
                     f"{spec.protocol} {spec.bind}:{spec.host_port} is already forwarded "
@@ -206,6 +208,7 @@ class ForwardManager:
 
         def bound(listener):
             forward.listener = listener
+            forward.host_port = listener.getHost().port
             self.forwards[forward.id] = forward
             self.log.info("forwarding {spec} (forward {id})", spec=str(spec), id=forward.id)
             self.stack.emit("forward-added", forward.to_json())
