@@ -64,6 +64,9 @@ class NetworkStack(service.Service):
 
     def _add_dns(self):
         """The DNS resolver proxy on the gateway."""
+        from .protocols.dns import DnsHandler
+        self.dns = DnsHandler(self.dispatcher, self.config, self.egress, self.reactor)
+        self.parts.append(self.dns)
 
     def startService(self):
         super().startService()
