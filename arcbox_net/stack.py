@@ -61,6 +61,13 @@ class NetworkStack(service.Service):
         from .tcp.nat import TcpNat
         self.tcp = TcpNat(self.dispatcher, self.config, self.egress, self.reactor)
         self.parts.append(self.tcp)
+        # UDP NAT (a dispatch handler) and ICMP echo NAT (IcmpHandler's forward,
+        # started and stopped by it: not a second handler for IP protocol 1).
+        from .protocols.icmp_nat import IcmpNat
+        from .protocols.udp_nat import UdpNat
+        self.udp = UdpNat(self.dispatcher, self.config, self.egress, self.reactor)
+        self.parts.append(self.udp)
+        self.icmp.forward = IcmpNat(self.dispatcher, self.config, self.egress, self.reactor)
 
     def _add_dns(self):
         """The DNS resolver proxy on the gateway."""

@@ -1,8 +1,8 @@
 """ICMP: echo requests to the stack's own addresses are answered here.
 
-Echo to any other address needs the ICMP NAT (ping sockets) and is dropped
-and counted until that exists; the stack never forges a reply for a host it
-did not hear from.
+Everything else goes to ``forward``, the ICMP NAT (protocols/icmp_nat.py),
+which is started and stopped with this handler; without one it is dropped
+and counted. The stack never forges a reply for a host it did not hear from.
 """
 
 from collections import Counter
@@ -44,6 +44,16 @@ class IcmpHandler:
         self.echo = GatewayEcho()
         #: Handler for ICMP to other addresses (the ICMP NAT), if any.
         self.forward = forward
+
+    def start(self):
+        start = getattr(self.forward, "start", None)
+        if start is not None:
+            start()
+
+    def stop(self):
+        stop = getattr(self.forward, "stop", None)
+        if stop is not None:
+            stop()
 
     def handle_ipv4(self, frame, ip):
         if ip.dst in self.dispatcher.owned:
