@@ -18,9 +18,11 @@ def _int(name):
 
 
 class Options(usage.Options):
-    synopsis = "[options] (--fd N | --tap NAME | --netns NAME|PATH)"
+    synopsis = ("[options] (--fd N | --tap NAME | --netns NAME|PATH | --listen-stream PATH | "
+                "--connect-stream PATH | --listen-dgram PATH)")
     longdesc = ("Serve a guest network (DHCP, ARP, DNS, NAT) on a frame link. "
-                "Exactly one of --fd, --tap, --netns chooses the link.")
+                "Exactly one of --fd, --tap, --netns, --listen-stream, --connect-stream, "
+                "--listen-dgram chooses the link.")
 
     optFlags = [
         ["configure", None, "With --netns: give the TAP the guest address, default route "
@@ -29,8 +31,18 @@ class Options(usage.Options):
                                    "host's 127.0.0.1."],
     ]
     optParameters = [
-        ["fd", None, None, "Inherited connected socket (SOCK_DGRAM or SOCK_SEQPACKET) "
-                           "carrying one Ethernet frame per datagram.", _int("--fd")],
+        ["fd", None, None, "Inherited connected socket: SOCK_DGRAM or SOCK_SEQPACKET (one "
+                           "Ethernet frame per datagram) or SOCK_STREAM (4-byte big-endian "
+                           "length before each frame).", _int("--fd")],
+        ["listen-stream", None, None, "Listen on this unix stream socket (mode 0600) for one "
+                                      "peer at a time, frames with a 4-byte length (QEMU "
+                                      "-netdev stream server=off, passt, gvproxy qemu)."],
+        ["connect-stream", None, None, "Connect to this unix stream socket (QEMU -netdev "
+                                       "stream server=on); the stack exits when it closes."],
+        ["listen-dgram", None, None, "Bind this unix datagram socket (mode 0600), one frame "
+                                     "per datagram; replies go to the latest sender (QEMU "
+                                     "-netdev dgram, vfkit unixSocketPath)."],
+        ["pcap", None, None, "Write every frame, both ways, to this pcap file."],
         ["tap", None, None, "Attach to (or create) this TAP device in the current namespace."],
         ["netns", None, None, "Create the TAP inside this network namespace (a name under "
                               "/var/run/netns or a path such as /proc/PID/ns/net)."],
@@ -141,9 +153,11 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         if self["configure"] and self["netns"] is None:
             raise usage.UsageError("--configure only applies to --netns")
-        links = [o for o in ("fd", "tap", "netns") if self[o] is not None]
+        links = [o for o in ("fd", "tap", "netns", "listen-stream", "connect-stream",
+                             "listen-dgram") if self[o] is not None]
         if len(links) != 1:
-            raise usage.UsageError("give exactly one of --fd, --tap, --netns")
+            from .link import LINK_OPTIONS
+            raise usage.UsageError(f"give exactly one of {LINK_OPTIONS}")
         if self["ready-fd"] is not None:
             try:
                 os.fstat(self["ready-fd"])
@@ -162,11 +176,22 @@ def make_service(options):
     try:
         link = open_link(options.config, fd=options["fd"], tap=options["tap"],
                          netns=options["netns"], tap_name=options["tap-name"],
-                         configure=options["configure"])
+                         configure=options["configure"],
+                         listen_stream=options["listen-stream"],
+                         connect_stream=options["connect-stream"],
+                         listen_dgram=options["listen-dgram"])
     except (TapError, ValueError, OSError) as e:
         sys.stderr.write(f"arcbox-net: {e}\n")
         raise SystemExit(1)
     stack = NetworkStack(link, options.config, reactor=reactor)
+    if options["pcap"]:
+        try:
+            stack.start_capture(options["pcap"])
+        except OSError as e:
+            link.stop()
+            sys.stderr.write(f"arcbox-net: cannot write the capture {options['pcap']}: "
+                             f"{e.strerror or e}\n")
+            raise SystemExit(1)
     # Bind forwards (and the API socket) now, so a port that cannot be bound
     # is a one-line error and a non-zero exit, not a log line later.
     failures = []

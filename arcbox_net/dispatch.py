@@ -51,6 +51,8 @@ class FrameDispatcher:
         self._last_arp_request = -1.0
         self.on_link_lost = None
         self.on_guest_mac = None
+        #: A packet capture (``pcap.PcapCapture``) seeing every frame both ways, or None.
+        self.capture = None
 
     # -- registration
 
@@ -75,8 +77,11 @@ class FrameDispatcher:
     # -- IFrameSink
 
     def frames_received(self, frames):
+        capture = self.capture
         for frame in frames:
             self.frames_in += 1
+            if capture is not None:
+                capture.write(frame)
             try:
                 self._dispatch(frame)
             except MalformedFrame as e:
@@ -160,6 +165,8 @@ class FrameDispatcher:
             self.drops["no-link"] += 1
             return
         self.frames_out += 1
+        if self.capture is not None:
+            self.capture.write(frame)
         self.link.send_frame(frame)
 
     def ethernet_header(self, dst_mac=None, ethertype=ethernet.ETHERTYPE_IPV4):

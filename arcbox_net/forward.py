@@ -9,9 +9,11 @@ port on the gateway (``UdpForwarder``).
 
 import ipaddress
 import itertools
+import random
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -240,3 +242,133 @@ class ForwardManager:
 
     def list(self):
         return [f.to_json() for f in self.forwards.values()]
+
+
+class _UdpForwardFlow:
+    """One host client of a UDP forward, as the UDP NAT's sender expects it."""
+
+    __slots__ = ("key", "created", "last_active", "established", "bytes_out", "bytes_in",
+                 "packets_out", "packets_in", "client", "port", "guest_ip", "guest_port",
+                 "remote_ip", "remote_port")
+
+    def __init__(self, key, client, port):
+        self.key = key
+        self.client = client
+        self.port = port
+        self.guest_ip, self.guest_port, self.remote_ip, self.remote_port = key
+        self.created = self.last_active = 0.0
+        self.established = False
+        self.bytes_out = self.bytes_in = self.packets_out = self.packets_in = 0
+
+
+class _UdpForwardProtocol(DatagramProtocol):
+    noisy = False
+
+    def __init__(self, forwarder, forward):
+        self.forwarder = forwarder
+        self.forward = forward
+
+    def datagramReceived(self, data, addr):
+        self.forwarder.from_client(self, data, addr)
+
+
+class UdpForwarder:
+    """UDP forwards: each host client gets its own source port toward the guest.
+
+    The guest's replies come back through the UDP NAT, which hands datagrams
+    for these flows here (``UdpNat.inbound``); they leave from the forward's
+    listening socket to the client. Flows idle out like UDP NAT flows.
+    """
+
+    def __init__(self, stack):
+        from .protocols.udp_nat import ExpiryTimer, FlowTable
+        self.stack = stack
+        self.nat = stack.udp
+        config = stack.config
+        self.table = FlowTable(config.udp_timeout, config.udp_established_timeout,
+                               config.max_udp_flows)
+        self.timer = ExpiryTimer(stack.reactor, self.table, self._expired)
+        self._by_client = {}
+
+    def listen(self, forward):
+        spec = forward.spec
+        return self.stack.reactor.listenUDP(spec.host_port, _UdpForwardProtocol(self, forward),
+                                            interface=str(spec.bind))
+
+    def from_client(self, protocol, data, client):
+        forward = protocol.forward
+        now = self.stack.reactor.seconds()
+        ident = (forward.id, client)
+        flow = self._by_client.get(ident)
+        if flow is None or self.table.get(flow.key) is not flow:
+            flow = self._open(forward, protocol, client, now)
+            if flow is None:
+                return
+        self.table.outbound(flow, len(data), now)
+        self.nat.send_to_guest(flow, data)
+
+    def _open(self, forward, protocol, client, now):
+        from twisted.internet.address import IPv4Address as TwistedAddress
+        guest_ip = forward.guest_address().packed
+        src_ip, preferred = forward.source_for(TwistedAddress("UDP", *client))
+        key = None
+        for port in ([preferred] if preferred else []) + [None] * 64:
+            port = port or random.randint(32768, 60999)
+            candidate = (guest_ip, forward.guest_port, src_ip, port)
+            if candidate not in self.nat.inbound and self.nat.table.get(candidate) is None:
+                key = candidate
+                break
+        if key is None:
+            self.nat.drops["udp-forward-no-port"] += 1
+            return None
+        flow = _UdpForwardFlow(key, client, protocol)
+        for old in self.table.add(flow, now):
+            self.nat.drops["udp-flow-evicted"] += 1
+            self._forget(old)
+        self._by_client[(forward.id, client)] = flow
+        self.nat.inbound[key] = lambda data, flow=flow: self._to_client(flow, data)
+        self.nat.counters["udp-forward-flows"] += 1
+        self.timer.schedule()
+        return flow
+
+    def _to_client(self, flow, data):
+        if self.table.get(flow.key) is not flow:
+            return
+        self.table.inbound(flow, len(data), self.stack.reactor.seconds())
+        transport = flow.port.transport
+        if transport is not None:
+            try:
+                transport.write(data, flow.client)
+            except OSError:
+                self.nat.drops["udp-forward-send-failed"] += 1
+
+    def _expired(self, flows):
+        for flow in flows:
+            self._forget(flow)
+
+    def _forget(self, flow):
+        self.nat.inbound.pop(flow.key, None)
+        for ident, other in list(self._by_client.items()):
+            if other is flow:
+                del self._by_client[ident]
+
+    def stop(self):
+        self.timer.cancel()
+        for flow in self.table:
+            self.table.remove(flow)
+            self._forget(flow)
+
+    def flows(self):
+        now = self.stack.reactor.seconds()
+        out = []
+        for flow in self.table:
+            gip, gport, sip, sport = flow.key
+            out.append({
+                "protocol": "udp", "direction": "inbound",
+                "guest": f"{ipaddress.IPv4Address(gip)}:{gport}",
+                "remote": f"{ipaddress.IPv4Address(sip)}:{sport}",
+                "host": f"{flow.client[0]}:{flow.client[1]}",
+                "bytes_to_guest": flow.bytes_out, "bytes_from_guest": flow.bytes_in,
+                "age": round(now - flow.created, 3),
+            })
+        return out

@@ -14,7 +14,12 @@ class IFrameSink(Interface):
         """A batch of frames read in one wakeup (a list of bytes)."""
 
     def link_lost(reason):
-        """The link's fd closed or failed; no more frames will come."""
+        """The link failed for good; no more frames will come.
+
+        Only the link as a whole: a link that serves successive peers (a
+        listening socket, ``--listen-stream``/``--listen-dgram``) does not
+        report one peer leaving; it logs that and waits for the next peer.
+        """
 
 
 class ILink(Interface):

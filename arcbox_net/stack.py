@@ -54,6 +54,8 @@ class NetworkStack(service.Service):
         self.tcp.on_event = self.emit
         from .forward import ForwardManager
         self.forwarder = ForwardManager(self, self.config.forward_source)
+        from .forward import UdpForwarder
+        self.udp_forwarder = UdpForwarder(self)
         self._forwards_started = False
 
     def _add_nat(self):
@@ -91,7 +93,9 @@ class NetworkStack(service.Service):
     def stopService(self):
         super().stopService()
         self.forwarder.stop()
+        self.udp_forwarder.stop()
         self.link.stop()
+        self.stop_capture()
         for part in self.parts:
             stop = getattr(part, "stop", None)
             if stop is not None:
@@ -161,12 +165,33 @@ class NetworkStack(service.Service):
         self.log.info("lease {address} granted to {mac}", **details)
         self.emit("lease-granted", details)
 
+    # -- packet capture
+
+    def start_capture(self, path):
+        """Write every frame, both ways, to a pcap file at ``path`` (OSError if it
+        cannot be created; RuntimeError if a capture is already running)."""
+        from .pcap import PcapCapture
+        current = self.dispatcher.capture
+        if current is not None and current.active:
+            raise RuntimeError(f"a capture to {current.path} is already running")
+        self.dispatcher.capture = PcapCapture(path)
+        self.log.info("capturing guest frames to {path}", path=str(path))
+        return self.dispatcher.capture
+
+    def stop_capture(self):
+        """Stop the running capture; return its stats dict, or None if there was none."""
+        capture, self.dispatcher.capture = self.dispatcher.capture, None
+        if capture is None:
+            return None
+        capture.close()
+        return capture.stats()
+
     # -- introspection
 
     def connections(self):
         """Every TCP connection and UDP flow: 4-tuple, state, bytes each way, age."""
         flows = []
-        for part in [*self.parts, getattr(self.icmp, "forward", None)]:
+        for part in [*self.parts, getattr(self.icmp, "forward", None), self.udp_forwarder]:
             if part is not None and hasattr(part, "flows"):
                 flows.extend(part.flows())
         return flows
@@ -182,7 +207,7 @@ class NetworkStack(service.Service):
     def stats(self):
         drops = dict(self.dispatcher.drops)
         counters = {}
-        sources = [self.icmp.echo, getattr(self.icmp, "forward", None)]
+        sources = [self.icmp.echo, getattr(self.icmp, "forward", None), self.link]
         for part in self.parts:
             sources += [part, getattr(part, "core", None)]
         for source in dict.fromkeys(s for s in sources if s is not None):

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iproute2 busybox iputils-ping dnsutils curl socat iperf3 python3 python3-venv)
+APT_PACKAGES=(iproute2 busybox iputils-ping dnsutils curl socat iperf3 qemu-system-x86 tshark python3 python3-venv)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -249,3 +249,29 @@ def test_forward_source_preserve_shows_the_client_address(netns, stack_factory, 
     out = in_ns(client_ns, sys.executable, "-c", script).stdout.split()
     client_port, seen = out[0], out[1]
     assert seen == f"10.199.0.2:{client_port}"
+
+
+def test_udp_forward_to_guest_echo_server(netns, stack_factory, guest_server, tmp_path):
+    host_port = free_port(kind=socket.SOCK_DGRAM)
+    sock_path = tmp_path / "api.sock"
+    stack_factory("--netns", netns, "--configure", *SAFE, "--forward", f"udp:{host_port}:5353",
+                  "--api", str(sock_path))
+    guest_server("udpecho", 5353)
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for i, c in enumerate(clients):
+            c.settimeout(5)
+            for n in range(3):
+                payload = f"client {i} datagram {n}".encode() * 20
+                c.sendto(payload, ("127.0.0.1", host_port))
+                data, addr = c.recvfrom(65535)
+                assert data == payload and addr == ("127.0.0.1", host_port)
+        code, conns = api(sock_path, "GET", "/connections")
+        udp_in = [c for c in conns if c["protocol"] == "udp" and c.get("direction") == "inbound"]
+        # One flow (one gateway source port) per client.
+        assert len(udp_in) == 2
+        assert len({c["remote"] for c in udp_in}) == 2
+        assert all(c["remote"].startswith("10.0.2.1:") for c in udp_in)
+    finally:
+        for c in clients:
+            c.close()

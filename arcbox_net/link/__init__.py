@@ -2,22 +2,42 @@
 
 Every link provides ILink. ``base.FrameLink`` holds what they share: a read
 loop with a per-wakeup budget and a write queue that never drops a frame.
+``stream`` and ``dgram`` hold the unix-socket links QEMU, passt and vfkit use.
 """
+
+import socket as _socket
+
+#: The options that choose a link; exactly one must be given.
+LINK_OPTIONS = "--fd, --tap, --netns, --listen-stream, --connect-stream, --listen-dgram"
 
 
 def open_link(config, fd=None, tap=None, netns=None, tap_name="tap0", configure=False,
-              reactor=None):
+              reactor=None, listen_stream=None, connect_stream=None, listen_dgram=None):
     """Open the one link the options name; raise ValueError/TapError with a message."""
+    from .dgram import DgramListenLink
     from .socket import SocketFrameLink
+    from .stream import StreamLink, StreamListenLink
     from .tap import TapLink
 
-    chosen = [name for name, value in (("--fd", fd), ("--tap", tap), ("--netns", netns))
+    chosen = [name for name, value in (("--fd", fd), ("--tap", tap), ("--netns", netns),
+                                       ("--listen-stream", listen_stream),
+                                       ("--connect-stream", connect_stream),
+                                       ("--listen-dgram", listen_dgram))
               if value is not None]
     if len(chosen) != 1:
-        raise ValueError("give exactly one of --fd, --tap, --netns"
+        raise ValueError("give exactly one of " + LINK_OPTIONS
                          + (f" (got {', '.join(chosen)})" if chosen else ""))
     if fd is not None:
-        return SocketFrameLink.from_fd(fd, mtu=config.mtu, reactor=reactor)
+        sock = SocketFrameLink.socket_from_fd(fd)
+        if sock.type == _socket.SOCK_STREAM:  # 4-byte length framing
+            return StreamLink.from_socket(sock, mtu=config.mtu, reactor=reactor)
+        return SocketFrameLink(sock, mtu=config.mtu, reactor=reactor)
+    if listen_stream is not None:
+        return StreamListenLink.listen(listen_stream, mtu=config.mtu, reactor=reactor)
+    if connect_stream is not None:
+        return StreamLink.connect(connect_stream, mtu=config.mtu, reactor=reactor)
+    if listen_dgram is not None:
+        return DgramListenLink.listen(listen_dgram, mtu=config.mtu, reactor=reactor)
     if tap is not None:
         return TapLink.open(tap, mtu=config.mtu, reactor=reactor)
     settings = None

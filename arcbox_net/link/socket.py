@@ -6,8 +6,10 @@ write fails (ECONNREFUSED), which ends the link like an EOF would.
 """
 
 import socket as _socket
+from collections import Counter
 
 from .base import FrameLink, LinkLost
+from .unixsock import max_frame_len
 
 #: Room for 64 KiB frames on both ends: an AF_UNIX datagram counts against
 #: the receiver's buffer, so a small one makes big frames fail with ENOBUFS.
@@ -30,14 +32,21 @@ class SocketFrameLink(FrameLink):
         name = "seqpacket" if self._seqpacket else "dgram"
         super().__init__(sock.fileno(), f"fd {sock.fileno()} ({name} socket)",
                          mtu=mtu, reactor=reactor, owns_fd=False)
+        self.max_frame = max_frame_len(mtu)
+        #: Frames the link dropped, by reason (merged into the stack's stats).
+        self.drops = Counter()
+
+    @staticmethod
+    def socket_from_fd(fd):
+        """A socket object for inherited ``fd`` (its type read with SO_TYPE)."""
+        try:
+            return _socket.socket(fileno=fd)
+        except OSError as e:
+            raise ValueError(f"fd {fd} is not a usable socket: {e.strerror}") from None
 
     @classmethod
     def from_fd(cls, fd, mtu=1500, reactor=None):
-        try:
-            sock = _socket.socket(fileno=fd)
-        except OSError as e:
-            raise ValueError(f"fd {fd} is not a usable socket: {e.strerror}") from None
-        return cls(sock, mtu=mtu, reactor=reactor)
+        return cls(cls.socket_from_fd(fd), mtu=mtu, reactor=reactor)
 
     def _read(self):
         data = self._sock.recv(self.read_size)
@@ -45,6 +54,9 @@ class SocketFrameLink(FrameLink):
             if self._seqpacket:
                 raise LinkLost("peer closed the socket")
             return None  # an empty datagram: nothing to dispatch
+        if len(data) > self.max_frame:
+            self.drops["oversize-frame"] += 1
+            return None
         return data
 
     def _write(self, frame):

@@ -391,6 +391,9 @@ class UdpNat:
         self.timer = ExpiryTimer(reactor, self.table, self._expired)
         self.drops = Counter()
         self.counters = Counter()
+        #: (guest ip, guest port, source ip, source port) -> callable(payload):
+        #: flows of UDP port forwards, whose guest replies go to a host client.
+        self.inbound = {}
 
     # -- lifecycle
 
@@ -405,6 +408,12 @@ class UdpNat:
     def handle_ipv4(self, frame, ip):
         sport, dport, start, end = udp.parse(frame, ip)
         key = (bytes(ip.src), sport, bytes(ip.dst), dport)
+        if self.inbound:
+            reply_to = self.inbound.get(key)
+            if reply_to is not None:
+                # The guest answering a client of a UDP port forward.
+                reply_to(bytes(frame[start:end]))
+                return
         now = self.reactor.seconds()
         flow = self.table.get(key)
         quote = bytes(frame[ip.payload_offset - ip.header_len:ip.payload_offset + 8])
@@ -483,6 +492,10 @@ class UdpNat:
 
     def _icmp_to_guest(self, src, dst, quote, code):
         self.dispatcher.send_ipv4(src, dst, ipv4.PROTO_ICMP, icmp.dest_unreachable(code, quote))
+
+    def send_to_guest(self, flow, data):
+        """Send ``data`` from flow.remote_ip:remote_port to flow.guest_ip:guest_port."""
+        self._send_to_guest(flow, data)
 
     def _send_to_guest(self, flow, data):
         src, dst = flow.remote_ip, flow.guest_ip

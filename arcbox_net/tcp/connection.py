@@ -213,6 +213,10 @@ class TcpParams:
     syn_retries: int = 6
     time_wait: float = 2.0
     max_in_flight: int | None = None
+    #: Largest payload per emitted segment when the link segments for us (GSO):
+    #: segments carry up to this many bytes and the link cuts them to the MSS.
+    #: None: one MSS per segment.
+    segment_size: int | None = None
 
     def __attrs_post_init__(self):
         if not 1 <= self.mss_limit <= 65535:
@@ -772,6 +776,7 @@ class TcpConnection:
                 limit = cap
             stop = end if end <= limit else limit
             mss = self.send_mss
+            chunk = self._chunk()
             if stop > pos:
                 tail = (stop - pos) % mss
                 if stop < end and tail and (pos or stop - pos > tail):
@@ -786,7 +791,7 @@ class TcpConnection:
                         self._rtt_seq = (una + pos) & MASK
                         self._rtt_time = now
                     while pos < stop:
-                        nxt = pos + mss if pos + mss < stop else stop
+                        nxt = pos + chunk if pos + chunk < stop else stop
                         out.append(TcpSegment(lp, gp, (una + pos) & MASK, ack, ACK,
                                               wnd, buf[pos:nxt]))
                         pos = nxt
@@ -815,12 +820,21 @@ class TcpConnection:
         if not flight:
             return
         data = flight - 1 if self._fin_sent else flight
-        n = data if data < self.send_mss else self.send_mss
+        chunk = self._chunk()
+        n = data if data < chunk else chunk
         flags = ACK | PSH if n else ACK
         if self._fin_sent and n == data:
             flags |= FIN
         self._emit(flags, self.snd_una, self._sendbuf[:n])
         self._rtt_seq = None  # Karn; and a sample taken across a repair would be inflated
+
+    def _chunk(self):
+        """Payload bytes per emitted segment: the MSS, or a multiple of it with GSO."""
+        mss = self.send_mss
+        size = self.params.segment_size
+        if size is None or size <= mss:
+            return mss
+        return size - size % mss
 
     def _probe(self):
         """Zero-window probe: one byte (resent if one is already out)."""

@@ -1,0 +1,146 @@
+"""``--listen-dgram PATH``: a bound unix datagram socket, one frame per datagram.
+
+The peer (QEMU ``-netdev dgram`` with unix local/remote paths, vfkit's
+``virtio-net,unixSocketPath=``) binds its own socket and sends to PATH; the
+link learns the peer's address from the datagrams it receives (recvfrom)
+and sends back to it (sendto). The latest sender is the peer: a VM that
+restarts with a new socket path is followed. vfkit announces itself with a
+4-byte ``VFKT`` datagram, which is taken as a hello, not a frame.
+
+A peer that is gone (its socket closed or removed: ECONNREFUSED/ENOENT on
+send) is logged and forgotten, and frames for it are dropped and counted
+(``no-peer``); that does not lose the link. Only a failure of our own socket
+does.
+
+An unconnected AF_UNIX datagram socket polls writable even while the peer's
+receive queue is full (EAGAIN on send), so waiting for writability would
+spin: a queued frame is retried after ``retry_delay`` instead.
+"""
+
+import errno
+import socket
+from collections import Counter
+
+from .base import FrameLink
+from .stream import MAX_FRAME
+from .unixsock import bind_unix, max_frame_len, unlink_if_ours
+
+VFKIT_HELLO = b"VFKT"
+_PEER_GONE = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN, errno.ECONNRESET,
+              errno.EPERM, errno.EACCES, errno.EDESTADDRREQ)
+
+
+class DgramListenLink(FrameLink):
+    #: Room for the largest datagram any peer sends, plus one byte to see
+    #: that a datagram was longer than that.
+    read_size = MAX_FRAME + 1
+    retry_delay = 0.001
+
+    def __init__(self, sock, path, inode=None, mtu=1500, reactor=None):
+        super().__init__(sock.fileno(), f"unix dgram socket {path} (listening)", mtu=mtu,
+                         reactor=reactor, owns_fd=False)
+        self._sock = sock
+        self.path = path
+        self._inode = inode
+        self.max_frame = max_frame_len(mtu)
+        #: The address replies go to (a path), once learned.
+        self.peer = None
+        self._warned_unbound = False
+        self._retry = None
+        #: Frames the link dropped, by reason (merged into the stack's stats).
+        self.drops = Counter()
+
+    @classmethod
+    def listen(cls, path, mtu=1500, reactor=None):
+        sock, inode = bind_unix(path, socket.SOCK_DGRAM)
+        return cls(sock, path, inode, mtu=mtu, reactor=reactor)
+
+    @property
+    def connected(self):
+        return self.peer is not None
+
+    def _read(self):
+        data, addr = self._sock.recvfrom(self.read_size)
+        if addr != self.peer:
+            self._learn(addr)
+        if len(data) > self.max_frame:
+            if not self.drops["oversize-frame"]:
+                self.log.warn("guest link {link}: dropping frames longer than {limit} bytes "
+                              "(MTU {mtu}); counted as oversize-frame",
+                              link=self.description, limit=self.max_frame, mtu=self.mtu)
+            self.drops["oversize-frame"] += 1
+            return None
+        if not data or data == VFKIT_HELLO:
+            return None
+        return data
+
+    def _learn(self, addr):
+        if not addr:
+            # An unbound (unnamed) sender: it can send to us, we cannot answer.
+            if not self._warned_unbound:
+                self._warned_unbound = True
+                self.log.warn("guest link {link}: datagrams from an unbound socket; replies "
+                              "cannot reach it (the peer must bind its socket to a path)",
+                              link=self.description)
+            return
+        if self.peer is None:
+            self.log.info("guest link {link}: peer is {peer}", link=self.description, peer=addr)
+        else:
+            self.log.info("guest link {link}: peer changed from {old} to {peer}",
+                          link=self.description, old=self.peer, peer=addr)
+            self._drop_queue()
+        self.peer = addr
+
+    def _drop_queue(self):
+        if self._queue:
+            self.drops["no-peer"] += len(self._queue)
+            self._queue.clear()
+
+    def _write(self, frame):
+        peer = self.peer
+        if peer is None:
+            self.drops["no-peer"] += 1
+            return
+        try:
+            if isinstance(frame, (bytes, bytearray, memoryview)):
+                n = self._sock.sendto(frame, peer)
+            else:
+                n = self._sock.sendmsg(frame, [], 0, peer)
+        except OSError as e:
+            if e.errno not in _PEER_GONE:
+                raise
+            self.log.info("guest link {link}: peer {peer} is gone ({error}); waiting for "
+                          "the next one", link=self.description, peer=peer,
+                          error=e.strerror)
+            self.peer = None
+            self.drops["no-peer"] += 1
+            return
+        self.frames_out += 1
+        self.bytes_out += n
+
+    def doWrite(self):
+        super().doWrite()
+        if self._queue and not self._stopped and self._retry is None:
+            # Still full: poll would say writable at once; come back shortly.
+            self._reactor.removeWriter(self)
+            self._retry = self._reactor.callLater(self.retry_delay, self._resume)
+        return None
+
+    def _resume(self):
+        self._retry = None
+        if self._stopped:
+            return
+        if self._queue:
+            self._reactor.addWriter(self)
+        else:
+            self._writing = False
+
+    def stop(self):
+        if self._stopped:
+            return
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        super().stop()
+        self._sock.close()
+        unlink_if_ours(self.path, self._inode)

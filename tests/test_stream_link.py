@@ -1,0 +1,596 @@
+"""Unix-socket links: stream framing (sans-I/O), stream and dgram links over real
+sockets driven without a running reactor, and socket-file handling."""
+
+import os
+import socket
+import stat
+import struct
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from arcbox_net.config import StackConfig
+from arcbox_net.interfaces import IFrameSink, ILink
+from arcbox_net.link import open_link
+from arcbox_net.link.dgram import DgramListenLink
+from arcbox_net.link.socket import SocketFrameLink
+from arcbox_net.link.stream import (MAX_FRAME, FramingError, StreamDecoder, StreamLink,
+                                    StreamListenLink, WriteQueue, encode)
+from arcbox_net.link.unixsock import SocketPathError
+
+
+def frame(n, size=60):
+    """A recognisable frame: ``n`` repeated, at least an Ethernet header long."""
+    return (n.to_bytes(2, "big") * (size // 2 + 1))[:size]
+
+
+# -- StreamDecoder
+
+
+def test_frames_split_at_every_byte_boundary():
+    frames = [frame(1, 14), frame(2, 60), frame(3, 1514), frame(4, 61)]
+    data = b"".join(encode(f) for f in frames)
+    for cut in range(len(data) + 1):
+        d = StreamDecoder()
+        got = d.feed(data[:cut]) + d.feed(data[cut:])
+        assert got == frames, cut
+        assert d.buffered == 0 and d.error is None
+
+
+def test_frames_fed_one_byte_at_a_time():
+    frames = [frame(i, 14 + i * 7) for i in range(20)]
+    data = b"".join(encode(f) for f in frames)
+    d = StreamDecoder()
+    got = []
+    for i in range(len(data)):
+        got += d.feed(data[i:i + 1])
+        assert d.buffered <= 4 + max(len(f) for f in frames)
+    assert got == frames
+
+
+def test_frames_split_at_every_pair_of_cuts():
+    frames = [frame(7, 20), frame(8, 30)]
+    data = b"".join(encode(f) for f in frames)
+    for a in range(len(data) + 1):
+        for b in range(a, len(data) + 1):
+            d = StreamDecoder()
+            assert d.feed(data[:a]) + d.feed(data[a:b]) + d.feed(data[b:]) == frames
+
+
+def test_many_frames_in_one_read():
+    frames = [frame(i, 60 + i % 1500) for i in range(2000)]
+    d = StreamDecoder()
+    assert d.feed(b"".join(encode(f) for f in frames)) == frames
+    assert d.buffered == 0
+
+
+def test_gathered_and_memoryview_input():
+    d = StreamDecoder()
+    data = encode([b"head" * 4, memoryview(b"-payload")])
+    assert d.feed(memoryview(data)) == [b"head" * 4 + b"-payload"]
+    assert d.feed(bytearray(encode(frame(5)))) == [frame(5)]
+
+
+@pytest.mark.parametrize("length, message", [
+    (0, "zero-length frame"),
+    (13, "shorter than an Ethernet header"),
+    (MAX_FRAME + 1, "exceeds"),
+    (0xFFFFFFFF, "exceeds"),
+    (0x47455420, "exceeds"),  # "GET " : someone speaking HTTP to the socket
+])
+def test_bad_prefix_is_an_error_after_the_good_frames(length, message):
+    d = StreamDecoder()
+    good = frame(9)
+    got = d.feed(encode(good) + struct.pack(">I", length) + b"x" * 100)
+    assert got == [good]
+    assert isinstance(d.error, FramingError) and message in str(d.error)
+    assert d.buffered == 0  # nothing kept (and nothing allocated for the claimed length)
+    with pytest.raises(FramingError):
+        d.feed(encode(good))
+
+
+def test_bad_prefix_split_across_reads():
+    d = StreamDecoder()
+    assert d.feed(b"\x00\x00") == []
+    assert d.error is None
+    assert d.feed(b"\x00\x00" + b"junk") == []
+    assert "zero-length" in str(d.error)
+
+
+def test_largest_allowed_frame_and_bounded_buffer():
+    d = StreamDecoder()
+    big = b"\xab" * MAX_FRAME
+    data = encode(big)
+    assert d.feed(data[:1000]) == []
+    assert d.buffered == 1000
+    assert d.feed(data[1000:]) == [big]
+
+
+# -- WriteQueue
+
+
+class ShortWriter:
+    """A sendmsg stand-in that takes at most ``step`` bytes, refusing every other call."""
+
+    def __init__(self, step):
+        self.step = step
+        self.out = bytearray()
+        self.calls = 0
+
+    def __call__(self, bufs):
+        self.calls += 1
+        if self.calls % 2 == 0:
+            raise BlockingIOError()
+        data = b"".join(bytes(b) for b in bufs)[:self.step]
+        self.out += data
+        return len(data)
+
+
+@pytest.mark.parametrize("step", [1, 3, 4, 5, 61, 64, 1000, 1 << 20])
+def test_partial_writes_resume_and_never_drop(step):
+    frames = [frame(i, 14 + (i * 37) % 300) for i in range(40)]
+    frames.append([b"gathered-", memoryview(b"frame-" * 3), bytearray(b"end")])
+    q = WriteQueue()
+    for f in frames:
+        q.push(f)
+    assert q.frames == len(frames)
+    w = ShortWriter(step)
+    rounds = 0
+    while not q.flush(w):
+        rounds += 1
+        assert rounds < 100000
+    assert q.frames == 0 and q.bytes == 0
+    d = StreamDecoder()
+    assert d.feed(bytes(w.out)) == [f if isinstance(f, bytes) else b"".join(bytes(p) for p in f)
+                                    for f in frames]
+
+
+def test_write_queue_counts_frames_as_they_complete():
+    q = WriteQueue()
+    q.push(frame(1, 20))
+    q.push(frame(2, 20))
+    assert q.flush(lambda bufs: 10) is False  # a short write stops the flush
+    assert q.frames == 2 and q.bytes == 48 - 10
+    q.flush(lambda bufs: 14)
+    assert q.frames == 1
+    q.flush(lambda bufs: sum(len(b) for b in bufs))
+    assert q.frames == 0
+
+
+def test_write_queue_copies_mutable_buffers_and_skips_empty_frames():
+    q = WriteQueue()
+    buf = bytearray(b"a" * 20)
+    q.push(buf)
+    buf[:] = b"b" * 20
+    assert q.push(b"") == 0 and q.push([b"", b""]) == 0
+    w = ShortWriter(1 << 20)
+    q.flush(w)
+    assert StreamDecoder().feed(bytes(w.out)) == [b"a" * 20]
+
+
+# -- links over real sockets
+
+
+class _Reactor(MemoryReactorClock):
+    def __init__(self):
+        super().__init__()
+        self.readers = set()
+        self.writers = set()
+
+    def addReader(self, r):
+        self.readers.add(r)
+
+    def removeReader(self, r):
+        self.readers.discard(r)
+
+    def addWriter(self, w):
+        self.writers.add(w)
+
+    def removeWriter(self, w):
+        self.writers.discard(w)
+
+
+@implementer(IFrameSink)
+class Sink:
+    def __init__(self):
+        self.batches = []
+        self.lost = []
+
+    def frames_received(self, frames):
+        self.batches.append(list(frames))
+
+    def link_lost(self, reason):
+        self.lost.append(reason)
+
+    @property
+    def frames(self):
+        return [f for b in self.batches for f in b]
+
+
+def recv_frames(sock, count, timeout=5):
+    sock.settimeout(timeout)
+    d = StreamDecoder()
+    got = []
+    while len(got) < count:
+        data = sock.recv(1 << 20)
+        assert data, "EOF"
+        got += d.feed(data)
+    return got
+
+
+def connected_link(mtu=1500):
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    reactor = _Reactor()
+    link = StreamLink.from_socket(ours, mtu=mtu, reactor=reactor)
+    sink = Sink()
+    link.start(sink)
+    return link, peer, sink, reactor
+
+
+def test_stream_link_provides_ilink():
+    link, peer, sink, reactor = connected_link()
+    verifyObject(ILink, link)
+    assert "stream socket" in link.description
+
+
+def test_stream_link_reads_split_frames_and_writes_frames():
+    link, peer, sink, reactor = connected_link()
+    (peer_reader,) = reactor.readers
+    frames = [frame(i, 60 + i) for i in range(10)]
+    data = b"".join(encode(f) for f in frames)
+    peer.send(data[:7])
+    peer_reader.doRead()
+    assert sink.frames == []
+    peer.send(data[7:500])
+    peer_reader.doRead()
+    peer.send(data[500:])
+    peer_reader.doRead()
+    assert sink.frames == frames
+    link.send_frame(frame(100))
+    link.send_frame([b"\x02" * 14, memoryview(b"payload")])
+    assert recv_frames(peer, 2) == [frame(100), b"\x02" * 14 + b"payload"]
+    assert link.frames_in == 10 and link.frames_out == 2
+
+
+def test_stream_link_read_budget_spreads_a_burst_over_wakeups():
+    link, peer, sink, reactor = connected_link()
+    link.read_budget = 10
+    (r,) = reactor.readers
+    peer.send(b"".join(encode(frame(i)) for i in range(25)))
+    r.doRead()
+    assert len(sink.frames) >= 10
+    while len(sink.frames) < 25:
+        r.doRead()
+    assert sink.frames == [frame(i) for i in range(25)]
+
+
+def test_stream_link_write_queue_survives_a_full_socket():
+    link, peer, sink, reactor = connected_link()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    link._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    frames = [i.to_bytes(4, "big") * 2000 for i in range(300)]  # 8 KB each
+    for f in frames:
+        link.send_frame(f)
+    assert link.queued_frames > 0 and reactor.writers
+    (w,) = reactor.writers
+    got = []
+    d = StreamDecoder()
+    peer.setblocking(False)
+    while len(got) < len(frames):
+        try:
+            got += d.feed(peer.recv(1 << 16))
+        except BlockingIOError:
+            w.doWrite()
+    assert got == frames
+    assert link.queued_frames == 0 and not reactor.writers
+    assert link.queued_high_water > 0
+
+
+def test_stream_link_peer_eof_is_link_lost_once():
+    link, peer, sink, reactor = connected_link()
+    (r,) = reactor.readers
+    peer.send(encode(frame(1)))
+    peer.close()
+    r.doRead()
+    assert sink.frames == [frame(1)]
+    assert len(sink.lost) == 1 and not reactor.readers
+    link.send_frame(frame(2))  # ignored after the loss
+    link.stop()
+    assert len(sink.lost) == 1
+
+
+def test_stream_link_garbage_is_reported_and_closes():
+    link, peer, sink, reactor = connected_link()
+    (r,) = reactor.readers
+    peer.send(encode(frame(1)) + b"\xff\xff\xff\xff garbage")
+    r.doRead()
+    assert sink.frames == [frame(1)]
+    assert len(sink.lost) == 1 and isinstance(sink.lost[0], FramingError)
+    assert peer.recv(10) == b""  # our end was closed
+
+
+def test_stream_link_drops_and_counts_frames_above_the_mtu():
+    link, peer, sink, reactor = connected_link(mtu=1500)
+    (r,) = reactor.readers
+    ok = frame(1, 1500 + 18)
+    peer.send(encode(frame(0)) + encode(frame(2, 1500 + 19)) + encode(frame(3, 9000)) + encode(ok))
+    r.doRead()
+    assert sink.frames == [frame(0), ok]
+    assert link.drops["oversize-frame"] == 2
+    assert not sink.lost  # the stream stays in step
+
+
+def listening_link(tmp_path, mtu=1500):
+    path = str(tmp_path / "s.sock")
+    reactor = _Reactor()
+    link = StreamListenLink.listen(path, mtu=mtu, reactor=reactor)
+    sink = Sink()
+    link.start(sink)
+    return link, path, sink, reactor
+
+
+def connect_peer(link, path, reactor):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(path)
+    link.doRead()  # accept
+    return c
+
+
+def peer_reader(link, reactor):
+    return next(r for r in reactor.readers if r is not link)
+
+
+def test_listen_stream_serves_successive_peers_without_losing_the_link(tmp_path):
+    link, path, sink, reactor = listening_link(tmp_path)
+    verifyObject(ILink, link)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    link.send_frame(frame(0))  # nobody to send to yet
+    assert link.drops["no-peer"] == 1
+
+    for n in range(3):
+        c = connect_peer(link, path, reactor)
+        assert link.connected
+        c.send(encode(frame(n)))
+        peer_reader(link, reactor).doRead()
+        assert sink.frames[-1] == frame(n)
+        link.send_frame(frame(10 + n))
+        assert recv_frames(c, 1) == [frame(10 + n)]
+        c.close()
+        peer_reader(link, reactor).doRead()  # EOF
+        assert not link.connected and reactor.readers == {link}
+    assert sink.lost == []
+    assert link.peers_served == 3
+    link.stop()
+    assert not os.path.exists(path)
+
+
+def test_listen_stream_refuses_a_second_peer_while_one_is_served(tmp_path):
+    link, path, sink, reactor = listening_link(tmp_path)
+    first = connect_peer(link, path, reactor)
+    second = connect_peer(link, path, reactor)
+    second.settimeout(5)
+    assert second.recv(10) == b""  # closed at once
+    assert link.peers_refused == 1
+    link.send_frame(frame(1))
+    assert recv_frames(first, 1) == [frame(1)]
+    link.stop()
+
+
+@pytest.mark.parametrize("junk", [
+    struct.pack(">I", 0),
+    struct.pack(">I", 5) + b"short",
+    struct.pack(">I", 1 << 31),
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+def test_listen_stream_recovers_from_a_bad_peer(tmp_path, junk):
+    link, path, sink, reactor = listening_link(tmp_path)
+    bad = connect_peer(link, path, reactor)
+    bad.send(encode(frame(1)) + junk)
+    peer_reader(link, reactor).doRead()
+    assert sink.frames == [frame(1)]
+    assert not link.connected and sink.lost == []
+    bad.settimeout(5)
+    assert bad.recv(10) == b""
+    good = connect_peer(link, path, reactor)
+    good.send(encode(frame(2)))
+    peer_reader(link, reactor).doRead()
+    assert sink.frames == [frame(1), frame(2)]
+    link.stop()
+
+
+def test_listen_stream_drops_unsent_frames_of_a_departed_peer(tmp_path):
+    link, path, sink, reactor = listening_link(tmp_path)
+    c = connect_peer(link, path, reactor)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    peer = peer_reader(link, reactor)
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    for i in range(200):
+        link.send_frame(b"\x01" * 8000)
+    assert link.queued_frames > 0
+    c.close()
+    peer.doWrite()  # EPIPE/ECONNRESET: the peer is gone, not the link
+    assert not link.connected and sink.lost == []
+    assert link.drops["no-peer"] > 0
+    link.stop()
+
+
+def test_listen_stream_replaces_a_stale_socket_file(tmp_path):
+    path = str(tmp_path / "s.sock")
+    old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old.bind(path)
+    old.close()  # the file stays: a stale socket
+    link = StreamListenLink.listen(path, reactor=_Reactor())
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(path)
+    link.stop()
+
+
+def test_listen_refuses_a_regular_file_and_a_live_socket(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("precious")
+    with pytest.raises(SocketPathError, match="not a socket"):
+        StreamListenLink.listen(str(path), reactor=_Reactor())
+    with pytest.raises(SocketPathError, match="not a socket"):
+        DgramListenLink.listen(str(path), reactor=_Reactor())
+    assert path.read_text() == "precious"
+    link, sock_path, sink, reactor = listening_link(tmp_path)
+    with pytest.raises(SocketPathError, match="in use"):
+        StreamListenLink.listen(sock_path, reactor=_Reactor())
+    with pytest.raises(SocketPathError, match="in use"):
+        DgramListenLink.listen(sock_path, reactor=_Reactor())
+    link.stop()
+
+
+def test_stop_leaves_a_socket_file_that_is_no_longer_ours(tmp_path):
+    link, path, sink, reactor = listening_link(tmp_path)
+    os.unlink(path)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(path)
+    link.stop()
+    assert os.path.exists(path)
+    other.close()
+
+
+def test_connect_stream(tmp_path):
+    path = str(tmp_path / "qemu.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    reactor = _Reactor()
+    link = StreamLink.connect(path, reactor=reactor)
+    sink = Sink()
+    link.start(sink)
+    conn, _ = server.accept()
+    conn.send(encode(frame(4)))
+    (r,) = reactor.readers
+    r.doRead()
+    assert sink.frames == [frame(4)]
+    link.send_frame(frame(5))
+    assert recv_frames(conn, 1) == [frame(5)]
+    conn.close()
+    r.doRead()
+    assert len(sink.lost) == 1
+    with pytest.raises(ValueError, match="cannot connect"):
+        StreamLink.connect(str(tmp_path / "nothing.sock"), reactor=reactor)
+
+
+def test_open_link_detects_the_fd_socket_type():
+    config = StackConfig()
+    for kind, cls in ((socket.SOCK_STREAM, StreamLink), (socket.SOCK_DGRAM, SocketFrameLink),
+                      (socket.SOCK_SEQPACKET, SocketFrameLink)):
+        a, b = socket.socketpair(socket.AF_UNIX, kind)
+        link = open_link(config, fd=os.dup(a.fileno()), reactor=_Reactor())
+        assert isinstance(link, cls), kind
+        link.stop()
+        a.close()
+        b.close()
+    with pytest.raises(ValueError, match="give exactly one of"):
+        open_link(config, listen_stream="/x", listen_dgram="/y")
+
+
+# -- the datagram link
+
+
+def dgram_link(tmp_path, mtu=1500):
+    path = str(tmp_path / "d.sock")
+    reactor = _Reactor()
+    link = DgramListenLink.listen(path, mtu=mtu, reactor=reactor)
+    sink = Sink()
+    link.start(sink)
+    return link, path, sink, reactor
+
+
+def dgram_peer(tmp_path, name):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(tmp_path / name))
+    s.settimeout(5)
+    return s
+
+
+def test_listen_dgram_learns_the_peer_and_replies(tmp_path):
+    link, path, sink, reactor = dgram_link(tmp_path)
+    verifyObject(ILink, link)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    link.send_frame(frame(0))
+    assert link.drops["no-peer"] == 1
+    vm = dgram_peer(tmp_path, "vm.sock")
+    vm.sendto(b"VFKT", path)  # vfkit's hello: not a frame
+    vm.sendto(frame(1), path)
+    link.doRead()
+    assert sink.frames == [frame(1)]
+    assert link.peer == str(tmp_path / "vm.sock")
+    link.send_frame(frame(2))
+    link.send_frame([b"\x03" * 14, memoryview(b"gathered")])
+    assert vm.recv(65536) == frame(2)
+    assert vm.recv(65536) == b"\x03" * 14 + b"gathered"
+    # A restarted VM with a new socket: replies follow the latest sender.
+    vm2 = dgram_peer(tmp_path, "vm2.sock")
+    vm2.sendto(frame(3), path)
+    link.doRead()
+    link.send_frame(frame(4))
+    assert vm2.recv(65536) == frame(4)
+    # The peer goes away: logged and forgotten, the link stays.
+    vm2.close()
+    link.send_frame(frame(5))
+    assert link.peer is None and sink.lost == []
+    assert link.drops["no-peer"] == 2
+    link.stop()
+    assert not os.path.exists(path)
+
+
+def test_listen_dgram_drops_oversize_frames(tmp_path):
+    link, path, sink, reactor = dgram_link(tmp_path, mtu=1500)
+    vm = dgram_peer(tmp_path, "vm.sock")
+    vm.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    vm.sendto(frame(1, 1519), path)
+    vm.sendto(frame(2, 65000), path)
+    vm.sendto(frame(3, 1518), path)
+    link.doRead()
+    assert sink.frames == [frame(3, 1518)]
+    assert link.drops["oversize-frame"] == 2
+    link.stop()
+
+
+def test_listen_dgram_queues_when_the_peer_is_full_and_retries_later(tmp_path):
+    link, path, sink, reactor = dgram_link(tmp_path)
+    vm = dgram_peer(tmp_path, "vm.sock")
+    vm.sendto(frame(1), path)
+    link.doRead()
+    frames = [frame(i, 1500) for i in range(200)]
+    for f in frames:
+        link.send_frame(f)
+    assert link.queued_frames > 0  # the peer's queue is short (net.unix.max_dgram_qlen)
+    got = []
+    vm.setblocking(False)
+    spins = 0
+    while len(got) < len(frames):
+        try:
+            got.append(vm.recv(65536))
+            continue
+        except BlockingIOError:
+            pass
+        if link in reactor.writers:
+            link.doWrite()
+            assert link not in reactor.writers or not link.queued_frames
+        else:
+            reactor.advance(link.retry_delay)  # the retry timer puts it back
+        spins += 1
+        assert spins < 10000
+    assert got == frames
+    link.stop()
+
+
+def test_fd_dgram_link_drops_oversize_frames():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    link = SocketFrameLink(a, mtu=1500, reactor=_Reactor())
+    sink = Sink()
+    link.start(sink)
+    b.send(frame(1, 1600))
+    b.send(frame(2, 1518))
+    link.doRead()
+    assert sink.frames == [frame(2, 1518)]
+    assert link.drops["oversize-frame"] == 1
+    link.stop()
