@@ -27,6 +27,8 @@ class Options(usage.Options):
     optFlags = [
         ["configure", None, "With --netns: give the TAP the guest address, default route "
                             "and MTU directly (no DHCP needed)."],
+        ["no-offload", None, "TAP links: do not enable checksum/TSO offload (virtio-net "
+                             "headers); every frame is then at most the MTU."],
         ["no-host-loopback", None, "Do not connect traffic for the gateway address to the "
                                    "host's 127.0.0.1."],
     ]
@@ -179,7 +181,8 @@ def make_service(options):
                          configure=options["configure"],
                          listen_stream=options["listen-stream"],
                          connect_stream=options["connect-stream"],
-                         listen_dgram=options["listen-dgram"])
+                         listen_dgram=options["listen-dgram"],
+                         offload=not options["no-offload"])
     except (TapError, ValueError, OSError) as e:
         sys.stderr.write(f"arcbox-net: {e}\n")
         raise SystemExit(1)

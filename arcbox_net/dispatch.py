@@ -160,14 +160,18 @@ class FrameDispatcher:
 
     # -- the way out
 
-    def send_frame(self, frame):
+    def send_frame(self, frame, vnet=None):
+        """Send one frame; ``vnet`` is offload metadata for links that offload."""
         if self.link is None:
             self.drops["no-link"] += 1
             return
         self.frames_out += 1
         if self.capture is not None:
             self.capture.write(frame)
-        self.link.send_frame(frame)
+        if vnet is None:
+            self.link.send_frame(frame)
+        else:
+            self.link.send_frame(frame, vnet)
 
     def ethernet_header(self, dst_mac=None, ethertype=ethernet.ETHERTYPE_IPV4):
         if dst_mac is None:

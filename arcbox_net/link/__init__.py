@@ -12,7 +12,8 @@ LINK_OPTIONS = "--fd, --tap, --netns, --listen-stream, --connect-stream, --liste
 
 
 def open_link(config, fd=None, tap=None, netns=None, tap_name="tap0", configure=False,
-              reactor=None, listen_stream=None, connect_stream=None, listen_dgram=None):
+              reactor=None, listen_stream=None, connect_stream=None, listen_dgram=None,
+              offload=True):
     """Open the one link the options name; raise ValueError/TapError with a message."""
     from .dgram import DgramListenLink
     from .socket import SocketFrameLink
@@ -39,10 +40,11 @@ def open_link(config, fd=None, tap=None, netns=None, tap_name="tap0", configure=
     if listen_dgram is not None:
         return DgramListenLink.listen(listen_dgram, mtu=config.mtu, reactor=reactor)
     if tap is not None:
-        return TapLink.open(tap, mtu=config.mtu, reactor=reactor)
+        return TapLink.open(tap, mtu=config.mtu, reactor=reactor, offload=offload)
     settings = None
     if configure:
         settings = dict(address=str(config.guest), prefixlen=config.subnet.prefixlen,
                         mtu=config.mtu, gateway=str(config.gateway))
     return TapLink.open_in_netns(netns, tap_name, mtu=config.mtu, configure=settings,
+                                 offload=offload,
                                  reactor=reactor)

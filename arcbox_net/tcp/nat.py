@@ -47,11 +47,18 @@ from zope.interface import implementer
 
 from ..interfaces import IFlushable, IIPv4Handler
 from ..wire import icmp, ipv4, tcp
+from ..link.tap import (VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV4,
+                        VNET_HDR as _VNET_HDR)
 from ..wire.tcp import ACK, FIN, RST, SYN
 from .connection import (Closed, Established, GuestEndOfData, GuestReset, Refused,
                          TcpConnection, TcpParams, TcpState, TimedOut)
 
 _PURE_SYN_MASK = SYN | ACK | RST | FIN
+# Offload frames: where the TCP header and its checksum field start.
+_L3_START = 14 + ipv4.HEADER_LEN
+_TCP_CSUM_OFFSET = 16
+# Largest TCP payload of one GSO frame: the IP total length is 16 bits.
+_GSO_SEGMENT = 65535 - ipv4.HEADER_LEN - tcp.HEADER_LEN
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -71,7 +78,13 @@ class TcpNat:
         self.config = config
         self.egress = egress
         self.reactor = reactor
-        self.params = params or TcpParams(mss_limit=config.mtu - 40)
+        #: The link segments and checksums for us (TAP with vnet offloads):
+        #: emit up to 64 KiB per segment as one GSO frame with a partial checksum.
+        self.offload = bool(getattr(dispatcher.link, "offloads", False))
+        if params is None:
+            params = TcpParams(mss_limit=config.mtu - 40,
+                               segment_size=_GSO_SEGMENT if self.offload else None)
+        self.params = params
         self.connections = {}
         self._dirty = []
         self.drops = Counter()
@@ -158,15 +171,32 @@ class TcpNat:
 
     # -- the way out
 
-    def emit(self, key, seg):
+    def emit(self, key, seg, mss=0):
+        """Encode ``seg`` toward the guest; ``mss`` is the GSO segment size."""
         guest_ip, _gport, remote_ip, _rport = key
+        dispatcher = self.dispatcher
         options = tcp.syn_options(seg.mss, seg.wscale) if seg.flags & SYN else b""
-        head, payload = tcp.build(remote_ip, guest_ip, seg.src_port, seg.dst_port, seg.seq,
-                                  seg.ack, seg.flags, seg.window, seg.payload, options)
-        if payload:
-            self.dispatcher.send_ipv4(remote_ip, guest_ip, ipv4.PROTO_TCP, [head, payload])
+        payload = seg.payload
+        if not self.offload or dispatcher.guest_mac is None:
+            head, payload = tcp.build(remote_ip, guest_ip, seg.src_port, seg.dst_port, seg.seq,
+                                      seg.ack, seg.flags, seg.window, payload, options)
+            dispatcher.send_ipv4(remote_ip, guest_ip, ipv4.PROTO_TCP,
+                                 [head, payload] if payload else head)
+            return
+        size = len(payload)
+        head = tcp.build_header_partial(remote_ip, guest_ip, seg.src_port, seg.dst_port,
+                                        seg.seq, seg.ack, seg.flags, seg.window, size, options)
+        hlen = len(head)
+        if size > mss > 0:
+            vnet = _VNET_HDR.pack(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, _L3_START + hlen, mss,
+                                  _L3_START, _TCP_CSUM_OFFSET)
         else:
-            self.dispatcher.send_ipv4(remote_ip, guest_ip, ipv4.PROTO_TCP, head)
+            vnet = _VNET_HDR.pack(VNET_F_NEEDS_CSUM, VNET_GSO_NONE, _L3_START + hlen, 0,
+                                  _L3_START, _TCP_CSUM_OFFSET)
+        head = dispatcher.ethernet_header() + ipv4.build_header(
+            remote_ip, guest_ip, ipv4.PROTO_TCP, hlen + size,
+            ident=dispatcher.next_ident()) + head
+        dispatcher.send_frame([head, payload] if size else head, vnet)
 
     def send_icmp_error(self, key, quote, code):
         guest_ip, _gport, remote_ip, _rport = key
@@ -348,8 +378,9 @@ class TcpSplice(Protocol):
         conn = self.conn
         nat = self.nat
         conn.flush(nat.reactor.seconds() if now is None else now)
+        mss = conn.send_mss
         for seg in conn.take_segments():
-            nat.emit(self.key, seg)
+            nat.emit(self.key, seg, mss)
         received = conn.take_received()
         if received:
             transport = self.transport

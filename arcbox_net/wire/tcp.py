@@ -123,6 +123,19 @@ def build(src_ip, dst_ip, sport, dport, seq, ack, flags, window,
     return head[:16] + csum.to_bytes(2, "big") + head[18:], payload
 
 
+def build_header_partial(src_ip, dst_ip, sport, dport, seq, ack, flags, window,
+                         payload_len, options=b""):
+    """TCP header for checksum offload: the field holds the pseudo-header sum only.
+
+    The device (or the guest kernel, for a virtio/TAP frame marked
+    NEEDS_CSUM) sums the rest from csum_start and stores the result.
+    """
+    hlen = HEADER_LEN + len(options)
+    partial = pseudo_header_sum(src_ip, dst_ip, PROTO_TCP, hlen + payload_len)
+    return _HEADER.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (hlen // 4) << 4,
+                        flags, window, partial, 0) + options
+
+
 def build_bytes(*args, **kwargs):
     head, payload = build(*args, **kwargs)
     return head + bytes(payload)
