@@ -65,6 +65,8 @@ class ApiResource(resource.Resource):
             if method != "GET":
                 return _method_not_allowed(request, "GET")
             return _json(request, 200, views[parts[0]]())
+        if parts == ["capture"]:
+            return self._capture(request, method)
         if parts == ["metrics"]:
             if method != "GET":
                 return _method_not_allowed(request, "GET")
@@ -88,6 +90,37 @@ class ApiResource(resource.Resource):
         d.addCallback(lambda forward: _finish(request, 201, forward))
         d.addErrback(lambda f: _finish(request, *_error_of(f)))
         return server.NOT_DONE_YET
+
+    def _capture(self, request, method):
+        """GET: the running capture; POST {"path": FILE}: start one; DELETE: stop it."""
+        stack = self.stack
+        current = stack.dispatcher.capture
+        if method == "GET":
+            if current is None or not current.active:
+                return _json(request, 200, {"active": False})
+            return _json(request, 200, {"active": True, **current.stats()})
+        if method == "POST":
+            body = request.content.read(MAX_BODY + 1)
+            try:
+                data = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as e:
+                return _json(request, 400, {"error": f"bad JSON: {e}"})
+            if not isinstance(data, dict) or set(data) != {"path"} \
+                    or not isinstance(data["path"], str) or not data["path"]:
+                return _json(request, 400, {"error": 'expected {"path": "FILE"}'})
+            try:
+                capture = stack.start_capture(data["path"])
+            except RuntimeError as e:
+                return _json(request, 409, {"error": str(e)})
+            except OSError as e:
+                return _json(request, 400, {"error": f"cannot write {data['path']}: {e.strerror}"})
+            return _json(request, 201, {"active": True, **capture.stats()})
+        if method == "DELETE":
+            stats = stack.stop_capture()
+            if stats is None:
+                return _json(request, 404, {"error": "no capture is running"})
+            return _json(request, 200, {"active": False, **stats})
+        return _method_not_allowed(request, "GET, POST, DELETE")
 
     def _remove_forward(self, request, fid):
         d = self.stack.remove_forward(fid)

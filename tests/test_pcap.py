@@ -213,3 +213,25 @@ def test_pcap_of_dhcp_arp_icmp_dns_tcp_read_by_tshark(netns, stack_factory, tmp_
 
     stack.stop()  # closing the file leaves it as valid as while running
     assert len(tshark_fields(path)) >= len(rows)
+
+
+def test_control_api_starts_and_stops_a_capture(netns, stack_factory, tmp_path):
+    from test_forward_api import api
+    sock = tmp_path / "api.sock"
+    pcap = tmp_path / "api.pcap"
+    stack_factory("--netns", netns, "--configure", "--deny", "0.0.0.0/0", "--allow",
+                  "127.0.0.0/8", "--api", str(sock))
+    assert api(sock, "GET", "/capture") == (200, {"active": False})
+    assert api(sock, "DELETE", "/capture")[0] == 404
+    assert api(sock, "POST", "/capture", {"nope": 1})[0] == 400
+    code, started = api(sock, "POST", "/capture", {"path": str(pcap)})
+    assert code == 201 and started["active"] and started["path"] == str(pcap)
+    assert api(sock, "POST", "/capture", {"path": str(pcap)})[0] == 409
+    in_ns(netns, "ping", "-c", "2", "-i", "0.2", "10.0.2.1")
+    code, stopped = api(sock, "DELETE", "/capture")
+    assert code == 200 and not stopped["active"] and stopped["frames"] >= 4
+    frames = [dpkt.ethernet.Ethernet(f) for f in read_pcap(pcap)]
+    icmp = [f.data.data for f in frames if isinstance(f.data, dpkt.ip.IP)
+            and isinstance(f.data.data, dpkt.icmp.ICMP)]
+    assert [m.type for m in icmp][:4] == [8, 0, 8, 0]
+    assert api(sock, "GET", "/capture") == (200, {"active": False})

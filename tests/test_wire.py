@@ -65,3 +65,12 @@ def test_syn_options_parse_back():
     frame = b"\0" * 14 + ipv4.build_header(SRC, DST, 6, len(head)) + head
     seg = tcp.parse(frame, ipv4.parse(frame, 14))
     assert (seg.mss, seg.wscale, seg.flags) == (8960, 9, tcp.SYN)
+
+
+def test_large_buffers_take_the_numpy_path_with_the_same_result():
+    rng = random.Random(9)
+    for n in (4097, 4098, 9001, 65480, 65535):
+        for data in (rng.randbytes(n), b"\xff" * n, b"\0" * n):
+            for view in (data, bytearray(data), memoryview(data)):
+                assert ones_sum(view) == _naive_sum(data)
+            assert ones_sum(data, 0xFFFF) == ones_sum(data[:4000] + data[4000:], 0xFFFF)
