@@ -54,6 +54,7 @@ from .connection import (Closed, Established, GuestEndOfData, GuestReset, Refuse
                          TcpConnection, TcpParams, TcpState, TimedOut)
 
 _PURE_SYN_MASK = SYN | ACK | RST | FIN
+HOST_READ_SIZE = 256 * 1024
 # Offload frames: where the TCP header and its checksum field start.
 _L3_START = 14 + ipv4.HEADER_LEN
 _TCP_CSUM_OFFSET = 16
@@ -320,11 +321,16 @@ class TcpSplice(Protocol):
     # -- host transport (IProtocol / IHalfCloseableProtocol)
 
     def connectionMade(self):
+        transport = self.transport
         try:
-            self.transport.setTcpNoDelay(True)
+            transport.setTcpNoDelay(True)
         except Exception:
             pass
-        self.transport.registerProducer(self, True)
+        # One host read should fill several 64 KiB GSO frames (Twisted reads
+        # bufferSize bytes per wakeup; it is also the write-side threshold at
+        # which the transport pauses us, i.e. the guest).
+        transport.bufferSize = HOST_READ_SIZE
+        transport.registerProducer(self, True)
         self._producer_registered = True
 
     def dataReceived(self, data):
@@ -385,7 +391,7 @@ class TcpSplice(Protocol):
         if received:
             transport = self.transport
             if transport is not None and not getattr(self, "_host_closed", False):
-                transport.write(b"".join(received) if len(received) > 1 else bytes(received[0]))
+                _write_host(transport, received)
             else:
                 # The host socket is gone: as a real host would, reset.
                 conn.abort()
@@ -478,6 +484,39 @@ class TcpSplice(Protocol):
         """Drop this connection without telling the guest (replaced or shutting down)."""
         self._reset_host()
         self._finish()
+
+
+def _write_host(transport, buffers):
+    """Write guest data to the host socket, straight away when Twisted holds none.
+
+    Twisted's transport.write takes only bytes (a copy of each memoryview)
+    and always goes through its buffer; sendmsg of the payload views skips
+    both when nothing is queued ahead (about a third faster guest -> host).
+    Whatever the kernel does not take goes to transport.write as usual, so
+    ordering, producer pausing and errors stay Twisted's business.
+    """
+    if len(buffers) > 512:  # sendmsg takes at most IOV_MAX (1024) buffers
+        buffers = [b"".join(buffers)]
+    if (not transport.dataBuffer or len(transport.dataBuffer) == transport.offset) \
+            and not transport._tempDataBuffer and transport.connected \
+            and not transport.disconnecting:
+        try:
+            sent = transport.socket.sendmsg(buffers)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = 0  # let Twisted meet the error on its own write
+        total = 0
+        for i, buf in enumerate(buffers):
+            n = len(buf)
+            if sent < total + n:
+                rest = [bytes(buf[sent - total:]) if sent > total else bytes(buf)]
+                rest.extend(bytes(b) for b in buffers[i + 1:])
+                transport.write(b"".join(rest))
+                return
+            total += n
+        return
+    transport.write(b"".join(buffers))
 
 
 class InboundSplice(TcpSplice):
