@@ -486,6 +486,16 @@ class TcpSplice(Protocol):
         self._finish()
 
 
+def _twisted_buffer_empty(transport):
+    """True for a connected Twisted TCP transport with nothing queued to write."""
+    try:
+        return ((not transport.dataBuffer or len(transport.dataBuffer) == transport.offset)
+                and not transport._tempDataBuffer and transport.connected
+                and not transport.disconnecting and transport.socket is not None)
+    except AttributeError:  # another kind of transport: use its write()
+        return False
+
+
 def _write_host(transport, buffers):
     """Write guest data to the host socket, straight away when Twisted holds none.
 
@@ -497,9 +507,7 @@ def _write_host(transport, buffers):
     """
     if len(buffers) > 512:  # sendmsg takes at most IOV_MAX (1024) buffers
         buffers = [b"".join(buffers)]
-    if (not transport.dataBuffer or len(transport.dataBuffer) == transport.offset) \
-            and not transport._tempDataBuffer and transport.connected \
-            and not transport.disconnecting:
+    if _twisted_buffer_empty(transport):
         try:
             sent = transport.socket.sendmsg(buffers)
         except (BlockingIOError, InterruptedError):
