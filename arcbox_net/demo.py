@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 SCRIPT = """#!/bin/sh
 case "$1" in

@@ -51,3 +51,71 @@ def tcp(sport, dport, seq=0, ack=0, flags=dpkt.tcp.TH_SYN, payload=b"", win=6553
 
 def parse(frame):
     return dpkt.ethernet.Ethernet(bytes(frame))
+
+
+# -- stand-ins for the stack's surroundings, shared by the unit tests
+
+
+class FakeLink:
+    """An ILink that records the frames the stack sends (buffers joined)."""
+
+    description = "fake"
+    mtu = 1500
+
+    def __init__(self):
+        self.sent = []
+
+    def send_frame(self, frame):
+        self.sent.append(frame if isinstance(frame, bytes) else b"".join(bytes(b) for b in frame))
+
+    def take(self):
+        """The frames sent since the last call, parsed with dpkt."""
+        out, self.sent = [parse(f) for f in self.sent], []
+        return out
+
+
+def _descriptor_reactor():
+    from twisted.internet.testing import MemoryReactorClock
+
+    class DescriptorReactor(MemoryReactorClock):
+        """A memory reactor that also tracks readers and writers, for links."""
+
+        def __init__(self):
+            super().__init__()
+            self.readers = set()
+            self.writers = set()
+
+        def addReader(self, r):
+            self.readers.add(r)
+
+        def removeReader(self, r):
+            self.readers.discard(r)
+
+        def addWriter(self, w):
+            self.writers.add(w)
+
+        def removeWriter(self, w):
+            self.writers.discard(w)
+
+    return DescriptorReactor
+
+
+DescriptorReactor = _descriptor_reactor()
+
+
+class RecordingSink:
+    """An IFrameSink that keeps each batch and each link_lost reason."""
+
+    def __init__(self):
+        self.batches = []
+        self.lost = []
+
+    def frames_received(self, frames):
+        self.batches.append(list(frames))
+
+    def link_lost(self, reason):
+        self.lost.append(reason)
+
+    @property
+    def frames(self):
+        return [f for b in self.batches for f in b]

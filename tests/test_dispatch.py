@@ -6,23 +6,13 @@ import dpkt
 import pytest
 from zope.interface import implementer
 
+from framebuild import FakeLink
 import framebuild as fb
 from arcbox_net.config import StackConfig
 from arcbox_net.dispatch import FrameDispatcher
 from arcbox_net.interfaces import IFlushable, IIPv4Handler, IUDPService
 from arcbox_net.protocols.arp import ArpHandler, ArpResponder
 from arcbox_net.protocols.icmp import GatewayEcho, IcmpHandler
-
-
-class FakeLink:
-    description = "fake"
-    mtu = 1500
-
-    def __init__(self):
-        self.sent = []
-
-    def send_frame(self, frame):
-        self.sent.append(frame if isinstance(frame, bytes) else b"".join(bytes(b) for b in frame))
 
 
 @pytest.fixture

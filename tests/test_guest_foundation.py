@@ -1,15 +1,12 @@
 """A real Linux guest (a network namespace behind a TAP) served by twistd arcbox-net."""
 
-import os
-import re
 import socket
 import subprocess
-import time
 
 import dpkt
 import pytest
 
-from conftest import TWISTD, in_ns, require_root, run, udhcpc
+from conftest import TWISTD, in_ns, udhcpc
 
 
 def test_dhcp_lease_reaches_the_guest(netns, stack_factory, tmp_path):

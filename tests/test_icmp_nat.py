@@ -15,6 +15,7 @@ import pytest
 from twisted.internet.task import Clock
 
 import conftest
+from framebuild import FakeLink
 import framebuild as fb
 from conftest import in_ns, run
 from arcbox_net.config import StackConfig
@@ -78,21 +79,6 @@ def test_parse_raw_error_quoting_our_echo_request():
 
 
 # -- the handler, with fake I/O
-
-
-class FakeLink:
-    description = "fake"
-    mtu = 1500
-
-    def __init__(self):
-        self.sent = []
-
-    def send_frame(self, frame):
-        self.sent.append(frame if isinstance(frame, bytes) else b"".join(bytes(b) for b in frame))
-
-    def take(self):
-        out, self.sent = [fb.parse(f) for f in self.sent], []
-        return out
 
 
 class FakeBackend:

@@ -4,45 +4,14 @@ import errno
 import socket
 
 import pytest
-from twisted.internet.testing import MemoryReactor
 from zope.interface import implementer
 
+from framebuild import DescriptorReactor as _Reactor, RecordingSink as Sink
 from arcbox_net.interfaces import IFrameSink
 from arcbox_net.link.socket import SocketFrameLink
 
 
-class _Reactor(MemoryReactor):
-    def __init__(self):
-        super().__init__()
-        self.readers = set()
-        self.writers = set()
-
-    def addReader(self, r):
-        self.readers.add(r)
-
-    def removeReader(self, r):
-        self.readers.discard(r)
-
-    def addWriter(self, w):
-        self.writers.add(w)
-
-    def removeWriter(self, w):
-        self.writers.discard(w)
-
-
 @implementer(IFrameSink)
-class Sink:
-    def __init__(self):
-        self.batches = []
-        self.lost = []
-
-    def frames_received(self, frames):
-        self.batches.append(list(frames))
-
-    def link_lost(self, reason):
-        self.lost.append(reason)
-
-
 def make(kind=socket.SOCK_DGRAM):
     ours, peer = socket.socketpair(socket.AF_UNIX, kind)
     reactor = _Reactor()

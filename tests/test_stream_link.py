@@ -7,10 +7,10 @@ import stat
 import struct
 
 import pytest
-from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from framebuild import DescriptorReactor as _Reactor, RecordingSink as Sink
 from arcbox_net.config import StackConfig
 from arcbox_net.interfaces import IFrameSink, ILink
 from arcbox_net.link import open_link
@@ -173,42 +173,7 @@ def test_write_queue_copies_mutable_buffers_and_skips_empty_frames():
 # -- links over real sockets
 
 
-class _Reactor(MemoryReactorClock):
-    def __init__(self):
-        super().__init__()
-        self.readers = set()
-        self.writers = set()
-
-    def addReader(self, r):
-        self.readers.add(r)
-
-    def removeReader(self, r):
-        self.readers.discard(r)
-
-    def addWriter(self, w):
-        self.writers.add(w)
-
-    def removeWriter(self, w):
-        self.writers.discard(w)
-
-
 @implementer(IFrameSink)
-class Sink:
-    def __init__(self):
-        self.batches = []
-        self.lost = []
-
-    def frames_received(self, frames):
-        self.batches.append(list(frames))
-
-    def link_lost(self, reason):
-        self.lost.append(reason)
-
-    @property
-    def frames(self):
-        return [f for b in self.batches for f in b]
-
-
 def recv_frames(sock, count, timeout=5):
     sock.settimeout(timeout)
     d = StreamDecoder()

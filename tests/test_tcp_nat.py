@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import HERE, in_ns, run
+from conftest import HERE, in_ns
 from hostside import HostServer, echo, reset, sender, sink_then_reply
 
 SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8", "--map", "203.0.113.10=127.0.0.2"]

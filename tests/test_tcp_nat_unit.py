@@ -11,6 +11,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from framebuild import FakeLink
 import framebuild as fb
 from arcbox_net.config import StackConfig
 from arcbox_net.dispatch import FrameDispatcher
@@ -18,17 +19,6 @@ from arcbox_net.policy import Egress
 from arcbox_net.tcp.nat import TcpNat
 
 REMOTE = "203.0.113.10"
-
-
-class FakeLink:
-    description = "fake"
-    mtu = 1500
-
-    def __init__(self):
-        self.sent = []
-
-    def send_frame(self, frame):
-        self.sent.append(frame if isinstance(frame, bytes) else b"".join(bytes(b) for b in frame))
 
 
 @pytest.fixture

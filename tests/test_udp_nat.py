@@ -15,6 +15,7 @@ import dpkt
 import pytest
 from twisted.internet.task import Clock
 
+from framebuild import FakeLink
 import framebuild as fb
 from conftest import in_ns
 from arcbox_net.config import StackConfig
@@ -91,21 +92,6 @@ def test_established_timeout_is_never_shorter_than_the_timeout():
 
 
 # -- the handler, with fake host sockets
-
-
-class FakeLink:
-    description = "fake"
-    mtu = 1500
-
-    def __init__(self):
-        self.sent = []
-
-    def send_frame(self, frame):
-        self.sent.append(frame if isinstance(frame, bytes) else b"".join(bytes(b) for b in frame))
-
-    def take(self):
-        out, self.sent = [fb.parse(f) for f in self.sent], []
-        return out
 
 
 class FakeHostSocket:

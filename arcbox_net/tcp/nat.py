@@ -30,7 +30,6 @@ ACK, one host write, one timer update).
 """
 
 import errno
-import ipaddress
 import random
 import resource
 import socket
