@@ -117,6 +117,7 @@ import enum
 import attrs
 
 from ..wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
+from .sendbuf import SendBuffer
 
 MASK = 0xFFFFFFFF
 _DEFAULT_MSS = 536  # RFC 1122: the MSS to assume when the SYN has none
@@ -303,7 +304,7 @@ class TcpConnection:
         self.send_mss = min(params.mss_limit, _DEFAULT_MSS)
         self._wl1 = 0
         self._wl2 = 0
-        self._sendbuf = bytearray()
+        self._sendbuf = SendBuffer()
         self._fin_queued = False
         self._fin_sent = False
         self._dupacks = 0
@@ -370,7 +371,7 @@ class TcpConnection:
     def send(self, data):
         """Queue host bytes for the guest; they leave on the next ``flush``."""
         if self.state in _ACCEPTS_SEND and not self._fin_queued:
-            self._sendbuf += data
+            self._sendbuf.append(data)
 
     def close(self, now):
         """Host EOF: FIN after everything already queued."""
@@ -512,7 +513,7 @@ class TcpConnection:
             self._timer = now + self.params.time_wait
         elif new is CLOSED:
             self._timer = None
-            self._sendbuf = bytearray()
+            self._sendbuf.clear()
             self._ooo = []
             self._events.append(Closed())  # once: CLOSED has no way out
         return True
@@ -627,7 +628,7 @@ class TcpConnection:
                 self.bytes_to_guest += len(buf)
                 buf.clear()
             else:
-                del buf[:acked]
+                buf.consume(acked)
                 self.bytes_to_guest += acked
             self.snd_una = ack
             if self._rtt_seq is not None and seq_lt(self._rtt_seq, ack):
@@ -793,7 +794,7 @@ class TcpConnection:
                     while pos < stop:
                         nxt = pos + chunk if pos + chunk < stop else stop
                         out.append(TcpSegment(lp, gp, (una + pos) & MASK, ack, ACK,
-                                              wnd, buf[pos:nxt]))
+                                              wnd, buf.slice(pos, nxt)))
                         pos = nxt
                     last = out[-1]
                     last.flags = ACK | PSH
@@ -825,7 +826,7 @@ class TcpConnection:
         flags = ACK | PSH if n else ACK
         if self._fin_sent and n == data:
             flags |= FIN
-        self._emit(flags, self.snd_una, self._sendbuf[:n])
+        self._emit(flags, self.snd_una, self._sendbuf.slice(0, n))
         self._rtt_seq = None  # Karn; and a sample taken across a repair would be inflated
 
     def _chunk(self):
@@ -844,9 +845,9 @@ class TcpConnection:
             if flight > len(buf):  # the FIN is out: it carries the probe
                 self._retransmit()
                 return
-            self._emit(ACK, self.snd_una, buf[:1])
+            self._emit(ACK, self.snd_una, buf.slice(0, 1))
         elif buf:
-            self._emit(ACK, self.snd_nxt, buf[:1])
+            self._emit(ACK, self.snd_nxt, buf.slice(0, 1))
             self.snd_nxt = (self.snd_nxt + 1) & MASK
         self._rtt_seq = None
 
