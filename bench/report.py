@@ -1,0 +1,230 @@
+"""latest.md (the table), and the PNG plots, from the driver's result dict."""
+
+import os
+
+STACK_LABELS = {"arcbox-net": "arcbox-net", "slirp4netns": "slirp4netns", "pasta": "pasta",
+                "kernel": "kernel (veth)"}
+
+#: Table rows in order: (workload, metric, label, unit). Scale rows are added per N.
+ROWS = [
+    ("tcp_up_1", "gbps", "TCP guest→host, 1 stream", "Gbit/s"),
+    ("tcp_down_1", "gbps", "TCP host→guest, 1 stream", "Gbit/s"),
+    ("tcp_up_4", "gbps", "TCP guest→host, 4 streams", "Gbit/s"),
+    ("tcp_down_4", "gbps", "TCP host→guest, 4 streams", "Gbit/s"),
+    ("port_forward", "gbps", "TCP port forward host→guest", "Gbit/s"),
+    ("tcp_rr", "median_us", "TCP 1-byte request/response, median", "µs"),
+    ("tcp_rr", "p99_us", "TCP 1-byte request/response, p99", "µs"),
+    ("conn_rate", "per_second", "Connect, 1 request, close", "conn/s"),
+    ("udp", "received_mbps", "UDP at {udp_rate}bit/s offered: received", "Mbit/s"),
+    ("udp", "loss_pct", "UDP at {udp_rate}bit/s offered: loss", "%"),
+    ("dns", "per_second", "DNS queries, local name", "queries/s"),
+    ("tcp_up_1", "cpu_s_per_gb", "Stack CPU, TCP guest→host 1 stream", "CPU s/GB"),
+    ("tcp_down_1", "cpu_s_per_gb", "Stack CPU, TCP host→guest 1 stream", "CPU s/GB"),
+    ("tcp_up_4", "cpu_s_per_gb", "Stack CPU, TCP guest→host 4 streams", "CPU s/GB"),
+    ("tcp_down_4", "cpu_s_per_gb", "Stack CPU, TCP host→guest 4 streams", "CPU s/GB"),
+    ("port_forward", "cpu_s_per_gb", "Stack CPU, port forward host→guest", "CPU s/GB"),
+]
+
+SCALE_ROWS = [
+    ("open_s", "{n} idle connections: time to open", "s"),
+    ("echo_s", "{n} connections echo 1 KB each: time", "s"),
+    ("ok", "{n} connections echo 1 KB each: succeeded", "conns"),
+    ("rss_mib", "{n} connections held: stack RSS", "MiB"),
+    ("fds", "{n} connections held: stack open fds", "fds"),
+]
+
+THROUGHPUT = [("tcp_up_1", "gbps", "guest→host\n1 stream"), ("tcp_down_1", "gbps", "host→guest\n1 stream"),
+              ("tcp_up_4", "gbps", "guest→host\n4 streams"), ("tcp_down_4", "gbps", "host→guest\n4 streams"),
+              ("port_forward", "gbps", "port forward\nhost→guest"),
+              ("udp", "received_mbps", "UDP received\n(offered {udp_rate})")]
+
+
+def fmt(value):
+    if value is None:
+        return "—"
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def rows(result):
+    meta = result["meta"]
+    out = [(w, m, label.format(udp_rate=meta["udp_rate"]), unit) for w, m, label, unit in ROWS]
+    for n in meta["scale"]:
+        out += [(f"scale_{n}", m, label.format(n=f"{n:,}"), unit) for m, label, unit in SCALE_ROWS]
+    return out
+
+
+def table_markdown(result):
+    """The results table with its n/a reasons, as markdown."""
+    meta = result["meta"]
+    stacks = meta["stacks"]
+    index = {(e["workload"], e["mtu"], e["stack"]): e for e in result["summary"]}
+    notes = []
+
+    def note(text):
+        if text not in notes:
+            notes.append(text)
+        return notes.index(text) + 1
+
+    head = ["Workload", "MTU", "Unit", *(STACK_LABELS.get(s, s) for s in stacks)]
+    ratio = "arcbox-net" in stacks and "slirp4netns" in stacks
+    if ratio:
+        head.append("arcbox-net / slirp4netns")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    spread = False
+    for wid, metric, label, unit in rows(result):
+        for mtu in meta["mtus"]:
+            entries = [index.get((wid, mtu, s)) for s in stacks]
+            if not any(entries):
+                continue
+            cells = []
+            values = {}
+            for stack, e in zip(stacks, entries):
+                if e is None:
+                    cells.append("")
+                    continue
+                value = e["metrics"].get(metric)
+                if e["rounds_ok"] == 0:
+                    cells.append(f"n/a [{note(e['errors'][0] if e['errors'] else 'no result')}]")
+                    continue
+                values[stack] = value
+                cell = fmt(value)
+                low, high = e.get("ranges", {}).get(metric, (None, None))
+                if low and high / low > 2:
+                    cell += " †"
+                    spread = True
+                if e["rounds_ok"] < e["rounds"]:
+                    partial = (f"{stack}: only {e['rounds_ok']} of {e['rounds']} rounds "
+                               f"succeeded: " + "; ".join(e["errors"]))
+                    cell += f" [{note(partial)}]"
+                cells.append(cell)
+            row = [label, str(mtu), unit, *cells]
+            if ratio:
+                a, s = values.get("arcbox-net"), values.get("slirp4netns")
+                row.append(f"{a / s:.2f}×" if a is not None and s else "—")
+            lines.append("| " + " | ".join(row) + " |")
+    if spread:
+        lines += ["", "† the rounds differ by more than 2× (each round's figure is in "
+                  "latest.json, under records)."]
+    if notes:
+        lines += ["", "n/a and partial results:", ""]
+        lines += [f"{i}. {text}" for i, text in enumerate(notes, 1)]
+    return "\n".join(lines)
+
+
+def micro_markdown(micro):
+    if isinstance(micro, str):
+        return micro
+    lines = ["| Function | median µs | ops/s |", "|---|---|---|"]
+    for b in micro:
+        lines.append(f"| {b['name']} | {b['median_us']:.2f} | {b['ops_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+def header(result):
+    meta = result["meta"]
+    m = meta["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+    mode = "smoke run" if meta["mode"] == "smoke" else "full run"
+    return (f"{meta['date']}, {mode}: median of {meta['rounds']} round(s), "
+            f"{meta['duration_s']:g} s per timed run, stacks alternating; "
+            f"{m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, load {m.get('load', '?')}, "
+            f"arcbox-net at {m['commit']}; "
+            f"{versions}. Took {meta.get('elapsed_s', 0):.0f} s.")
+
+
+NOTES = """\
+- Guests are fresh network namespaces (one per stack, MTU and round). Servers (iperf3,
+  bench/netprog.py) listen on the host's 127.0.0.1, reached from the guest at the stack's
+  host alias: arcbox-net 10.0.2.1, slirp4netns and pasta 10.0.2.2. The kernel row is a veth
+  pair to a second namespace (10.200.0.1/30), with its servers there: the physical limit.
+- Ratio is arcbox-net / slirp4netns: above 1 is better for throughput and rates, below 1 is
+  better for latency, time, CPU and memory.
+- Stack CPU is the stack process's user+system time per GB received (from /proc/PID/stat);
+  the kernel row has no process to measure. The port forward of pasta splices loopback
+  sockets (no frames through its tap); the kernel row's "forward" is the direct route.
+- DNS: only arcbox-net has a local name (host.arcbox.internal); the others would forward to
+  the host's resolver, and this benchmark sends nothing off the machine.
+- Scale rows run at the first MTU only; in the echo phase each connection gets 30 s, so
+  30 s there is that cap (the ones slower than that count as not succeeded).
+- pasta runs with `--runas 0` (as root it would otherwise switch to nobody and fail to
+  join the namespace) and `-q` (this version crashes in its debug logging).
+- The machine is shared: "load" in the header is the 1-minute load average before and
+  after the run; other work on it adds noise, which the median of rounds only damps."""
+
+
+def write(out_dir, result):
+    meta = result["meta"]
+    parts = ["# arcbox-net benchmarks", "", header(result), "", table_markdown(result), "",
+             "Notes:", "", NOTES, ""]
+    if "micro" in meta:
+        parts += ["## Micro-benchmarks (bench/micro, pytest-benchmark)", "",
+                  micro_markdown(meta["micro"]), ""]
+    parts += ["Plots: [throughput.png](throughput.png), [latency.png](latency.png).", ""]
+    with open(os.path.join(out_dir, "latest.md"), "w") as f:
+        f.write("\n".join(parts))
+    plot(out_dir, result)
+
+
+def plot(out_dir, result):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = result["meta"]
+    stacks = meta["stacks"]
+    index = {(e["workload"], e["mtu"], e["stack"]): e for e in result["summary"]}
+    mtus = meta["mtus"]
+
+    # Throughput per workload per stack (Gbit/s, log scale), one panel per MTU.
+    fig, axes = plt.subplots(len(mtus), 1, figsize=(11, 4.2 * len(mtus)), squeeze=False)
+    width = 0.8 / len(stacks)
+    for ax, mtu in zip(axes[:, 0], mtus):
+        labels = [label.format(udp_rate=meta["udp_rate"]) for _, _, label in THROUGHPUT]
+        for i, stack in enumerate(stacks):
+            heights = []
+            for wid, metric, _ in THROUGHPUT:
+                e = index.get((wid, mtu, stack))
+                value = e["metrics"].get(metric) if e and e["rounds_ok"] else None
+                if value is not None and metric == "received_mbps":
+                    value /= 1000
+                heights.append(value or 0)
+            xs = [x + (i - (len(stacks) - 1) / 2) * width for x in range(len(THROUGHPUT))]
+            bars = ax.bar(xs, heights, width, label=STACK_LABELS.get(stack, stack))
+            for bar, h in zip(bars, heights):
+                ax.annotate(fmt(h) if h else "n/a", (bar.get_x() + bar.get_width() / 2, h or 0.01),
+                            ha="center", va="bottom", fontsize=7, rotation=90)
+        ax.set_yscale("log")
+        ax.set_ylim(0.01, max([1.0, *ax.get_ylim()[1:]]) * 8)   # room for the labels
+        ax.set_xticks(range(len(THROUGHPUT)), labels, fontsize=8)
+        ax.set_ylabel("Gbit/s (log)")
+        ax.set_title(f"Throughput, MTU {mtu} (median of {meta['rounds']} rounds)")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "throughput.png"), dpi=90)
+    plt.close(fig)
+
+    # Latency: distribution (CDF) of 1-byte round trips, one panel per MTU.
+    fig, axes = plt.subplots(1, len(mtus), figsize=(6 * len(mtus), 4.2), squeeze=False)
+    for ax, mtu in zip(axes[0], mtus):
+        for stack in stacks:
+            e = index.get(("tcp_rr", mtu, stack))
+            pct = e["metrics"].get("percentiles_us") if e and e["rounds_ok"] else None
+            if pct:
+                ax.plot(pct, range(101), label=STACK_LABELS.get(stack, stack))
+        ax.set_xscale("log")
+        ax.set_xlabel("round trip, µs (log)")
+        ax.set_ylabel("percentile")
+        ax.set_title(f"TCP 1-byte request/response, MTU {mtu}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "latency.png"), dpi=90)
+    plt.close(fig)

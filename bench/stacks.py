@@ -1,0 +1,257 @@
+"""The stacks under test, each giving a fresh guest namespace a network.
+
+A stack object is started for one MTU and stopped afterwards. What the
+workloads need from it:
+
+  guest_ns      namespace the guest-side programs run in
+  host_ns       namespace the host-side servers run in (None: this host)
+  server_addr   address the host-side servers bind
+  gateway       address the guest uses to reach ``server_addr``
+  pid           the stack's process (CPU, RSS, fds), None for the kernel
+  forward()     (namespace, address, port) a host client uses to reach the
+                guest's port 5201, or Unsupported
+  dns           (server, name) for the DNS workload, or None and ``dns_reason``
+
+Everything stays on this machine: servers bind loopback (or the host end of
+the kernel veth, itself in a namespace of its own), arcbox-net runs with
+``--deny 0.0.0.0/0 --allow 127.0.0.0/8`` and DNS upstreams on loopback only.
+"""
+
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+from .common import (Unsupported, free_port, last_line, netns_add, netns_del, spawn, stop,
+                     wait_ready_fd)
+
+GUEST_PORT = 5201          # the guest's iperf3 server for the port-forward workload
+_ids = itertools.count()
+
+
+def _ns_name(kind):
+    return f"abxb-{os.getpid()}-{kind}-{next(_ids)}"
+
+
+class Stack:
+    name = "?"
+    host_ns = None
+    server_addr = "127.0.0.1"
+    pid = None
+    dns = None
+    dns_reason = "this stack offers no resolver with a local name"
+
+    def __init__(self, mtu, logdir, twistd):
+        self.mtu = mtu
+        self.logdir = logdir
+        self.twistd = twistd
+        self.guest_ns = None
+        self.proc = None
+        self.log_path = None
+        self.forward_port = free_port()
+
+    def _log(self):
+        self.log_path = os.path.join(self.logdir, f"{self.name}-{self.mtu}-{next(_ids)}.log")
+        return open(self.log_path, "w")
+
+    def log_tail(self):
+        try:
+            with open(self.log_path) as f:
+                return last_line(f.read())
+        except (OSError, TypeError):
+            return ""
+
+    def start(self):
+        raise NotImplementedError
+
+    def forward(self):
+        raise Unsupported("no port forwarding")
+
+    def stop(self):
+        stop(self.proc)
+        self.proc = None
+        if self.guest_ns:
+            netns_del(self.guest_ns)
+            self.guest_ns = None
+
+    @staticmethod
+    def version():
+        return None
+
+
+class ArcboxNet(Stack):
+    name = "arcbox-net"
+    gateway = "10.0.2.1"
+    _help = None
+
+    def options(self):
+        """The stack's --help text, to use only the options this version has."""
+        if ArcboxNet._help is None:
+            result = subprocess.run([self.twistd, "arcbox-net", "--help"], capture_output=True,
+                                    text=True, timeout=60)
+            ArcboxNet._help = result.stdout + result.stderr
+        return ArcboxNet._help
+
+    def start(self):
+        self.guest_ns = netns_add(_ns_name("arcbox"))
+        help_text = self.options()
+        args = ["--netns", self.guest_ns, "--configure", "--mtu", str(self.mtu),
+                "--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8"]
+        self.has_forward = "--forward" in help_text
+        if self.has_forward:
+            args += ["--forward", f"tcp:127.0.0.1:{self.forward_port}:{GUEST_PORT}"]
+        if "--dns-upstream" in help_text:
+            # Names it does not know locally go to a closed loopback port: never off the machine.
+            args += ["--dns-upstream", f"127.0.0.1:{free_port()}"]
+        if "--max-connections" in help_text:
+            args += ["--max-connections", "16384"]
+        read_fd, write_fd = os.pipe()
+        cmd = [self.twistd, "-n", "--pidfile=", "arcbox-net", *args, "--ready-fd", str(write_fd)]
+        with self._log() as log:
+            self.proc = spawn(cmd, log=log, pass_fds=(write_fd,))
+        os.close(write_fd)
+        if not wait_ready_fd(read_fd, self.proc, timeout=30):
+            raise RuntimeError(f"arcbox-net did not become ready: {self.log_tail()}")
+        self.pid = self.proc.pid
+        self.dns = ("10.0.2.1", "host.arcbox.internal")
+
+    def forward(self):
+        if not self.has_forward:
+            raise Unsupported("this arcbox-net has no --forward option")
+        return None, "127.0.0.1", self.forward_port
+
+    @staticmethod
+    def version():
+        import arcbox_net
+        return getattr(arcbox_net, "__version__", None)
+
+
+class Slirp4netns(Stack):
+    name = "slirp4netns"
+    gateway = "10.0.2.2"           # slirp4netns's alias of the host's loopback
+    dns_reason = ("slirp4netns's DNS (10.0.2.3) only forwards to the host's resolver: "
+                  "it has no local name, and the benchmark sends nothing off this machine")
+
+    def start(self):
+        self.guest_ns = netns_add(_ns_name("slirp"))
+        self.api_socket = os.path.join(self.logdir, f"slirp-{os.getpid()}-{next(_ids)}.sock")
+        read_fd, write_fd = os.pipe()
+        cmd = ["slirp4netns", "--configure", f"--mtu={self.mtu}", "--netns-type=path",
+               "--api-socket", self.api_socket, "--ready-fd", str(write_fd),
+               f"/var/run/netns/{self.guest_ns}", "tap0"]
+        with self._log() as log:
+            self.proc = spawn(cmd, log=log, pass_fds=(write_fd,))
+        os.close(write_fd)
+        if not wait_ready_fd(read_fd, self.proc, timeout=15):
+            raise RuntimeError(f"slirp4netns did not become ready: {self.log_tail()}")
+        self.pid = self.proc.pid
+
+    def forward(self):
+        request = {"execute": "add_hostfwd",
+                   "arguments": {"proto": "tcp", "host_addr": "127.0.0.1",
+                                 "host_port": self.forward_port, "guest_port": GUEST_PORT}}
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(self.api_socket)
+            s.sendall(json.dumps(request).encode())
+            reply = json.loads(s.recv(4096))
+        if "error" in reply:
+            raise RuntimeError(f"slirp4netns add_hostfwd: {reply['error']}")
+        return None, "127.0.0.1", self.forward_port
+
+    def stop(self):
+        super().stop()
+        if getattr(self, "api_socket", None) and os.path.exists(self.api_socket):
+            os.unlink(self.api_socket)
+
+    @staticmethod
+    def version():
+        out = subprocess.run(["slirp4netns", "--version"], capture_output=True, text=True).stdout
+        return out.splitlines()[0].split()[-1] if out else None
+
+
+class Pasta(Stack):
+    name = "pasta"
+    gateway = "10.0.2.2"           # pasta maps its gateway address to the host's loopback
+    dns_reason = ("pasta only forwards DNS to the host's resolver (--dns-forward): no local "
+                  "name, and the benchmark sends nothing off this machine")
+
+    def start(self):
+        if shutil.which("pasta") is None:
+            raise Unsupported("pasta is not installed (Debian package passt)")
+        self.guest_ns = netns_add(_ns_name("pasta"))
+        # --runas 0: as root, pasta would otherwise switch to nobody and then fail with
+        # "Couldn't switch to pasta namespaces". -q: this version's debug logging crashes.
+        cmd = ["pasta", "--netns", self.guest_ns, "--runas", "0", "--config-net", "-4",
+               "-I", "tap0", "-a", "10.0.2.15", "-n", "24", "-g", self.gateway,
+               "-m", str(self.mtu), "-t", f"127.0.0.1/{self.forward_port}:{GUEST_PORT}",
+               "-u", "none", "-T", "none", "-U", "none", "-f", "-q"]
+        with self._log() as log:
+            self.proc = spawn(cmd, log=log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise Unsupported(f"pasta exited ({self.proc.returncode}): {self.log_tail()}")
+            addr = subprocess.run(["ip", "-n", self.guest_ns, "-4", "addr", "show", "tap0"],
+                                  capture_output=True, text=True).stdout
+            if "10.0.2.15" in addr:
+                self.pid = self.proc.pid
+                return
+            time.sleep(0.1)
+        raise Unsupported(f"pasta did not configure the namespace: {self.log_tail()}")
+
+    def forward(self):
+        return None, "127.0.0.1", self.forward_port
+
+    @staticmethod
+    def version():
+        if shutil.which("dpkg-query") is None:
+            return None
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "passt"],
+                             capture_output=True, text=True).stdout
+        return out or None
+
+
+class Kernel(Stack):
+    """A veth pair between the guest and a host-side namespace: the physical limit."""
+
+    name = "kernel"
+    host_addr = "10.200.0.1"
+    guest_addr = "10.200.0.2"
+    server_addr = host_addr
+    gateway = host_addr
+    dns_reason = "no resolver on the kernel path"
+
+    def start(self):
+        self.guest_ns = netns_add(_ns_name("kguest"))
+        self.host_ns = netns_add(_ns_name("khost"))
+        steps = [
+            ["ip", "-n", self.host_ns, "link", "add", "vh", "type", "veth",
+             "peer", "name", "vg", "netns", self.guest_ns],
+            ["ip", "-n", self.host_ns, "addr", "add", f"{self.host_addr}/30", "dev", "vh"],
+            ["ip", "-n", self.guest_ns, "addr", "add", f"{self.guest_addr}/30", "dev", "vg"],
+            ["ip", "-n", self.host_ns, "link", "set", "vh", "mtu", str(self.mtu), "up"],
+            ["ip", "-n", self.guest_ns, "link", "set", "vg", "mtu", str(self.mtu), "up"],
+            ["ip", "-n", self.guest_ns, "route", "add", "default", "via", self.host_addr],
+        ]
+        for cmd in steps:
+            subprocess.run(cmd, check=True, capture_output=True)
+
+    def forward(self):
+        return self.host_ns, self.guest_addr, GUEST_PORT
+
+    def stop(self):
+        super().stop()
+        if self.host_ns:
+            netns_del(self.host_ns)
+            self.host_ns = None
+
+    @staticmethod
+    def version():
+        return os.uname().release
+
+
+STACKS = {cls.name: cls for cls in (ArcboxNet, Slirp4netns, Pasta, Kernel)}

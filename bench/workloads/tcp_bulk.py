@@ -1,0 +1,41 @@
+"""TCP bulk transfer with iperf3: guest->host, host->guest (-R), 1 and 4 streams,
+and host->guest through each stack's port forward."""
+
+import time
+
+from .. import iperf
+from ..common import spawn, stop
+from ..stacks import GUEST_PORT
+
+
+def bulk(ctx, reverse, streams):
+    stack = ctx.stack
+    try:
+        end, cpu = iperf.client(stack.guest_ns, stack.gateway, ctx.iperf.port, ctx.duration,
+                                reverse=reverse, streams=streams, pid=stack.pid)
+    except Exception:
+        ctx.iperf.restart()
+        raise
+    return iperf.bulk_metrics(end, cpu)
+
+
+def port_forward(ctx):
+    """iperf3 server in the guest, client on the host side through the stack's forward."""
+    stack = ctx.stack
+    ns, addr, port = stack.forward()
+    server = spawn(["iperf3", "-s", "-p", str(GUEST_PORT)], ns=stack.guest_ns)
+    try:
+        time.sleep(0.3)
+        end, cpu = iperf.client(ns, addr, port, ctx.duration, pid=stack.pid, retries=3)
+    finally:
+        stop(server)
+    return iperf.bulk_metrics(end, cpu)
+
+
+WORKLOADS = [
+    ("tcp_up_1", lambda ctx: bulk(ctx, reverse=False, streams=1), True),
+    ("tcp_down_1", lambda ctx: bulk(ctx, reverse=True, streams=1), True),
+    ("tcp_up_4", lambda ctx: bulk(ctx, reverse=False, streams=4), True),
+    ("tcp_down_4", lambda ctx: bulk(ctx, reverse=True, streams=4), True),
+    ("port_forward", port_forward, True),
+]

@@ -1,0 +1,49 @@
+"""The benchmark's smoke mode runs end to end against arcbox-net and slirp4netns.
+
+``./bench/run.sh --smoke`` (1 round, 1 s each, MTU 1500, small N) into a
+temporary folder; the JSON must have TCP bulk figures both ways for both stacks,
+and the markdown table and plots must be written.
+"""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import require_root
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.realguest
+def test_bench_smoke_has_tcp_bulk_both_ways(tmp_path):
+    require_root()
+    before = bench_namespaces()
+    result = subprocess.run(
+        [os.path.join(REPO, "bench", "run.sh"), "--smoke", "--stacks", "arcbox-net,slirp4netns",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"bench smoke failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+    with open(tmp_path / "latest.json") as f:
+        data = json.load(f)
+    assert data["meta"]["mode"] == "smoke"
+    summary = {(e["workload"], e["stack"]): e for e in data["summary"]}
+    for stack in ("arcbox-net", "slirp4netns"):
+        for workload in ("tcp_up_1", "tcp_down_1"):
+            entry = summary[(workload, stack)]
+            gbps = entry["metrics"].get("gbps")
+            assert isinstance(gbps, float) and gbps > 0, (workload, stack, entry)
+    # Every workload has a figure or says why not.
+    for entry in data["summary"]:
+        assert entry["rounds_ok"] or entry["errors"], entry
+    for name in ("latest.md", "throughput.png", "latency.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    table = (tmp_path / "latest.md").read_text()
+    assert "| TCP guest→host, 1 stream | 1500 | Gbit/s |" in table
+    assert bench_namespaces() <= before, "the benchmark left namespaces behind"
+
+
+def bench_namespaces():
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith("abxb-")}
