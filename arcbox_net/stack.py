@@ -51,7 +51,8 @@ class NetworkStack(service.Service):
         self.link_lost_reason = None
         self._subscribers = []
         self.dhcp.core.on_lease = self._lease_granted
-        self.tcp.on_event = self.emit
+        # The TCP NAT describes connections only while someone listens.
+        self.tcp.on_event = None
         from .forward import ForwardManager
         self.forwarder = ForwardManager(self, self.config.forward_source)
         from .forward import UdpForwarder
@@ -150,7 +151,14 @@ class NetworkStack(service.Service):
         "forward-added", "forward-removed". ``details`` is a JSON-able dict.
         """
         self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+        self.tcp.on_event = self.emit
+
+        def unsubscribe():
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+            if not self._subscribers:
+                self.tcp.on_event = None
+        return unsubscribe
 
     def emit(self, kind, details):
         for callback in list(self._subscribers):

@@ -1003,3 +1003,45 @@ def test_fuzz_never_raises(state):
         assert c.send_buffered >= 0
         assert 0 <= seq_diff(c.snd_nxt, c.snd_una) <= c.send_buffered + 1 or \
             c.state in (S.HELD, S.SYN_SENT, S.SYN_RECEIVED, S.CLOSED)
+
+
+# -- delayed ACK (the answer carries the ACK of a request)
+
+DELAYED = TcpParams(delayed_ack=0.001)
+
+
+def test_small_request_ack_waits_for_the_answer():
+    c, g = established(DELAYED)
+    g.send(payload=b"GET /", now=1.0)
+    c.flush(1.0)
+    assert c.take_segments() == [] and c.next_deadline() == pytest.approx(1.001)
+    assert c.take_received() == [b"GET /"]
+    c.send(b"200 OK")
+    c.flush(1.0005)
+    seg = only(c.take_segments())
+    assert seg.payload == b"200 OK" and g.ack_of(seg) == 5  # the answer carries the ACK
+    assert c.next_deadline() != pytest.approx(1.001)  # the delayed ACK is off
+
+
+def test_delayed_ack_goes_out_on_its_timer_when_no_answer_comes():
+    c, g = established(DELAYED)
+    g.send(payload=b"x" * 10, now=1.0)
+    c.flush(1.0)
+    assert c.take_segments() == []
+    c.on_timer(1.001)
+    seg = only(c.take_segments())
+    assert seg.flags == ACK and g.ack_of(seg) == 10 and not seg.payload
+
+
+@pytest.mark.parametrize("what", ["two-segments", "fin", "out-of-order"])
+def test_bulk_fin_and_out_of_order_are_acked_at_once(what):
+    c, g = established(DELAYED)
+    if what == "two-segments":
+        g.send(payload=b"a" * 1460, now=1.0)
+        g.send(off=1460, payload=b"b" * 1460, now=1.0)
+    elif what == "fin":
+        g.send(payload=b"bye", flags=ACK | FIN, now=1.0)
+    else:
+        g.send(off=100, payload=b"later", now=1.0)
+    c.flush(1.0)
+    assert [s for s in c.take_segments() if s.flags & ACK and not s.payload]

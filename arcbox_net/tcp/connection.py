@@ -213,6 +213,10 @@ class TcpParams:
     max_retransmits: int = 12
     syn_retries: int = 6
     time_wait: float = 2.0
+    #: Hold the ACK of a little in-order data this long, so that the host's
+    #: answer can carry it (one frame instead of two per request/response).
+    #: 0 disables. Two full segments or anything unusual are ACKed at once.
+    delayed_ack: float = 0.0
     max_in_flight: int | None = None
     #: Largest payload per emitted segment when the link segments for us (GSO):
     #: segments carry up to this many bytes and the link cuts them to the MSS.
@@ -281,7 +285,7 @@ class TcpConnection:
         "irs", "rcv_nxt", "rcv_shift", "_rcv_adv", "_receive_open", "_ack_owed",
         "_ooo", "_ooo_fin", "_guest_wscale",
         # timers
-        "_timer", "_rto", "_cur_rto", "_srtt", "_rttvar", "_rtt_seq", "_rtt_time",
+        "_timer", "_delack", "_ack_urgent", "_acked_to", "_rto", "_cur_rto", "_srtt", "_rttvar", "_rtt_seq", "_rtt_time",
         "_retries",
         # outputs
         "_out", "_received", "_events",
@@ -316,6 +320,9 @@ class TcpConnection:
         self._rcv_adv = 0
         self._receive_open = True
         self._ack_owed = False
+        self._ack_urgent = False   # the owed ACK may not wait (see delayed_ack)
+        self._delack = None        # deadline of a delayed ACK
+        self._acked_to = 0         # rcv_nxt as of our last ACK
         self._ooo = []  # [seq, bytes], sorted, non-overlapping
         self._ooo_fin = None
         self._guest_wscale = None
@@ -342,6 +349,7 @@ class TcpConnection:
         self = cls(syn.dst_port, syn.src_port, now, iss, params, HELD)
         self.irs = syn.seq & MASK
         self.rcv_nxt = (self.irs + 1) & MASK
+        self._acked_to = self.rcv_nxt  # our SYN-ACK will acknowledge the SYN
         self._wl1 = self.irs
         self.snd_wnd = syn.window  # never scaled in a SYN
         self._negotiate(syn.mss, syn.wscale)
@@ -408,14 +416,30 @@ class TcpConnection:
             self._push(now)
         if self._ack_owed:
             if st in _ACKING:
+                delay = self.params.delayed_ack
+                if (delay and not self._ack_urgent and not self._ooo
+                        and seq_diff(self.rcv_nxt, self._acked_to) < 2 * self.params.mss_limit):
+                    if self._delack is None:
+                        self._delack = now + delay
+                    return
                 self._emit(ACK, self.snd_nxt)
             else:
                 self._ack_owed = False
+                self._ack_urgent = False
 
     def next_deadline(self):
-        return self._timer
+        delack = self._delack
+        timer = self._timer
+        if delack is None:
+            return timer
+        return delack if timer is None or delack < timer else timer
 
     def on_timer(self, now):
+        delack = self._delack
+        if delack is not None and now >= delack:
+            self._delack = None
+            if self._ack_owed and self.state in _ACKING:
+                self._emit(ACK, self.snd_nxt)
         deadline = self._timer
         if deadline is None or now < deadline:
             return
@@ -572,11 +596,13 @@ class TcpConnection:
         if n or fin:
             if seq_le((seq + n + (1 if fin else 0)) & MASK, rcv_nxt):
                 self._ack_owed = True  # all old: our ACK was lost
+                self._ack_urgent = True
                 if fin and self.state is TIME_WAIT:
                     self._timer = now + self.params.time_wait
                 return
             if seq != rcv_nxt and not seq_lt(seq, self._rcv_adv):
                 self._ack_owed = True  # beyond the window
+                self._ack_urgent = True
                 return
         elif seq != rcv_nxt and not (seq_lt(rcv_nxt, seq) and seq_lt(seq, self._rcv_adv)):
             return  # a stale pure ACK: dropped, never answered
@@ -596,6 +622,7 @@ class TcpConnection:
                 self._receive(seg.payload, seq, n, fin, now)
             else:
                 self._ack_owed = True
+                self._ack_urgent = True
 
     def _handshake_done(self, seg, now, window):
         """Our SYN is acknowledged (either direction of open)."""
@@ -618,6 +645,7 @@ class TcpConnection:
         if acked > seq_diff(self.snd_nxt, una):
             if seg.payload or seg.flags & FIN:
                 self._ack_owed = True  # acks what we never sent
+                self._ack_urgent = True
             return False
         wnd = seg.window << self.snd_shift
         fin_acked = False
@@ -685,8 +713,11 @@ class TcpConnection:
             payload = payload[:n]
             fin = 0
             self._ack_owed = True
+            self._ack_urgent = True
         if seq == rcv_nxt:
-            self._ack_owed = True
+            if not self._ack_owed:
+                self._ack_owed = True
+                self._ack_urgent = bool(fin) or not n
             if n:
                 self._received.append(payload)
                 self.rcv_nxt = (rcv_nxt + n) & MASK
@@ -748,6 +779,7 @@ class TcpConnection:
         self._ooo = []
         self._ooo_fin = None
         self._ack_owed = True
+        self._ack_urgent = True
         self._events.append(GuestEndOfData())
         self._transition("guest-fin", now)
 
@@ -803,7 +835,10 @@ class TcpConnection:
                         self._fin_sent = True
                         stop += 1
                     self.snd_nxt = (una + stop) & MASK
-                    self._ack_owed = False
+                    self._ack_owed = False  # the data carries it
+                    self._ack_urgent = False
+                    self._delack = None
+                    self._acked_to = ack
         if pos == end and self._fin_queued and not self._fin_sent:
             # A FIN needs no window room: receivers take it at the right edge.
             if self._rtt_seq is None:
@@ -872,6 +907,9 @@ class TcpConnection:
         """Queue one segment; with ACK it carries rcv_nxt and our current window."""
         if flags & ACK:
             self._ack_owed = False
+            self._ack_urgent = False
+            self._delack = None
+            self._acked_to = self.rcv_nxt
             self._out.append(TcpSegment(self.local_port, self.guest_port, seq, self.rcv_nxt,
                                         flags, self._window_field(), payload))
         else:
