@@ -2,8 +2,8 @@
 
 import os
 
-STACK_LABELS = {"arcbox-net": "arcbox-net", "slirp4netns": "slirp4netns", "pasta": "pasta",
-                "kernel": "kernel (veth)"}
+STACK_LABELS = {"arcbox-net": "arcbox-net", "arcbox-net-nooffload": "arcbox-net (no offload)",
+                "slirp4netns": "slirp4netns", "pasta": "pasta", "kernel": "kernel (veth)"}
 
 #: Table rows in order: (workload, metric, label, unit). Scale rows are added per N.
 ROWS = [
@@ -75,8 +75,11 @@ def table_markdown(result):
 
     head = ["Workload", "MTU", "Unit", *(STACK_LABELS.get(s, s) for s in stacks)]
     ratio = "arcbox-net" in stacks and "slirp4netns" in stacks
+    ratio_plain = "arcbox-net-nooffload" in stacks and "slirp4netns" in stacks
     if ratio:
         head.append("arcbox-net / slirp4netns")
+    if ratio_plain:
+        head.append("no offload / slirp4netns")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     spread = False
     for wid, metric, label, unit in rows(result):
@@ -106,9 +109,10 @@ def table_markdown(result):
                     cell += f" [{note(partial)}]"
                 cells.append(cell)
             row = [label, str(mtu), unit, *cells]
-            if ratio:
-                a, s = values.get("arcbox-net"), values.get("slirp4netns")
-                row.append(f"{a / s:.2f}×" if a is not None and s else "—")
+            for wanted, mine in ((ratio, "arcbox-net"), (ratio_plain, "arcbox-net-nooffload")):
+                if wanted:
+                    a, s = values.get(mine), values.get("slirp4netns")
+                    row.append(f"{a / s:.2f}×" if a is not None and s else "—")
             lines.append("| " + " | ".join(row) + " |")
     if spread:
         lines += ["", "† the rounds differ by more than 2× (each round's figure is in "

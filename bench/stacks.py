@@ -86,6 +86,7 @@ class ArcboxNet(Stack):
     name = "arcbox-net"
     gateway = "10.0.2.1"
     _help = None
+    extra_args = []
 
     def options(self):
         """The stack's --help text, to use only the options this version has."""
@@ -108,6 +109,7 @@ class ArcboxNet(Stack):
             args += ["--dns-upstream", f"127.0.0.1:{free_port()}"]
         if "--max-connections" in help_text:
             args += ["--max-connections", "16384"]
+        args += self.extra_args
         read_fd, write_fd = os.pipe()
         cmd = [self.twistd, "-n", "--pidfile=", "arcbox-net", *args, "--ready-fd", str(write_fd)]
         with self._log() as log:
@@ -127,6 +129,14 @@ class ArcboxNet(Stack):
     def version():
         import arcbox_net
         return getattr(arcbox_net, "__version__", None)
+
+
+class ArcboxNetNoOffload(ArcboxNet):
+    """The same TAP without virtio-net offloads: frames of at most the MTU, as on
+    the socket links (--fd, QEMU stream/dgram), which carry no offload metadata."""
+
+    name = "arcbox-net-nooffload"
+    extra_args = ["--no-offload"]
 
 
 class Slirp4netns(Stack):
@@ -254,4 +264,4 @@ class Kernel(Stack):
         return os.uname().release
 
 
-STACKS = {cls.name: cls for cls in (ArcboxNet, Slirp4netns, Pasta, Kernel)}
+STACKS = {cls.name: cls for cls in (ArcboxNet, ArcboxNetNoOffload, Slirp4netns, Pasta, Kernel)}
