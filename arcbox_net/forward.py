@@ -368,6 +368,7 @@ class UdpForwarder:
                 "guest": f"{ipaddress.IPv4Address(gip)}:{gport}",
                 "remote": f"{ipaddress.IPv4Address(sip)}:{sport}",
                 "host": f"{flow.client[0]}:{flow.client[1]}",
+                "state": "established" if flow.established else "unreplied",
                 "bytes_to_guest": flow.bytes_out, "bytes_from_guest": flow.bytes_in,
                 "age": round(now - flow.created, 3),
             })

@@ -162,9 +162,10 @@ def test_a_flow_keeps_its_socket_and_counts_bytes():
     h.clock.advance(2)
     h.nat.host_datagram(h.sockets[0].flow, b"yy")
     [listing] = h.nat.flows()
-    assert listing == {"protocol": "udp", "guest": "10.0.2.2:5000", "remote": "203.0.113.10:7",
-                       "host": "127.0.0.2:7", "local": "127.0.0.1:40000", "bytes_out": 33,
-                       "bytes_in": 2, "age": 2.0, "idle": 0.0}
+    assert listing == {"protocol": "udp", "direction": "outbound", "guest": "10.0.2.2:5000",
+                       "remote": "203.0.113.10:7", "host": "127.0.0.2:7",
+                       "local": "127.0.0.1:40000", "state": "established",
+                       "bytes_from_guest": 33, "bytes_to_guest": 2, "age": 2.0, "idle": 0.0}
 
 
 def test_replies_come_from_the_address_and_port_the_guest_used():

@@ -464,10 +464,11 @@ class IcmpNat:
     def flows(self):
         now = self.reactor.seconds()
         return [{
-            "protocol": "icmp",
+            "protocol": "icmp", "direction": "outbound",
             "guest": f"{ip_str(flow.guest_ip)} id {flow.guest_id}",
             "remote": ip_str(flow.remote_ip),
             "host": f"{flow.host} id {flow.host_id}",
-            "bytes_out": flow.bytes_out, "bytes_in": flow.bytes_in,
+            "state": "answered" if flow.established else "waiting",
+            "bytes_from_guest": flow.bytes_out, "bytes_to_guest": flow.bytes_in,
             "age": round(now - flow.created, 3), "idle": round(now - flow.last_active, 3),
         } for flow in self.table]

@@ -526,12 +526,13 @@ class UdpNat:
         for flow in self.table:
             address = getattr(flow.socket, "address", None)
             out.append({
-                "protocol": "udp",
+                "protocol": "udp", "direction": "outbound",
                 "guest": f"{ip_str(flow.guest_ip)}:{flow.guest_port}",
                 "remote": f"{ip_str(flow.remote_ip)}:{flow.remote_port}",
                 "host": f"{flow.target[0]}:{flow.target[1]}",
                 "local": f"{address[0]}:{address[1]}" if address else None,
-                "bytes_out": flow.bytes_out, "bytes_in": flow.bytes_in,
+                "state": "established" if flow.established else "unreplied",
+                "bytes_from_guest": flow.bytes_out, "bytes_to_guest": flow.bytes_in,
                 "age": round(now - flow.created, 3), "idle": round(now - flow.last_active, 3),
             })
         return out
