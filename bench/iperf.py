@@ -28,7 +28,7 @@ class IperfServer:
 
 
 def client(ns, host, port, duration, reverse=False, streams=1, udp_rate=None, length=None,
-           pid=None, timeout_extra=15, retries=0):
+           pid=None, timeout_extra=15, retries=2):
     """One iperf3 client run; returns (the JSON's ``end``, the stack's CPU seconds)."""
     cmd = ["iperf3", "-c", host, "-p", str(port), "-t", str(duration), "-J",
            "--connect-timeout", "5000"]
@@ -54,8 +54,9 @@ def client(ns, host, port, duration, reverse=False, streams=1, udp_rate=None, le
         if not error and result.returncode == 0:
             cpu = None if cpu_before is None else cpu_after - cpu_before
             return report["end"], cpu
-        if attempt < retries and "refused" in str(error):
-            time.sleep(0.5)
+        if attempt < retries and ("refused" in str(error) or "busy" in str(error)):
+            # The server is still finishing the previous run, or restarting.
+            time.sleep(1.0)
             continue
         raise RuntimeError(f"iperf3: {error or last_line(result.stderr)}")
 

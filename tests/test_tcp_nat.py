@@ -353,3 +353,21 @@ def test_slow_guest_reader_keeps_stack_memory_bounded(guest):
         assert peak[0] - before < 20 * 1024, (before, peak[0])
     finally:
         server.close()
+
+
+def test_tap_without_offload_carries_tcp_both_ways(netns, stack_factory):
+    """--no-offload: plain MTU-sized frames with full checksums, both directions."""
+    stack_factory("--netns", netns, "--configure", "--no-offload", *SAFE)
+    size = 20 * 1024 * 1024
+    up = HostServer(sink_then_reply)
+    down = HostServer(sender(lambda: data_chunks(size, 4)))
+    try:
+        out = client(netns, "send", "10.0.2.1", up.port, size, 8)
+        up.wait()
+        assert out["reply"] == f"{up.results[0][0]}:{size}" and up.results[0][0] == out["sent_sha256"]
+        got = client(netns, "recv", "10.0.2.1", down.port)
+        down.wait()
+        assert got == {"sha256": down.results[0], "bytes": size}
+    finally:
+        up.close()
+        down.close()
