@@ -181,3 +181,12 @@ def test_plugin_is_listed_by_twistd():
     for option in ("--fd", "--tap", "--netns", "--tap-name", "--configure", "--mtu",
                    "--ready-fd", "--subnet", "--gateway", "--search", "--static-lease"):
         assert option in result.stdout
+
+
+def test_tap_link_in_the_current_namespace(netns, stack_factory, tmp_path):
+    """--tap NAME: the stack runs inside the namespace (ip netns exec) and makes the TAP there."""
+    stack_factory("--tap", "tap7", prefix=["ip", "netns", "exec", netns])
+    lease = udhcpc(netns, tmp_path / "lease", iface="tap7")
+    assert lease["ip"] == "10.0.2.2" and lease["router"] == "10.0.2.1"
+    out = in_ns(netns, "ping", "-c", "2", "-i", "0.2", "-W", "2", "10.0.2.1").stdout
+    assert "2 packets transmitted, 2 received" in out
