@@ -187,6 +187,8 @@ def make_service(options):
         sys.stderr.write(f"arcbox-net: {e}\n")
         raise SystemExit(1)
     stack = NetworkStack(link, options.config, reactor=reactor)
+    from .allocator import tune
+    tune()
     if options["pcap"]:
         try:
             stack.start_capture(options["pcap"])
