@@ -143,16 +143,7 @@ class FrameLink:
         return None
 
     def _deliver(self, frames):
-        if not frames or self._sink is None:
-            return
-        self.frames_in += len(frames)
-        self.bytes_in += sum(len(f) for f in frames)
-        try:
-            self._sink.frames_received(frames)
-        except Exception:
-            # The dispatcher already guards each frame; this is a last resort
-            # so that one bug cannot take the whole link down.
-            self.log.failure("frame sink raised")
+        deliver(self, frames)
 
     def doWrite(self):
         queue = self._queue
@@ -190,17 +181,51 @@ class FrameLink:
         return len(self._queue)
 
     def _lost(self, error):
-        if self._stopped:
-            return
-        self.log.error("guest link {link} lost: {error}", link=self.description,
-                       error=_describe(error))
-        sink = self._sink
-        self.stop()
-        if sink is not None:
-            sink.link_lost(error)
+        report_lost(self, error)
 
 
-def _describe(error):
+# What every link does the same way, whatever its fd: these take any link with
+# ``description``, ``log``, ``_sink``, ``_stopped``, ``stop()``, the counters
+# ``frames_in``/``bytes_in`` and, for oversize frames, ``drops``/``max_frame``.
+
+
+def describe_error(error):
+    """One line for a log: strerror and errno name for OS errors, else the message."""
     if isinstance(error, OSError) and error.errno:
         return f"{os.strerror(error.errno)} (errno {errno.errorcode.get(error.errno, error.errno)})"
     return str(error) or type(error).__name__
+
+
+def report_lost(link, error):
+    """The link's fd is gone: log once, stop the link, tell its sink."""
+    if link._stopped:
+        return
+    link.log.error("guest link {link} lost: {error}", link=link.description,
+                   error=describe_error(error))
+    sink = link._sink
+    link.stop()
+    if sink is not None:
+        sink.link_lost(error)
+
+
+def deliver(link, frames):
+    """Count a batch of frames and hand it to the link's sink."""
+    if not frames or link._sink is None:
+        return
+    link.frames_in += len(frames)
+    link.bytes_in += sum(len(f) for f in frames)
+    try:
+        link._sink.frames_received(frames)
+    except Exception:
+        # The dispatcher already guards each frame; this is a last resort
+        # so that one bug cannot take the whole link down.
+        link.log.failure("frame sink raised")
+
+
+def drop_oversize(link, count=1):
+    """Count frames longer than the MTU allows; say so in the log the first time."""
+    if not link.drops["oversize-frame"]:
+        link.log.warn("guest link {link}: dropping frames longer than {limit} bytes "
+                      "(MTU {mtu}); counted as oversize-frame",
+                      link=link.description, limit=link.max_frame, mtu=link.mtu)
+    link.drops["oversize-frame"] += count

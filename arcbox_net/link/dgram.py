@@ -21,7 +21,7 @@ import errno
 import socket
 from collections import Counter
 
-from .base import FrameLink
+from .base import FrameLink, drop_oversize
 from .stream import MAX_FRAME
 from .unixsock import bind_unix, max_frame_len, unlink_if_ours
 
@@ -64,11 +64,7 @@ class DgramListenLink(FrameLink):
         if addr != self.peer:
             self._learn(addr)
         if len(data) > self.max_frame:
-            if not self.drops["oversize-frame"]:
-                self.log.warn("guest link {link}: dropping frames longer than {limit} bytes "
-                              "(MTU {mtu}); counted as oversize-frame",
-                              link=self.description, limit=self.max_frame, mtu=self.mtu)
-            self.drops["oversize-frame"] += 1
+            drop_oversize(self)
             return None
         if not data or data == VFKIT_HELLO:
             return None

@@ -8,7 +8,7 @@ write fails (ECONNREFUSED), which ends the link like an EOF would.
 import socket as _socket
 from collections import Counter
 
-from .base import FrameLink, LinkLost
+from .base import FrameLink, LinkLost, drop_oversize
 from .unixsock import max_frame_len
 
 #: Room for 64 KiB frames on both ends: an AF_UNIX datagram counts against
@@ -55,7 +55,7 @@ class SocketFrameLink(FrameLink):
                 raise LinkLost("peer closed the socket")
             return None  # an empty datagram: nothing to dispatch
         if len(data) > self.max_frame:
-            self.drops["oversize-frame"] += 1
+            drop_oversize(self)
             return None
         return data
 

@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..interfaces import ILink
+from .base import deliver, describe_error, drop_oversize, report_lost
 from .unixsock import bind_unix, max_frame_len, size_buffers, unlink_if_ours
 
 HEADER = struct.Struct(">I")
@@ -50,6 +51,9 @@ IOV_BATCH = 64
 
 class FramingError(Exception):
     """The byte stream does not hold length-prefixed Ethernet frames."""
+
+    def __str__(self):
+        return f"framing error: {super().__str__()}"
 
 
 class PeerGone(Exception):
@@ -365,19 +369,8 @@ class _StreamLinkBase:
         limit = self.max_frame
         good = [f for f in frames if len(f) <= limit]
         if len(good) != len(frames):
-            if not self.drops["oversize-frame"]:
-                self.log.warn("guest link {link}: dropping frames longer than {limit} bytes "
-                              "(MTU {mtu}); counted as oversize-frame",
-                              link=self.description, limit=limit, mtu=self.mtu)
-            self.drops["oversize-frame"] += len(frames) - len(good)
-        if not good:
-            return
-        self.frames_in += len(good)
-        self.bytes_in += sum(len(f) for f in good)
-        try:
-            self._sink.frames_received(good)
-        except Exception:
-            self.log.failure("frame sink raised")
+            drop_oversize(self, len(frames) - len(good))
+        deliver(self, good)
 
 
 class StreamLink(_StreamLinkBase):
@@ -423,14 +416,8 @@ class StreamLink(_StreamLinkBase):
             self._sock.close()
 
     def _peer_gone(self, peer, error):
-        if self._stopped or peer is not self._peer:
-            return
-        self.log.error("guest link {link} lost: {error}", link=self.description,
-                       error=_describe(error))
-        sink = self._sink
-        self.stop()
-        if sink is not None:
-            sink.link_lost(error)
+        if peer is self._peer:
+            report_lost(self, error)
 
 
 @implementer(IReadDescriptor)
@@ -494,7 +481,7 @@ class StreamListenLink(_StreamLinkBase):
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
                                errno.ECONNABORTED, errno.EPROTO):
                     self.log.warn("guest link {link}: accept failed: {error}",
-                                  link=self.description, error=_describe(e))
+                                  link=self.description, error=describe_error(e))
                     return None
                 self._listener_lost(e)
                 return None
@@ -513,14 +500,7 @@ class StreamListenLink(_StreamLinkBase):
         self._listener_lost(reason.value if isinstance(reason, Failure) else reason)
 
     def _listener_lost(self, error):
-        if self._stopped:
-            return
-        self.log.error("guest link {link} lost: {error}", link=self.description,
-                       error=_describe(error))
-        sink = self._sink
-        self.stop()
-        if sink is not None:
-            sink.link_lost(error)
+        report_lost(self, error)
 
     # -- the peer
 
@@ -537,12 +517,5 @@ class StreamListenLink(_StreamLinkBase):
                           link=self.description)
         else:
             self.log.error("guest link {link}: closing the peer: {error}; waiting for the "
-                           "next one", link=self.description, error=_describe(error))
+                           "next one", link=self.description, error=describe_error(error))
 
-
-def _describe(error):
-    if isinstance(error, FramingError):
-        return f"framing error: {error}"
-    if isinstance(error, OSError) and error.errno:
-        return f"{error.strerror} (errno {errno.errorcode.get(error.errno, error.errno)})"
-    return str(error) or type(error).__name__
