@@ -50,7 +50,6 @@ class FrameDispatcher:
         self._unresolved = deque(maxlen=256)
         self._last_arp_request = -1.0
         self.on_link_lost = None
-        self.on_guest_mac = None
         #: A packet capture (``pcap.PcapCapture``) seeing every frame both ways, or None.
         self.capture = None
 
@@ -129,8 +128,6 @@ class FrameDispatcher:
             self.log.info("guest MAC changed from {old} to {mac}",
                           old=ethernet.mac_to_str(self.guest_mac), mac=ethernet.mac_to_str(mac))
         self.guest_mac = bytes(mac)
-        if self.on_guest_mac is not None:
-            self.on_guest_mac(self.guest_mac)
         while self._unresolved:
             self.send_frame([self.ethernet_header(), *self._unresolved.popleft()])
 

@@ -468,7 +468,7 @@ class UdpNat:
         if self.table.get(flow.key) is not flow:
             return
         self.table.inbound(flow, len(data), self.reactor.seconds())
-        self._send_to_guest(flow, data)
+        self.send_to_guest(flow, data)
 
     def host_icmp_error(self, flow, icmp_type, code, info=0):
         """The host got an ICMP error for ``flow``: tell the guest as a router would."""
@@ -495,9 +495,6 @@ class UdpNat:
 
     def send_to_guest(self, flow, data):
         """Send ``data`` from flow.remote_ip:remote_port to flow.guest_ip:guest_port."""
-        self._send_to_guest(flow, data)
-
-    def _send_to_guest(self, flow, data):
         src, dst = flow.remote_ip, flow.guest_ip
         if ipv4.HEADER_LEN + udp.HEADER_LEN + len(data) <= self.config.mtu:
             self.dispatcher.send_udp(src, dst, flow.remote_port, flow.guest_port, data)

@@ -258,6 +258,7 @@ class TcpSplice(Protocol):
         self._timer = None
         self._host_paused = False
         self._host_eof = False
+        self._host_closed = False   # the host transport's connectionLost has run
         self._producer_registered = False
         self._finished = False
         self._syn_seq = conn.irs if conn is not None else None
@@ -355,7 +356,6 @@ class TcpSplice(Protocol):
         pass
 
     def connectionLost(self, reason):
-        self.transport_gone = True
         if self._finished:
             return
         if self.conn.is_closed:
@@ -394,7 +394,7 @@ class TcpSplice(Protocol):
         received = conn.take_received()
         if received:
             transport = self.transport
-            if transport is not None and not getattr(self, "_host_closed", False):
+            if transport is not None and not self._host_closed:
                 _write_host(transport, received)
             else:
                 # The host socket is gone: as a real host would, reset.
@@ -481,7 +481,7 @@ class TcpSplice(Protocol):
             d, self._connecting = self._connecting, None
             d.cancel()
         transport = self.transport
-        if transport is not None and not getattr(self, "_host_closed", False):
+        if transport is not None and not self._host_closed:
             transport.loseConnection()
 
     def abort_all(self):

@@ -58,10 +58,6 @@ def parse(frame, offset):
     return h
 
 
-def header_checksum_ok(frame, offset, header_len):
-    return checksum(frame[offset:offset + header_len]) == 0
-
-
 def build_header(src, dst, protocol, payload_len, ttl=64, ident=0,
                  dont_fragment=True, tos=0):
     frag = 0x4000 if dont_fragment else 0

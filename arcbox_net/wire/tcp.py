@@ -134,8 +134,3 @@ def build_header_partial(src_ip, dst_ip, sport, dport, seq, ack, flags, window,
     partial = pseudo_header_sum(src_ip, dst_ip, PROTO_TCP, hlen + payload_len)
     return _HEADER.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (hlen // 4) << 4,
                         flags, window, partial, 0) + options
-
-
-def build_bytes(*args, **kwargs):
-    head, payload = build(*args, **kwargs)
-    return head + bytes(payload)
