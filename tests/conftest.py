@@ -7,6 +7,7 @@ users run it), which also keeps blocking guest commands from freezing the
 reactor that serves them.
 """
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -46,17 +47,24 @@ def in_ns(ns, *cmd, **kwargs):
     return run(["ip", "netns", "exec", ns, *cmd], **kwargs)
 
 
-@pytest.fixture
-def netns():
+@contextlib.contextmanager
+def namespace(prefix="abxt"):
     """A fresh network namespace with lo up, removed afterwards."""
     require_root()
-    name = f"abxt-{os.getpid()}-{next(_names)}"
+    name = f"{prefix}-{os.getpid()}-{next(_names)}"
     run(["ip", "netns", "add", name])
     try:
         run(["ip", "-n", name, "link", "set", "lo", "up"])
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.fixture
+def netns():
+    """The guest: a fresh network namespace."""
+    with namespace() as name:
+        yield name
 
 
 class StackProcess:

@@ -5,10 +5,8 @@ Every stack started here runs with ``--deny 0.0.0.0/0 --allow 127.0.0.0/8``
 and reaches "remote" hosts only through ``--map`` onto loopback.
 """
 
-import os
 import re
 import socket
-import subprocess
 
 import dpkt
 import pytest
@@ -17,7 +15,7 @@ from twisted.internet.task import Clock
 import conftest
 from framebuild import FakeLink
 import framebuild as fb
-from conftest import in_ns, run
+from conftest import in_ns
 from arcbox_net.config import StackConfig
 from arcbox_net.dispatch import FrameDispatcher
 from arcbox_net.policy import Egress
@@ -323,25 +321,15 @@ def test_guest_pings_to_a_denied_target_get_no_reply(netns, stack_factory):
 @pytest.fixture
 def host_netns():
     """A second namespace where the stack itself runs, lo up."""
-    conftest.require_root()
-    name = f"abxh-{os.getpid()}-{next(conftest._names)}"
-    run(["ip", "netns", "add", name])
-    try:
-        run(["ip", "-n", name, "link", "set", "lo", "up"])
+    with conftest.namespace("abxh") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def test_ping_sockets_where_ping_group_range_allows_them(netns, host_netns, stack_factory,
-                                                         tmp_path, monkeypatch):
+def test_ping_sockets_where_ping_group_range_allows_them(netns, host_netns, stack_factory):
     """The stack runs in a namespace whose ping_group_range admits our gid."""
     in_ns(host_netns, "sysctl", "-w", "net.ipv4.ping_group_range=0 2147483647")
-    wrapper = tmp_path / "twistd-in-netns"
-    wrapper.write_text(f"#!/bin/sh\nexec ip netns exec {host_netns} {conftest.TWISTD} \"$@\"\n")
-    wrapper.chmod(0o755)
-    monkeypatch.setattr(conftest, "TWISTD", str(wrapper))
-    stack = stack_factory("--netns", netns, "--configure", *SAFE, *MAP)
+    stack = stack_factory("--netns", netns, "--configure", *SAFE, *MAP,
+                          prefix=["ip", "netns", "exec", host_netns])
     result = _ping(netns, "203.0.113.10")
     assert "3 packets transmitted, 3 received" in result.stdout, result.stdout + result.stderr
     assert result.stdout.count("bytes from 203.0.113.10") == 3

@@ -48,6 +48,27 @@ def rss_kib(pid):
     raise AssertionError("no VmRSS")
 
 
+def peak_rss_during(pid, fn, *args):
+    """(RSS before, peak RSS while ``fn(*args)`` ran, its result), in KiB."""
+    before = rss_kib(pid)
+    peak = [before]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_kib(pid))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = fn(*args)
+    finally:
+        stop.set()
+        watcher.join()
+    return before, peak[0], result
+
+
 def test_curl_twisted_web_via_gateway_and_mapped_address(guest, tmp_path):
     ns, _ = guest
     (tmp_path / "index.html").write_text("hello from the host\n")
@@ -307,24 +328,12 @@ def test_slow_host_reader_keeps_stack_memory_bounded(guest):
 
     server = HostServer(slow_sink)
     try:
-        before = rss_kib(stack.proc.pid)
-        peak = [before]
-        stop = threading.Event()
-
-        def watch():
-            while not stop.is_set():
-                peak[0] = max(peak[0], rss_kib(stack.proc.pid))
-                time.sleep(0.05)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        out = client(ns, "send", "10.0.2.1", server.port, 40 * 1024 * 1024, 5)
-        stop.set()
-        watcher.join()
+        before, peak, out = peak_rss_during(
+            stack.proc.pid, client, ns, "send", "10.0.2.1", server.port, 40 * 1024 * 1024, 5)
         assert out["reply"].endswith(f":{40 * 1024 * 1024}")
         # 40 MB went through a reader far slower than the guest: the stack
         # may buffer about a window, not the transfer.
-        assert peak[0] - before < 20 * 1024, (before, peak[0])
+        assert peak - before < 20 * 1024, (before, peak)
     finally:
         server.close()
 
@@ -334,23 +343,11 @@ def test_slow_guest_reader_keeps_stack_memory_bounded(guest):
     size = 40 * 1024 * 1024
     server = HostServer(sender(lambda: data_chunks(size, 9)))
     try:
-        before = rss_kib(stack.proc.pid)
-        peak = [before]
-        stop = threading.Event()
-
-        def watch():
-            while not stop.is_set():
-                peak[0] = max(peak[0], rss_kib(stack.proc.pid))
-                time.sleep(0.05)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        out = client(ns, "slowrecv", "10.0.2.1", server.port, size)
-        stop.set()
-        watcher.join()
+        before, peak, out = peak_rss_during(
+            stack.proc.pid, client, ns, "slowrecv", "10.0.2.1", server.port, size)
         server.wait()
         assert out["bytes"] == size and out["sha256"] == server.results[0]
-        assert peak[0] - before < 20 * 1024, (before, peak[0])
+        assert peak - before < 20 * 1024, (before, peak)
     finally:
         server.close()
 
