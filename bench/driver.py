@@ -53,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--udp-rate", default="200M", help="iperf3 UDP offered rate (default 200M)")
     p.add_argument("--out", help="output folder (default bench/results; smoke bench/results/smoke)")
     p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
+    p.add_argument("--workloads", help="comma-separated workload ids or prefixes to run "
+                                       "(default: all; e.g. tcp_rr,conn_rate)")
     opts = p.parse_args(argv)
     smoke = opts.smoke
     opts.rounds = opts.rounds or (1 if smoke else 3)
@@ -89,7 +91,9 @@ def run_stack(name, mtu, round_no, opts, workloads, logdir, twistd):
     """Start one stack for one MTU, run every workload, stop it; the records."""
     stack = STACKS[name](mtu, logdir, twistd)
     records = []
-    todo = [(wid, fn) for wid, fn, every_mtu in workloads if every_mtu or mtu == opts.mtus[0]]
+    only = stack.only_workloads
+    todo = [(wid, fn) for wid, fn, every_mtu in workloads
+            if (every_mtu or mtu == opts.mtus[0]) and (only is None or wid in only)]
     tag = f"[round {round_no + 1} mtu {mtu} {name}]"
 
     def record(wid, metrics=None, error=None, unsupported=False, seconds=None):
@@ -222,6 +226,11 @@ def main(argv=None):
     os.makedirs(logdir)
     common.install_signal_handlers()
     workloads = all_workloads(opts.scale)
+    if opts.workloads:
+        wanted = [w.strip() for w in opts.workloads.split(",") if w.strip()]
+        workloads = [w for w in workloads if any(w[0].startswith(x) for x in wanted)]
+        if not workloads:
+            raise SystemExit(f"bench: no workload matches {opts.workloads}")
     started = time.monotonic()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "mode": "smoke" if opts.smoke else "full", "rounds": opts.rounds,

@@ -3,6 +3,7 @@
 import os
 
 STACK_LABELS = {"arcbox-net": "arcbox-net", "arcbox-net-nooffload": "arcbox-net (no offload)",
+                "arcbox-net-nopoll": "arcbox-net (no busy-poll)",
                 "slirp4netns": "slirp4netns", "pasta": "pasta", "kernel": "kernel (veth)"}
 
 #: Table rows in order: (workload, metric, label, unit). Scale rows are added per N.
@@ -187,7 +188,10 @@ def plot(out_dir, result):
     index = {(e["workload"], e["mtu"], e["stack"]): e for e in result["summary"]}
     mtus = meta["mtus"]
 
-    # Throughput per workload per stack (Gbit/s, log scale), one panel per MTU.
+    # Throughput per workload per stack (Gbit/s, log scale), one panel per MTU;
+    # only stacks that ran a throughput workload (variants may run latency only).
+    stacks = [s for s in stacks if any((wid, mtu, s) in index
+                                       for wid, _, _ in THROUGHPUT for mtu in mtus)]
     fig, axes = plt.subplots(len(mtus), 1, figsize=(11, 4.2 * len(mtus)), squeeze=False)
     width = 0.8 / len(stacks)
     for ax, mtu in zip(axes[:, 0], mtus):
@@ -216,6 +220,7 @@ def plot(out_dir, result):
     plt.close(fig)
 
     # Latency: distribution (CDF) of 1-byte round trips, one panel per MTU.
+    stacks = meta["stacks"]
     fig, axes = plt.subplots(1, len(mtus), figsize=(6 * len(mtus), 4.2), squeeze=False)
     for ax, mtu in zip(axes[0], mtus):
         for stack in stacks:

@@ -43,6 +43,9 @@ class Stack:
     pid = None
     dns = None
     dns_reason = "this stack offers no resolver with a local name"
+    #: Workload ids this stack runs (None: all); a variant that differs from its
+    #: base stack in one respect runs only the workloads that respect can change.
+    only_workloads = None
 
     def __init__(self, mtu, logdir, twistd):
         self.mtu = mtu
@@ -137,6 +140,15 @@ class ArcboxNetNoOffload(ArcboxNet):
 
     name = "arcbox-net-nooffload"
     extra_args = ["--no-offload"]
+
+
+class ArcboxNetNoBusyPoll(ArcboxNet):
+    """Without adaptive polling (--busy-poll 0): what the polling buys on the
+    latency workloads (it cannot change the others, which never wait)."""
+
+    name = "arcbox-net-nopoll"
+    extra_args = ["--busy-poll", "0"]
+    only_workloads = ("tcp_rr", "conn_rate")
 
 
 class Slirp4netns(Stack):
@@ -264,4 +276,5 @@ class Kernel(Stack):
         return os.uname().release
 
 
-STACKS = {cls.name: cls for cls in (ArcboxNet, ArcboxNetNoOffload, Slirp4netns, Pasta, Kernel)}
+STACKS = {cls.name: cls for cls in (ArcboxNet, ArcboxNetNoOffload, ArcboxNetNoBusyPoll,
+                                       Slirp4netns, Pasta, Kernel)}

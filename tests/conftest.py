@@ -70,9 +70,10 @@ def netns():
 class StackProcess:
     """``twistd -n arcbox-net ...`` as a child process, ready when it says so."""
 
-    def __init__(self, args, tmp_path, pass_fds=(), prefix=()):
+    def __init__(self, args, tmp_path, pass_fds=(), prefix=(), twistd_args=()):
         self.args = list(args)
         self.prefix = list(prefix)
+        self.twistd_args = list(twistd_args)
         self.log_path = tmp_path / f"stack-{next(_names)}.log"
         self.proc = None
         self._pass_fds = tuple(pass_fds)
@@ -80,7 +81,8 @@ class StackProcess:
     def start(self, timeout=15):
         ready_r, ready_w = os.pipe()
         log = open(self.log_path, "w")
-        cmd = [*self.prefix, TWISTD, "-n", "--pidfile=", "arcbox-net", *self.args,
+        cmd = [*self.prefix, TWISTD, "-n", "--pidfile=", *self.twistd_args, "arcbox-net",
+               *self.args,
                "--ready-fd", str(ready_w)]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                      pass_fds=(ready_w, *self._pass_fds), start_new_session=True)
@@ -123,8 +125,9 @@ def stack_factory(tmp_path):
     """Start stacks with the given CLI args; all are stopped at teardown."""
     started = []
 
-    def start(*args, pass_fds=(), prefix=()):
-        stack = StackProcess(args, tmp_path, pass_fds=pass_fds, prefix=prefix)
+    def start(*args, pass_fds=(), prefix=(), twistd_args=()):
+        stack = StackProcess(args, tmp_path, pass_fds=pass_fds, prefix=prefix,
+                             twistd_args=twistd_args)
         started.append(stack)
         return stack.start()
 

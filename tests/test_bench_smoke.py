@@ -1,4 +1,5 @@
-"""The benchmark's smoke mode runs end to end against arcbox-net and slirp4netns.
+"""The benchmark's smoke mode runs end to end against arcbox-net and slirp4netns
+(and arcbox-net without busy polling, a variant that runs the latency workloads only).
 
 ``./bench/run.sh --smoke`` (1 round, 1 s each, MTU 1500, small N) into a
 temporary folder; the JSON must have TCP bulk figures both ways for both stacks,
@@ -21,7 +22,8 @@ def test_bench_smoke_has_tcp_bulk_both_ways(tmp_path):
     require_root()
     before = bench_namespaces()
     result = subprocess.run(
-        [os.path.join(REPO, "bench", "run.sh"), "--smoke", "--stacks", "arcbox-net,slirp4netns",
+        [os.path.join(REPO, "bench", "run.sh"), "--smoke", "--stacks",
+         "arcbox-net,arcbox-net-nopoll,slirp4netns",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"bench smoke failed:\n{result.stdout}\n{result.stderr[-4000:]}"
@@ -34,6 +36,9 @@ def test_bench_smoke_has_tcp_bulk_both_ways(tmp_path):
             entry = summary[(workload, stack)]
             gbps = entry["metrics"].get("gbps")
             assert isinstance(gbps, float) and gbps > 0, (workload, stack, entry)
+    variant = {e["workload"] for e in data["summary"] if e["stack"] == "arcbox-net-nopoll"}
+    assert variant == {"tcp_rr", "conn_rate"}, variant
+    assert summary[("tcp_rr", "arcbox-net-nopoll")]["metrics"]["median_us"] > 0
     # Every workload has a figure or says why not.
     for entry in data["summary"]:
         assert entry["rounds_ok"] or entry["errors"], entry

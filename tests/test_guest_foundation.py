@@ -158,6 +158,8 @@ def test_fd_link_peer_closing_stops_the_stack(stack_factory):
     (["--netns", "x", "--gateway", "10.0.3.1"], "gateway 10.0.3.1 is not inside subnet 10.0.2.0/24"),
     (["--netns", "x", "--subnet", "10.0.2.0/33"], "is not an IPv4 network"),
     (["--netns", "x", "--static-lease", "nonsense"], "--static-lease takes MAC=ADDRESS"),
+    (["--netns", "x", "--busy-poll", "20000"], "--busy-poll takes 0..10000 microseconds"),
+    (["--netns", "x", "--busy-poll", "soon"], "--busy-poll takes a whole number"),
     (["--no-such-option"], "no-such-option"),
     ([], "give exactly one of --fd, --tap, --netns"),
     (["--fd", "3", "--tap", "t"], "give exactly one of --fd, --tap, --netns"),

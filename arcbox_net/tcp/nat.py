@@ -388,19 +388,22 @@ class TcpSplice(Protocol):
         conn = self.conn
         nat = self.nat
         conn.flush(nat.reactor.seconds() if now is None else now)
-        mss = conn.send_mss
-        for seg in conn.take_segments():
-            nat.emit(self.key, seg, mss)
+        segments = conn.take_segments()
         received = conn.take_received()
         if received:
+            # The host first: its answer is what the guest waits for, and the
+            # ACK frame (a TAP write running the guest's receive path) can go
+            # while the host works on it.
             transport = self.transport
             if transport is not None and not self._host_closed:
                 _write_host(transport, received)
             else:
                 # The host socket is gone: as a real host would, reset.
                 conn.abort()
-                for seg in conn.take_segments():
-                    nat.emit(self.key, seg)
+                segments += conn.take_segments()
+        mss = conn.send_mss
+        for seg in segments:
+            nat.emit(self.key, seg, mss)
         for event in conn.take_events():
             self._on_event(event)
         if self._host_paused and self.transport is not None \
