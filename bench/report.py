@@ -4,7 +4,13 @@ import os
 
 STACK_LABELS = {"arcbox-net": "arcbox-net", "arcbox-net-nooffload": "arcbox-net (no offload)",
                 "arcbox-net-nopoll": "arcbox-net (no busy-poll)",
+                "arcbox-net-qemu": "arcbox-net via QEMU stream",
                 "slirp4netns": "slirp4netns", "pasta": "pasta", "kernel": "kernel (veth)"}
+
+#: Ratio columns: (stack, header), each against slirp4netns in the same run.
+RATIOS = [("arcbox-net", "arcbox-net / slirp4netns"),
+          ("arcbox-net-nooffload", "no offload / slirp4netns"),
+          ("arcbox-net-qemu", "via QEMU / slirp4netns")]
 
 #: Table rows in order: (workload, metric, label, unit). Scale rows are added per N.
 ROWS = [
@@ -75,12 +81,9 @@ def table_markdown(result):
         return notes.index(text) + 1
 
     head = ["Workload", "MTU", "Unit", *(STACK_LABELS.get(s, s) for s in stacks)]
-    ratio = "arcbox-net" in stacks and "slirp4netns" in stacks
-    ratio_plain = "arcbox-net-nooffload" in stacks and "slirp4netns" in stacks
-    if ratio:
-        head.append("arcbox-net / slirp4netns")
-    if ratio_plain:
-        head.append("no offload / slirp4netns")
+    ratios = [(mine, title) for mine, title in RATIOS
+              if mine in stacks and "slirp4netns" in stacks]
+    head += [title for _, title in ratios]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     spread = False
     for wid, metric, label, unit in rows(result):
@@ -110,10 +113,9 @@ def table_markdown(result):
                     cell += f" [{note(partial)}]"
                 cells.append(cell)
             row = [label, str(mtu), unit, *cells]
-            for wanted, mine in ((ratio, "arcbox-net"), (ratio_plain, "arcbox-net-nooffload")):
-                if wanted:
-                    a, s = values.get(mine), values.get("slirp4netns")
-                    row.append(f"{a / s:.2f}×" if a is not None and s else "—")
+            for mine, _ in ratios:
+                a, s = values.get(mine), values.get("slirp4netns")
+                row.append(f"{a / s:.2f}×" if a is not None and s else "—")
             lines.append("| " + " | ".join(row) + " |")
     if spread:
         lines += ["", "† the rounds differ by more than 2× (each round's figure is in "
@@ -152,6 +154,10 @@ NOTES = """\
   pair to a second namespace (10.200.0.1/30), with its servers there: the physical limit.
 - Ratio is arcbox-net / slirp4netns: above 1 is better for throughput and rates, below 1 is
   better for latency, time, CPU and memory.
+- arcbox-net variants: "no offload" is the TAP with `--no-offload` (plain frames of at most
+  the MTU); "via QEMU stream" is `--listen-stream` with QEMU (no guest booted) relaying the
+  namespace's tap0 to its `-netdev stream`, the path a VM's NIC takes, with QEMU's own
+  copy in it; "no busy-poll" is `--busy-poll 0` and runs the latency workloads only.
 - Stack CPU is the stack process's user+system time per GB received (from /proc/PID/stat);
   the kernel row has no process to measure. The port forward of pasta splices loopback
   sockets (no frames through its tap); the kernel row's "forward" is the direct route.
