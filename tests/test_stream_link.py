@@ -16,7 +16,7 @@ from arcbox_net.interfaces import IFrameSink, ILink
 from arcbox_net.link import open_link
 from arcbox_net.link.dgram import DgramListenLink
 from arcbox_net.link.socket import SocketFrameLink
-from arcbox_net.link.stream import (MAX_FRAME, FramingError, StreamDecoder, StreamLink,
+from arcbox_net.link.stream import (IOV_BATCH, MAX_FRAME, FramingError, StreamDecoder, StreamLink,
                                     StreamListenLink, WriteQueue, encode)
 from arcbox_net.link.unixsock import SocketPathError
 
@@ -215,8 +215,43 @@ def test_stream_link_reads_split_frames_and_writes_frames():
     assert sink.frames == frames
     link.send_frame(frame(100))
     link.send_frame([b"\x02" * 14, memoryview(b"payload")])
+    peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        peer.recv(1)              # gathered until the end of the reactor turn
+    peer.setblocking(True)
+    reactor.advance(0)
     assert recv_frames(peer, 2) == [frame(100), b"\x02" * 14 + b"payload"]
     assert link.frames_in == 10 and link.frames_out == 2
+
+
+class CountingSocket:
+    """A socket whose sendmsg calls are counted."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.sendmsg_calls = 0
+
+    def sendmsg(self, buffers):
+        self.sendmsg_calls += 1
+        return self._sock.sendmsg(buffers)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_stream_link_gathers_a_turns_frames_into_few_sendmsg_calls():
+    link, peer, sink, reactor = connected_link()
+    (stream_peer,) = reactor.readers
+    counting = stream_peer.sock = CountingSocket(stream_peer.sock)
+    frames = [frame(i, 1514) for i in range(100)]
+    for f in frames:
+        link.send_frame(f)
+    assert counting.sendmsg_calls == 0
+    reactor.advance(0)
+    assert recv_frames(peer, 100) == frames
+    # 100 length prefixes and 100 frames, IOV_BATCH buffers per call.
+    assert counting.sendmsg_calls <= -(-200 // IOV_BATCH)
+    assert link.frames_out == 100 and link.queued_frames == 0
 
 
 def test_stream_link_read_budget_spreads_a_burst_over_wakeups():
@@ -238,6 +273,7 @@ def test_stream_link_write_queue_survives_a_full_socket():
     frames = [i.to_bytes(4, "big") * 2000 for i in range(300)]  # 8 KB each
     for f in frames:
         link.send_frame(f)
+    reactor.advance(0)
     assert link.queued_frames > 0 and reactor.writers
     (w,) = reactor.writers
     got = []
@@ -322,6 +358,7 @@ def test_listen_stream_serves_successive_peers_without_losing_the_link(tmp_path)
         peer_reader(link, reactor).doRead()
         assert sink.frames[-1] == frame(n)
         link.send_frame(frame(10 + n))
+        reactor.advance(0)
         assert recv_frames(c, 1) == [frame(10 + n)]
         c.close()
         peer_reader(link, reactor).doRead()  # EOF
@@ -340,6 +377,7 @@ def test_listen_stream_refuses_a_second_peer_while_one_is_served(tmp_path):
     assert second.recv(10) == b""  # closed at once
     assert link.peers_refused == 1
     link.send_frame(frame(1))
+    reactor.advance(0)
     assert recv_frames(first, 1) == [frame(1)]
     link.stop()
 
@@ -374,6 +412,7 @@ def test_listen_stream_drops_unsent_frames_of_a_departed_peer(tmp_path):
     peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     for i in range(200):
         link.send_frame(b"\x01" * 8000)
+    reactor.advance(0)
     assert link.queued_frames > 0
     c.close()
     peer.doWrite()  # EPIPE/ECONNRESET: the peer is gone, not the link
@@ -434,6 +473,7 @@ def test_connect_stream(tmp_path):
     r.doRead()
     assert sink.frames == [frame(4)]
     link.send_frame(frame(5))
+    reactor.advance(0)
     assert recv_frames(conn, 1) == [frame(5)]
     conn.close()
     r.doRead()

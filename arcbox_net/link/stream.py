@@ -226,6 +226,7 @@ class StreamPeer:
         self.decoder = StreamDecoder(max_frame=max_frame)
         self.queue = WriteQueue()
         self._writing = False
+        self._flush_call = None
         self.closed = False
 
     def start(self):
@@ -234,13 +235,22 @@ class StreamPeer:
         self._reactor.addReader(self)
 
     def send(self, frame):
-        """Queue a frame and write what the socket takes now; return its length."""
+        """Queue a frame for the end of this reactor turn; return its length.
+
+        A host read of 256 KiB becomes ~180 frames at MTU 1500: gathered, they
+        leave in a few sendmsg calls of IOV_BATCH buffers instead of one each.
+        """
         if self.closed:
             return 0
         length = self.queue.push(frame)
-        if not self._writing:
-            self._flush()
+        if not self._writing and self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._turn_flush)
         return length
+
+    def _turn_flush(self):
+        self._flush_call = None
+        if not self.closed and not self._writing:
+            self._flush()
 
     def close(self):
         if self.closed:
@@ -249,6 +259,9 @@ class StreamPeer:
         self._reactor.removeReader(self)
         self._reactor.removeWriter(self)
         self._writing = False
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush_call = None
         self.sock.close()
 
     def _flush(self):
