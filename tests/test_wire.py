@@ -42,6 +42,33 @@ def test_tcp_segment_checksum_and_fields_agree_with_dpkt():
     assert ones_sum(raw[:20]) == 0xFFFF
 
 
+def test_frame_header_checksums_and_fields_agree_with_dpkt_and_the_slow_path():
+    rng = random.Random(9)
+    eth = bytes.fromhex("525400000002" "02abcb000001" "0800")
+    payloads = [b"", b"x", b"\xff\xff" * 700, b"\xff" * 1447, bytes(1460)]
+    payloads += [rng.randbytes(rng.randrange(1, 1461)) for _ in range(200)]
+    for payload in payloads:
+        seq, ack = rng.getrandbits(32), rng.getrandbits(32)
+        flags = rng.choice([tcp.ACK, tcp.ACK | tcp.PSH, tcp.ACK | tcp.FIN, tcp.RST])
+        window, ident = rng.getrandbits(16), rng.getrandbits(16)
+        head = tcp.frame_header(eth, SRC, DST, ident, 443, 40000, seq, ack, flags, window,
+                                payload)
+        assert len(head) == tcp.FRAME_HEADER_LEN == 54
+        frame = head + payload
+        packet = dpkt.ethernet.Ethernet(frame).data
+        seg = packet.data
+        assert (packet.id, packet.ttl, packet.len) == (ident, 64, 40 + len(payload))
+        assert (seg.sport, seg.dport, seg.seq, seg.ack, seg.flags, seg.win) == \
+            (443, 40000, seq, ack, flags, window)
+        assert seg.data == payload
+        assert ones_sum(frame[14:34]) == 0xFFFF
+        pseudo = SRC + DST + b"\0\x06" + (20 + len(payload)).to_bytes(2, "big")
+        assert ones_sum(pseudo + frame[34:]) == 0xFFFF
+        slow_head, _ = tcp.build(SRC, DST, 443, 40000, seq, ack, flags, window, payload)
+        assert frame[34:54] == slow_head
+        assert frame[14:34] == ipv4.build_header(SRC, DST, 6, 20 + len(payload), ident=ident)
+
+
 def test_partial_checksum_completes_to_a_valid_one():
     """What a NIC (or the guest kernel) does with a NEEDS_CSUM frame from us."""
     payload = random.Random(1).randbytes(60000)

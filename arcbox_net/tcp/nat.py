@@ -182,6 +182,13 @@ class TcpNat:
         dispatcher = self.dispatcher
         options = tcp.syn_options(seg.mss, seg.wscale) if seg.flags & SYN else b""
         payload = seg.payload
+        if not self.offload and not options and dispatcher.guest_mac is not None:
+            # Plain frames of at most the MTU, one per segment: the lean path.
+            head = tcp.frame_header(dispatcher.ethernet_header(), remote_ip, guest_ip,
+                                    dispatcher.next_ident(), seg.src_port, seg.dst_port,
+                                    seg.seq, seg.ack, seg.flags, seg.window, payload)
+            dispatcher.send_frame([head, payload] if payload else head)
+            return
         if not self.offload or dispatcher.guest_mac is None:
             head, payload = tcp.build(remote_ip, guest_ip, seg.src_port, seg.dst_port, seg.seq,
                                       seg.ack, seg.flags, seg.window, payload, options)

@@ -25,6 +25,10 @@ OPT_MSS = 2
 OPT_WSCALE = 3
 
 _HEADER = struct.Struct("!HHIIBBHHH")
+#: Ethernet, IPv4 without options and TCP without options, in one pack.
+_FRAME_HEADER = struct.Struct("!14sBBHHHBBH4s4sHHIIBBHHH")
+FRAME_HEADER_LEN = _FRAME_HEADER.size
+_from_bytes = int.from_bytes
 
 
 class TcpSegment:
@@ -121,6 +125,44 @@ def build(src_ip, dst_ip, sport, dport, seq, ack, flags, window,
         partial = ones_sum(payload, partial)
     csum = checksum(head, partial)
     return head[:16] + csum.to_bytes(2, "big") + head[18:], payload
+
+
+def frame_header(ethernet, src_ip, dst_ip, ident, sport, dport, seq, ack, flags, window,
+                 payload, ttl=64):
+    """Ethernet + IPv4 + TCP headers (54 bytes) for an option-less segment, both
+    checksums computed: the per-frame path of links without checksum offload.
+
+    One struct pack and one big-int reduction of the payload; the header
+    words are summed as integers instead of packed, sliced and summed again
+    (a third of the per-frame cost at MTU 1500 went there).
+    """
+    size = len(payload)
+    tcp_len = HEADER_LEN + size
+    seq &= 0xFFFFFFFF
+    ack &= 0xFFFFFFFF
+    src = _from_bytes(src_ip, "big")
+    dst = _from_bytes(dst_ip, "big")
+    addresses = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF)
+    total = (addresses + PROTO_TCP + tcp_len + sport + dport + (seq >> 16) + (seq & 0xFFFF)
+             + (ack >> 16) + (ack & 0xFFFF) + 0x5000 + flags + window)
+    if size:
+        value = _from_bytes(payload, "big")
+        if size & 1:
+            value <<= 8
+        total += value % 0xFFFF
+    # Every term is non-negative and the header words are not all zero, so
+    # folding gives the one's-complement sum (1..0xFFFF), never the other zero.
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    tcp_csum = ~total & 0xFFFF
+    ident &= 0xFFFF
+    ip_len = 20 + tcp_len
+    total = 0x4500 + ip_len + ident + 0x4000 + (ttl << 8) + PROTO_TCP + addresses
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return _FRAME_HEADER.pack(ethernet, 0x45, 0, ip_len, ident, 0x4000, ttl, PROTO_TCP,
+                              ~total & 0xFFFF, src_ip, dst_ip, sport, dport, seq, ack,
+                              0x50, flags, window, tcp_csum, 0)
 
 
 def build_header_partial(src_ip, dst_ip, sport, dport, seq, ack, flags, window,
