@@ -5,12 +5,14 @@ import os
 STACK_LABELS = {"arcbox-net": "arcbox-net", "arcbox-net-nooffload": "arcbox-net (no offload)",
                 "arcbox-net-nopoll": "arcbox-net (no busy-poll)",
                 "arcbox-net-qemu": "arcbox-net via QEMU stream",
+                "arcbox-net-qemu-dgram": "arcbox-net via QEMU dgram",
                 "slirp4netns": "slirp4netns", "pasta": "pasta", "kernel": "kernel (veth)"}
 
 #: Ratio columns: (stack, header), each against slirp4netns in the same run.
 RATIOS = [("arcbox-net", "arcbox-net / slirp4netns"),
           ("arcbox-net-nooffload", "no offload / slirp4netns"),
-          ("arcbox-net-qemu", "via QEMU / slirp4netns")]
+          ("arcbox-net-qemu", "via QEMU stream / slirp4netns"),
+          ("arcbox-net-qemu-dgram", "via QEMU dgram / slirp4netns")]
 
 #: Table rows in order: (workload, metric, label, unit). Scale rows are added per N.
 ROWS = [
@@ -157,7 +159,9 @@ NOTES = """\
 - arcbox-net variants: "no offload" is the TAP with `--no-offload` (plain frames of at most
   the MTU); "via QEMU stream" is `--listen-stream` with QEMU (no guest booted) relaying the
   namespace's tap0 to its `-netdev stream`, the path a VM's NIC takes, with QEMU's own
-  copy in it; "no busy-poll" is `--busy-poll 0` and runs the latency workloads only.
+  copy in it; "via QEMU dgram" is the same with `--listen-dgram` and `-netdev dgram`
+  (bulk workloads only); "no busy-poll" is `--busy-poll 0` and runs the latency
+  workloads only.
 - Stack CPU is the stack process's user+system time per GB received (from /proc/PID/stat);
   the kernel row has no process to measure. The port forward of pasta splices loopback
   sockets (no frames through its tap); the kernel row's "forward" is the direct route.

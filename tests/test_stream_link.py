@@ -2,6 +2,7 @@
 sockets driven without a running reactor, and socket-file handling."""
 
 import os
+import select
 import socket
 import stat
 import struct
@@ -559,7 +560,10 @@ def test_listen_dgram_drops_oversize_frames(tmp_path):
     link.stop()
 
 
-def test_listen_dgram_queues_when_the_peer_is_full_and_retries_later(tmp_path):
+def test_listen_dgram_waits_for_room_in_the_peers_queue(tmp_path):
+    """Frames beyond the peer's short queue (net.unix.max_dgram_qlen) wait on a
+    socket connected to the peer, which the kernel reports writable only when
+    the peer has room: no timer, no spinning."""
     link, path, sink, reactor = dgram_link(tmp_path)
     vm = dgram_peer(tmp_path, "vm.sock")
     vm.sendto(frame(1), path)
@@ -567,7 +571,45 @@ def test_listen_dgram_queues_when_the_peer_is_full_and_retries_later(tmp_path):
     frames = [frame(i, 1500) for i in range(200)]
     for f in frames:
         link.send_frame(f)
-    assert link.queued_frames > 0  # the peer's queue is short (net.unix.max_dgram_qlen)
+    assert link.queued_frames > 0
+    link.doWrite()              # our own socket polls writable: the reactor calls this
+    (room,) = reactor.writers
+    assert room is not link and not reactor.getDelayedCalls()
+    assert select.select([], [room], [], 0)[1] == []   # the peer is full: not writable
+    got = []
+    vm.setblocking(False)
+    while len(got) < len(frames):
+        try:
+            got.append(vm.recv(65536))
+            continue
+        except BlockingIOError:
+            pass
+        ready = select.select([], list(reactor.writers), [], 2)[1]
+        assert ready, "the peer read, yet nothing became writable"
+        for writer in ready:
+            writer.doWrite()
+    assert got == frames
+    assert not reactor.writers and link.queued_frames == 0
+    link.stop()
+
+
+def test_listen_dgram_retries_later_when_the_peer_cannot_be_watched(tmp_path, monkeypatch):
+    """No watcher socket (here: out of fds): a timer retries instead."""
+    import errno
+    from arcbox_net.link import dgram as dgram_module
+
+    def no_fds(*args):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(dgram_module, "_PeerRoom", no_fds)
+    link, path, sink, reactor = dgram_link(tmp_path)
+    vm = dgram_peer(tmp_path, "vm.sock")
+    vm.sendto(frame(1), path)
+    link.doRead()
+    frames = [frame(i, 1500) for i in range(200)]
+    for f in frames:
+        link.send_frame(f)
+    assert link.queued_frames > 0
     got = []
     vm.setblocking(False)
     spins = 0
@@ -581,6 +623,7 @@ def test_listen_dgram_queues_when_the_peer_is_full_and_retries_later(tmp_path):
             link.doWrite()
             assert link not in reactor.writers or not link.queued_frames
         else:
+            assert not reactor.writers
             reactor.advance(link.retry_delay)  # the retry timer puts it back
         spins += 1
         assert spins < 10000

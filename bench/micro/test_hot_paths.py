@@ -82,3 +82,19 @@ def test_tcp_build(benchmark, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_ones_sum(benchmark, size):
     benchmark(ones_sum, DATA[:SIZES[size] + 40])
+
+
+def test_tcp_frame_header_mtu_1500(benchmark):
+    """The per-frame header of links without offload: Ethernet+IPv4+TCP, both checksums."""
+    payload = memoryview(DATA[:SIZES["1500"]])
+    eth = GUEST_MAC + GATEWAY_MAC + b"\x08\x00"
+    head = benchmark(tcp.frame_header, eth, HOST_IP, GUEST_IP, 7, 5201, 40000, 2000, 1000,
+                     tcp.ACK | tcp.PSH, 65535, payload)
+    assert len(head) == tcp.FRAME_HEADER_LEN
+
+
+def test_tcp_build_header_partial(benchmark):
+    """The per-GSO-frame TCP header toward an offloading TAP (pseudo-header sum only)."""
+    head = benchmark(tcp.build_header_partial, HOST_IP, GUEST_IP, 5201, 40000, 2000, 1000,
+                     tcp.ACK | tcp.PSH, 65535, 65000)
+    assert len(head) == tcp.HEADER_LEN
