@@ -47,6 +47,7 @@ def test_frame_header_checksums_and_fields_agree_with_dpkt_and_the_slow_path():
     eth = bytes.fromhex("525400000002" "02abcb000001" "0800")
     payloads = [b"", b"x", b"\xff\xff" * 700, b"\xff" * 1447, bytes(1460)]
     payloads += [rng.randbytes(rng.randrange(1, 1461)) for _ in range(200)]
+    payloads += [rng.randbytes(n) for n in (4095, 4096, 4097, 9001, 65495)]
     for payload in payloads:
         seq, ack = rng.getrandbits(32), rng.getrandbits(32)
         flags = rng.choice([tcp.ACK, tcp.ACK | tcp.PSH, tcp.ACK | tcp.FIN, tcp.RST])

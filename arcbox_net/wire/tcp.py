@@ -7,7 +7,7 @@ only time this stack needs them, and it keeps the per-segment path short.
 import struct
 
 from . import MalformedFrame
-from .checksum import checksum, ones_sum, pseudo_header_sum
+from .checksum import _NUMPY_FROM, checksum, ones_sum, pseudo_header_sum
 from .ipv4 import PROTO_TCP
 
 HEADER_LEN = 20
@@ -29,6 +29,9 @@ _HEADER = struct.Struct("!HHIIBBHHH")
 _FRAME_HEADER = struct.Struct("!14sBBHHHBBH4s4sHHIIBBHHH")
 FRAME_HEADER_LEN = _FRAME_HEADER.size
 _from_bytes = int.from_bytes
+#: Payloads up to this size are summed as one big integer, larger ones by
+#: checksum.ones_sum (numpy), at ones_sum's own threshold.
+_BIG_INT_UP_TO = _NUMPY_FROM
 
 
 class TcpSegment:
@@ -145,7 +148,9 @@ def frame_header(ethernet, src_ip, dst_ip, ident, sport, dport, seq, ack, flags,
     addresses = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF)
     total = (addresses + PROTO_TCP + tcp_len + sport + dport + (seq >> 16) + (seq & 0xFFFF)
              + (ack >> 16) + (ack & 0xFFFF) + 0x5000 + flags + window)
-    if size:
+    if size > _BIG_INT_UP_TO:
+        total += ones_sum(payload)      # numpy's vector sum: 7x faster at 64 KiB
+    elif size:
         value = _from_bytes(payload, "big")
         if size & 1:
             value <<= 8
