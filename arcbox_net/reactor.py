@@ -9,10 +9,10 @@ otherwise Twisted's reactor: the same poller, timers, threads and
 ``_doReadOrWrite``, which already turns a reader's exception into a logged
 disconnect.
 
-Adaptive polling (``busy_poll``, off by default): before blocking in
-``epoll_wait``, keep polling without a timeout for a window that adapts to how
-long the reactor has recently sat idle, as QEMU's event loop (poll-max-ns) and
-KVM's halt polling do. In a request/response exchange the next event comes a
+Adaptive polling (``busy_poll``; off unless given, twistd gives 200 us): before
+blocking in ``epoll_wait``, keep polling without a timeout for a window that
+adapts to how long the reactor has recently sat idle, as QEMU's event loop
+(poll-max-ns) and KVM's halt polling do. In a request/response exchange the next event comes a
 few tens of microseconds after the last; a blocked process (and, in a VM, a
 halted vCPU) takes longer than that to wake, and wakes with cold caches. The
 window grows (doubling) when a blocking wait ended within ``busy_poll`` and
