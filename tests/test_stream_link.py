@@ -593,6 +593,36 @@ def test_listen_dgram_waits_for_room_in_the_peers_queue(tmp_path):
     link.stop()
 
 
+@pytest.mark.parametrize("how", ["writable", "hang-up"])
+def test_listen_dgram_peer_leaving_while_full_drops_the_queue(tmp_path, how):
+    """The peer goes away while frames wait for room: they are counted as
+    no-peer drops, nothing stays registered, the link lives on."""
+    link, path, sink, reactor = dgram_link(tmp_path)
+    vm = dgram_peer(tmp_path, "vm.sock")
+    vm.sendto(frame(1), path)
+    link.doRead()
+    for i in range(50):
+        link.send_frame(frame(i, 1500))
+    link.doWrite()
+    (room,) = reactor.writers
+    queued = link.queued_frames
+    assert queued > 0
+    vm.close()
+    os.unlink(str(tmp_path / "vm.sock"))
+    if how == "writable":
+        assert select.select([], [room], [], 2)[1] == [room]
+        room.doWrite()
+    else:
+        reactor.removeWriter(room)      # what the reactor does on EPOLLHUP/EPOLLERR
+        room.connectionLost(None)
+    while link in reactor.writers:
+        link.doWrite()
+    assert link.queued_frames == 0 and not reactor.writers
+    assert link.peer is None and sink.lost == []
+    assert link.drops["no-peer"] == queued
+    link.stop()
+
+
 def test_listen_dgram_retries_later_when_the_peer_cannot_be_watched(tmp_path, monkeypatch):
     """No watcher socket (here: out of fds): a timer retries instead."""
     import errno

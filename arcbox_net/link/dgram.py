@@ -62,7 +62,9 @@ class _PeerRoom:
         return None
 
     def connectionLost(self, reason):
-        pass
+        # epoll reported an error or hang-up (the peer's socket is gone) and
+        # the reactor dropped us: let the link try, meet the error and move on.
+        self._on_room()
 
     def logPrefix(self):
         return "arcbox-link"
