@@ -1,6 +1,6 @@
 """Keep glibc from mapping and unmapping host-read buffers over and over.
 
-Each host read is a 256 KiB bytes object. Above glibc's mmap threshold such
+Each host read is a bytes object of up to 512 KiB. Above glibc's mmap threshold such
 blocks get fresh pages from the kernel (page faults, zeroing) and are
 unmapped when freed, and freed heap memory is trimmed back to the kernel:
 with several busy connections a read then cost 2.5 times as much as with
