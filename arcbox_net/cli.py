@@ -6,9 +6,11 @@ import sys
 from twisted.python import usage
 
 from .config import ConfigError, StackConfig
+from .reactor import BUSY_POLL_MAX
 
 #: --busy-poll's default, in microseconds: KVM's default halt-poll window.
 DEFAULT_BUSY_POLL_US = 200
+MAX_BUSY_POLL_US = round(BUSY_POLL_MAX * 1e6)
 
 
 def _int(name):
@@ -76,7 +78,8 @@ class Options(usage.Options):
                                   "before sleeping while events keep coming that fast "
                                   "(shorter request/response round trips for some CPU; "
                                   f"default {DEFAULT_BUSY_POLL_US}, 0 turns it off, at most "
-                                  "10000). Only with arcbox-net's own reactor (no -r).",
+                                  f"{MAX_BUSY_POLL_US}). Only with arcbox-net's own reactor "
+                                  "(no -r).",
          _int("--busy-poll")],
         ["api", None, None, "Serve the HTTP/JSON control API on this unix socket (mode 0600)."],
         ["ready-fd", None, None, "Write one byte to this fd when serving, then close it.",
@@ -162,8 +165,8 @@ class Options(usage.Options):
                 forwards=self["forwards"], forward_source=self["forward-source"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
-        if self["busy-poll"] is not None and not 0 <= self["busy-poll"] <= 10000:
-            raise usage.UsageError(f"--busy-poll takes 0..10000 microseconds, "
+        if self["busy-poll"] is not None and not 0 <= self["busy-poll"] <= MAX_BUSY_POLL_US:
+            raise usage.UsageError(f"--busy-poll takes 0..{MAX_BUSY_POLL_US} microseconds, "
                                    f"not {self['busy-poll']}")
         if self["configure"] and self["netns"] is None:
             raise usage.UsageError("--configure only applies to --netns")
@@ -182,9 +185,10 @@ class Options(usage.Options):
 def make_service(options):
     """Open the link and build the stack; exit with one line if that fails."""
     from .reactor import install_unless_chosen
-    busy_poll = options["busy-poll"]
-    if install_unless_chosen((DEFAULT_BUSY_POLL_US if busy_poll is None else busy_poll) / 1e6) \
-            is None and busy_poll:
+    asked = options["busy-poll"]
+    busy_poll_us = DEFAULT_BUSY_POLL_US if asked is None else asked
+    if install_unless_chosen(busy_poll_us / 1e6) is None and asked:
+        # twistd's -r installed another reactor; only an explicit --busy-poll is an error.
         sys.stderr.write("arcbox-net: --busy-poll needs arcbox-net's own reactor; "
                          "drop -r/--reactor\n")
         raise SystemExit(2)

@@ -12,9 +12,10 @@ disconnect.
 Adaptive polling (``busy_poll``; off unless given, twistd gives 200 us): before
 blocking in ``epoll_wait``, keep polling without a timeout for a window that
 adapts to how long the reactor has recently sat idle, as QEMU's event loop
-(poll-max-ns) and KVM's halt polling do. In a request/response exchange the next event comes a
-few tens of microseconds after the last; a blocked process (and, in a VM, a
-halted vCPU) takes longer than that to wake, and wakes with cold caches. The
+(poll-max-ns) and KVM's halt polling do. In a request/response exchange the
+next event comes a few tens of microseconds after the last; a blocked process
+(and, in a VM, a halted vCPU) takes longer than that to wake, and wakes with
+cold caches. The
 window grows (doubling) when a blocking wait ended within ``busy_poll`` and
 shrinks (halving) when it did not, so an idle or slow-paced stack blocks at
 once and a bulk transfer never waits at all; only ping-pong traffic pays CPU
@@ -39,6 +40,8 @@ _log = Logger()
 
 #: The window never starts below this once it grows from zero (seconds).
 _WINDOW_START = 16e-6
+#: The longest ``busy_poll`` accepted (seconds).
+BUSY_POLL_MAX = 0.01
 
 
 class LeanEPollReactor(EPollReactor):
@@ -57,8 +60,8 @@ class LeanEPollReactor(EPollReactor):
     @busy_poll.setter
     def busy_poll(self, seconds):
         seconds = float(seconds)
-        if not 0.0 <= seconds <= 0.01:
-            raise ValueError("busy_poll must be between 0 and 10 ms")
+        if not 0.0 <= seconds <= BUSY_POLL_MAX:
+            raise ValueError(f"busy_poll must be between 0 and {BUSY_POLL_MAX} s")
         self._busy_poll = seconds
         self._window = min(self._window, seconds)
 
