@@ -18,10 +18,11 @@ receive queue is full (EAGAIN on send; the queue holds only
 socket would spin. A second socket *connected* to the peer does poll as the
 peer's queue: Linux reports it writable only when the peer has room, and
 wakes it when the peer reads. That socket (``_PeerRoom``) never sends; the
-reactor watches it while frames are queued. If the peer cannot be connected
-to (it is connected to another socket), a queued frame is retried after
-``retry_delay`` instead. Before the probe, a retry every millisecond capped
-host->guest at ~0.1 Gbit/s at MTU 1500 behind QEMU's -netdev dgram.
+reactor watches it while frames are queued. Only if it cannot be made (no fd
+left) is a queued frame retried after ``retry_delay`` instead: a peer we can
+send to also accepts the connect. Before the watcher, a retry every
+millisecond capped host->guest at ~0.1 Gbit/s at MTU 1500 behind QEMU's
+-netdev dgram.
 """
 
 import errno
@@ -91,7 +92,7 @@ class DgramListenLink(FrameLink):
         self._warned_unbound = False
         self._retry = None
         #: The _PeerRoom for ``peer`` (None until a send finds the peer full,
-        #: False when the peer cannot be connected to).
+        #: False when it could not be made).
         self._room = None
         self._watching_room = False
         #: Frames the link dropped, by reason (merged into the stack's stats).
