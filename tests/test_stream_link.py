@@ -17,8 +17,8 @@ from arcbox_net.interfaces import IFrameSink, ILink
 from arcbox_net.link import open_link
 from arcbox_net.link.dgram import DgramListenLink
 from arcbox_net.link.socket import SocketFrameLink
-from arcbox_net.link.stream import (IOV_BATCH, MAX_FRAME, FramingError, StreamDecoder, StreamLink,
-                                    StreamListenLink, WriteQueue, encode)
+from arcbox_net.link.stream import (IOV_BATCH, MAX_FRAME, FramingError, StreamDecoder,
+                                    StreamLink, StreamListenLink, WriteQueue, encode)
 from arcbox_net.link.unixsock import SocketPathError
 
 
@@ -516,6 +516,21 @@ def dgram_peer(tmp_path, name):
     return s
 
 
+def dgram_link_with_full_peer(tmp_path, count):
+    """A dgram link whose peer (a bound socket that does not read yet) has been
+    sent ``count`` frames, more than its queue holds; (link, sink, reactor,
+    vm, frames)."""
+    link, path, sink, reactor = dgram_link(tmp_path)
+    vm = dgram_peer(tmp_path, "vm.sock")
+    vm.sendto(frame(1), path)
+    link.doRead()
+    frames = [frame(i, 1500) for i in range(count)]
+    for f in frames:
+        link.send_frame(f)
+    assert link.queued_frames > 0  # the peer's queue is short (net.unix.max_dgram_qlen)
+    return link, sink, reactor, vm, frames
+
+
 def test_listen_dgram_learns_the_peer_and_replies(tmp_path):
     link, path, sink, reactor = dgram_link(tmp_path)
     verifyObject(ILink, link)
@@ -564,14 +579,7 @@ def test_listen_dgram_waits_for_room_in_the_peers_queue(tmp_path):
     """Frames beyond the peer's short queue (net.unix.max_dgram_qlen) wait on a
     socket connected to the peer, which the kernel reports writable only when
     the peer has room: no timer, no spinning."""
-    link, path, sink, reactor = dgram_link(tmp_path)
-    vm = dgram_peer(tmp_path, "vm.sock")
-    vm.sendto(frame(1), path)
-    link.doRead()
-    frames = [frame(i, 1500) for i in range(200)]
-    for f in frames:
-        link.send_frame(f)
-    assert link.queued_frames > 0
+    link, sink, reactor, vm, frames = dgram_link_with_full_peer(tmp_path, 200)
     link.doWrite()              # our own socket polls writable: the reactor calls this
     (room,) = reactor.writers
     assert room is not link and not reactor.getDelayedCalls()
@@ -597,12 +605,7 @@ def test_listen_dgram_waits_for_room_in_the_peers_queue(tmp_path):
 def test_listen_dgram_peer_leaving_while_full_drops_the_queue(tmp_path, how):
     """The peer goes away while frames wait for room: they are counted as
     no-peer drops, nothing stays registered, the link lives on."""
-    link, path, sink, reactor = dgram_link(tmp_path)
-    vm = dgram_peer(tmp_path, "vm.sock")
-    vm.sendto(frame(1), path)
-    link.doRead()
-    for i in range(50):
-        link.send_frame(frame(i, 1500))
+    link, sink, reactor, vm, _frames = dgram_link_with_full_peer(tmp_path, 50)
     link.doWrite()
     (room,) = reactor.writers
     queued = link.queued_frames
@@ -632,14 +635,7 @@ def test_listen_dgram_retries_later_when_the_peer_cannot_be_watched(tmp_path, mo
         raise OSError(errno.EMFILE, "Too many open files")
 
     monkeypatch.setattr(dgram_module, "_PeerRoom", no_fds)
-    link, path, sink, reactor = dgram_link(tmp_path)
-    vm = dgram_peer(tmp_path, "vm.sock")
-    vm.sendto(frame(1), path)
-    link.doRead()
-    frames = [frame(i, 1500) for i in range(200)]
-    for f in frames:
-        link.send_frame(f)
-    assert link.queued_frames > 0
+    link, sink, reactor, vm, frames = dgram_link_with_full_peer(tmp_path, 200)
     got = []
     vm.setblocking(False)
     spins = 0
