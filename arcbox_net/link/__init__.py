@@ -1,7 +1,8 @@
 """Guest links: transports that carry the guest's Ethernet frames.
 
-Every link provides ILink. ``base.FrameLink`` holds what they share: a read
-loop with a per-wakeup budget and a write queue that never drops a frame.
+Every link provides ILink and keeps ``base.LinkState`` (counters, sink, reactor).
+``base.FrameLink`` adds what the frame-per-read links share: a read loop with a
+per-wakeup budget and a write queue that never drops a frame.
 ``stream`` and ``dgram`` hold the unix-socket links QEMU, passt and vfkit use.
 """
 

@@ -34,21 +34,18 @@ class LinkLost(Exception):
     """The link's fd closed or failed."""
 
 
-@implementer(ILink, IReadWriteDescriptor)
-class FrameLink:
-    log = Logger()
-    read_budget = 512
-    #: Largest frame read; 64 KiB frames plus headroom (a vnet header).
-    read_size = 65550
+class LinkState:
+    """What every link keeps, whatever its fd: the state the shared functions
+    below (report_lost, deliver, drop_oversize) and the stack's stats read."""
 
-    def __init__(self, fd, description, mtu=1500, reactor=None, owns_fd=True):
-        self._fd = fd
+    log = Logger()
+    #: Frames handed to the sink per wakeup at most.
+    read_budget = 512
+
+    def __init__(self, description, mtu=1500, reactor=None):
         self.description = description
         self.mtu = mtu
         self._reactor = reactor or default_reactor
-        self._owns_fd = owns_fd
-        self._queue = deque()
-        self._writing = False
         self._sink = None
         self._stopped = False
         self.frames_in = 0
@@ -56,6 +53,19 @@ class FrameLink:
         self.bytes_in = 0
         self.bytes_out = 0
         self.queued_high_water = 0
+
+
+@implementer(ILink, IReadWriteDescriptor)
+class FrameLink(LinkState):
+    #: Largest frame read; 64 KiB frames plus headroom (a vnet header).
+    read_size = 65550
+
+    def __init__(self, fd, description, mtu=1500, reactor=None, owns_fd=True):
+        super().__init__(description, mtu=mtu, reactor=reactor)
+        self._fd = fd
+        self._owns_fd = owns_fd
+        self._queue = deque()
+        self._writing = False
 
     # -- ILink
 

@@ -28,14 +28,12 @@ import socket
 import struct
 from collections import Counter, deque
 
-from twisted.internet import reactor as default_reactor
 from twisted.internet.interfaces import IReadDescriptor, IReadWriteDescriptor
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..interfaces import ILink
-from .base import deliver, describe_error, drop_oversize, report_lost
+from .base import LinkState, deliver, describe_error, drop_oversize, report_lost
 from .unixsock import bind_unix, max_frame_len, size_buffers, unlink_if_ours
 
 HEADER = struct.Struct(">I")
@@ -325,25 +323,13 @@ class StreamPeer:
 
 
 @implementer(ILink)
-class _StreamLinkBase:
+class _StreamLinkBase(LinkState):
     """What the connected and the listening stream links share."""
 
-    log = Logger()
-    read_budget = 512
-
     def __init__(self, description, mtu=1500, reactor=None):
-        self.description = description
-        self.mtu = mtu
+        super().__init__(description, mtu=mtu, reactor=reactor)
         self.max_frame = max_frame_len(mtu)
-        self._reactor = reactor or default_reactor
-        self._sink = None
         self._peer = None
-        self._stopped = False
-        self.frames_in = 0
-        self.frames_out = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.queued_high_water = 0
         #: Frames the link dropped, by reason (merged into the stack's stats).
         self.drops = Counter()
 
