@@ -83,3 +83,59 @@ def test_stream_sockets_are_refused_for_frame_links():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with pytest.raises(ValueError, match="SOCK_DGRAM or SOCK_SEQPACKET"):
         SocketFrameLink(a)
+
+
+def refusing(link, refuse):
+    """Make the link's writes fail with ENOBUFS while ``refuse(frame)`` says so."""
+    write = link._write
+
+    def _write(frame):
+        if refuse(frame):
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        write(frame)
+
+    link._write = _write
+
+
+def test_no_buffer_space_is_retried_on_a_timer_without_spinning():
+    link, peer, sink, reactor = make()
+    refusals = iter(range(3))
+    refusing(link, lambda frame: next(refusals, None) is not None)
+    link.send_frame(b"first")
+    link.send_frame(b"second")
+    # The fd polls writable throughout; waiting for that would be a busy loop.
+    assert link not in reactor.writers and link.queued_frames == 2
+    waited = 0.0
+    while link.queued_frames and waited < 0.1:
+        reactor.advance(0.001)
+        waited += 0.001
+    peer.setblocking(False)
+    assert [peer.recv(100), peer.recv(100)] == [b"first", b"second"]
+    assert not link.drops and not sink.lost and link not in reactor.writers
+    assert 0.002 < waited < 0.05  # three refusals: 1 + 1 + 2 ms of backoff
+
+
+def test_a_frame_refused_for_too_long_is_dropped_and_the_rest_go_through():
+    link, peer, sink, reactor = make()
+    refusing(link, lambda frame: frame == b"never")
+    link.send_frame(b"never")
+    link.send_frame(b"after")
+    for _ in range(400):
+        reactor.advance(0.001)
+    peer.setblocking(False)
+    assert peer.recv(100) == b"after"
+    with pytest.raises(BlockingIOError):
+        peer.recv(100)
+    assert link.drops["no-buffer-space"] == 1
+    assert not sink.lost and link.queued_frames == 0 and not reactor.getDelayedCalls()
+    link.send_frame(b"later")  # the link is still up
+    assert peer.recv(100) == b"later"
+
+
+def test_a_frame_too_long_for_the_socket_is_dropped_not_the_link():
+    link, peer, sink, reactor = make()
+    link._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    link.send_frame(b"x" * 60000)  # the kernel answers EMSGSIZE
+    link.send_frame(b"small")
+    assert peer.recv(100) == b"small"
+    assert link.drops["message-too-long"] == 1 and not sink.lost

@@ -7,16 +7,22 @@ is a minimal IReadWriteDescriptor instead:
 - doRead reads frames until EAGAIN or ``read_budget`` frames, so timers and
   host sockets still get their turn under load, and hands the whole batch to
   the sink in one call (handlers batch their ACKs per call).
-- send_frame writes at once when the queue is empty; on EAGAIN/ENOBUFS the
-  frame is queued and written when the fd becomes writable. A frame that was
-  accepted is never dropped (a lost TCP segment would open a sequence gap).
+- send_frame writes at once when the queue is empty; on EAGAIN the frame is
+  queued and written when the fd becomes writable, and never dropped.
+- ENOBUFS/ENOMEM (the kernel had no memory for the frame) is different: the
+  fd keeps polling writable, so waiting for that would spin on a frame that
+  blocks all the others. The queue is retried on a timer with backoff; a
+  frame still refused after ``no_memory_give_up`` seconds is dropped and
+  counted (``no-buffer-space``), as a full NIC ring would. EMSGSIZE (a frame
+  this fd can never take) drops that frame at once (``message-too-long``).
+  TCP resends what such a frame carried; the link itself stays up.
 - An exception escaping doRead would make the reactor drop us silently, so
   errors are caught here and turned into a logged, orderly stop.
 """
 
 import errno
 import os
-from collections import deque
+from collections import Counter, deque
 
 from twisted.internet import reactor as default_reactor
 from twisted.logger import Logger
@@ -27,7 +33,8 @@ from twisted.internet.interfaces import IReadWriteDescriptor
 
 from ..interfaces import ILink
 
-_RETRY_LATER = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR)
+_RETRY_LATER = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+_NO_MEMORY = (errno.ENOBUFS, errno.ENOMEM)
 
 
 class LinkLost(Exception):
@@ -53,12 +60,18 @@ class LinkState:
         self.bytes_in = 0
         self.bytes_out = 0
         self.queued_high_water = 0
+        #: Frames the link dropped, by reason (merged into the stack's stats).
+        self.drops = Counter()
 
 
 @implementer(ILink, IReadWriteDescriptor)
 class FrameLink(LinkState):
     #: Largest frame read; 64 KiB frames plus headroom (a vnet header).
     read_size = 65550
+    #: First wait after ENOBUFS/ENOMEM; it doubles on each refusal in a row.
+    no_memory_retry = 0.001
+    #: After this long refused in a row, a refused frame is dropped.
+    no_memory_give_up = 0.25
 
     def __init__(self, fd, description, mtu=1500, reactor=None, owns_fd=True):
         super().__init__(description, mtu=mtu, reactor=reactor)
@@ -66,6 +79,9 @@ class FrameLink(LinkState):
         self._owns_fd = owns_fd
         self._queue = deque()
         self._writing = False
+        #: When the current run of ENOBUFS/ENOMEM began (None: not in one).
+        self._no_memory_since = None
+        self._no_memory_call = None
 
     # -- ILink
 
@@ -85,8 +101,15 @@ class FrameLink(LinkState):
         except OSError as e:
             if e.errno in _RETRY_LATER:
                 self._enqueue(frame)
+            elif e.errno == errno.EMSGSIZE:
+                self._drop("message-too-long", e)
+            elif e.errno in _NO_MEMORY:
+                self._enqueue(frame, wait_writable=False)
+                self._wait_for_memory()
             else:
                 self._lost(e)
+            return
+        self._no_memory_since = None
 
     def stop(self):
         if self._stopped:
@@ -95,6 +118,10 @@ class FrameLink(LinkState):
         self._reactor.removeReader(self)
         self._reactor.removeWriter(self)
         self._queue.clear()
+        call = self._no_memory_call
+        if call is not None and call.active():
+            call.cancel()
+        self._no_memory_call = None
         if self._owns_fd:
             try:
                 os.close(self._fd)
@@ -162,6 +189,17 @@ class FrameLink(LinkState):
                 self._write(queue[0])
             except OSError as e:
                 if e.errno in _RETRY_LATER:
+                    if not self._writing:
+                        self._writing = True
+                        self._reactor.addWriter(self)
+                    return None
+                if e.errno == errno.EMSGSIZE:
+                    queue.popleft()
+                    self._drop("message-too-long", e)
+                    continue
+                if e.errno in _NO_MEMORY:
+                    if self._wait_for_memory():
+                        continue  # the refused frame was dropped: try the next
                     return None
                 self._lost(e)
                 return None
@@ -169,20 +207,60 @@ class FrameLink(LinkState):
                 self._lost(e)
                 return None
             queue.popleft()
-        self._writing = False
-        self._reactor.removeWriter(self)
+            self._no_memory_since = None
+        self._stop_writing()
         return None
+
+    def _stop_writing(self):
+        if self._writing:
+            self._writing = False
+            self._reactor.removeWriter(self)
+
+    def _wait_for_memory(self):
+        """The head frame was refused for want of kernel memory: retry later.
+
+        Returns True when it has been refused for ``no_memory_give_up``
+        seconds and was dropped instead (the caller goes on with the next).
+        """
+        self._stop_writing()
+        now = self._reactor.seconds()
+        since = self._no_memory_since
+        if since is None:
+            since = self._no_memory_since = now
+        elif now - since >= self.no_memory_give_up:
+            self._queue.popleft()
+            self._drop("no-buffer-space", None)
+            return True
+        if self._no_memory_call is None:
+            delay = max(self.no_memory_retry, now - since)
+            self._no_memory_call = self._reactor.callLater(delay, self._retry_after_no_memory)
+        return False
+
+    def _retry_after_no_memory(self):
+        self._no_memory_call = None
+        if not self._stopped:
+            self.doWrite()
+
+    def _drop(self, reason, error):
+        """Count a frame the kernel refused; the first time, say why."""
+        if not self.drops[reason]:
+            self.log.warn("guest link {link}: the kernel refused a frame ({error}); "
+                          "dropping such frames, counted as {reason}",
+                          link=self.description, reason=reason,
+                          error=describe_error(error) if error is not None
+                          else f"no buffer space for {self.no_memory_give_up} s")
+        self.drops[reason] += 1
 
     def connectionLost(self, reason):
         self._lost(reason.value if isinstance(reason, Failure) else reason)
 
-    def _enqueue(self, frame):
+    def _enqueue(self, frame, wait_writable=True):
         if not isinstance(frame, (bytes, bytearray)):
             frame = bytes(frame) if isinstance(frame, memoryview) else [bytes(b) for b in frame]
         self._queue.append(frame)
         if len(self._queue) > self.queued_high_water:
             self.queued_high_water = len(self._queue)
-        if not self._writing:
+        if wait_writable and not self._writing and self._no_memory_call is None:
             self._writing = True
             self._reactor.addWriter(self)
 

@@ -27,7 +27,6 @@ millisecond capped host->guest at ~0.1 Gbit/s at MTU 1500 behind QEMU's
 
 import errno
 import socket
-from collections import Counter
 
 from zope.interface import implementer
 from twisted.internet.interfaces import IWriteDescriptor
@@ -95,8 +94,6 @@ class DgramListenLink(FrameLink):
         #: False when it could not be made).
         self._room = None
         self._watching_room = False
-        #: Frames the link dropped, by reason (merged into the stack's stats).
-        self.drops = Counter()
 
     @classmethod
     def listen(cls, path, mtu=1500, reactor=None):
@@ -166,7 +163,7 @@ class DgramListenLink(FrameLink):
 
     def doWrite(self):
         super().doWrite()
-        if not self._queue or self._stopped:
+        if not self._queue or self._stopped or self._no_memory_call is not None:
             return None
         # Still full, yet our own socket polls writable: wait on the peer's room.
         self._reactor.removeWriter(self)

@@ -6,7 +6,6 @@ write fails (ECONNREFUSED), which ends the link like an EOF would.
 """
 
 import socket as _socket
-from collections import Counter
 
 from .base import FrameLink, LinkLost, drop_oversize
 from .unixsock import max_frame_len
@@ -33,8 +32,6 @@ class SocketFrameLink(FrameLink):
         super().__init__(sock.fileno(), f"fd {sock.fileno()} ({name} socket)",
                          mtu=mtu, reactor=reactor, owns_fd=False)
         self.max_frame = max_frame_len(mtu)
-        #: Frames the link dropped, by reason (merged into the stack's stats).
-        self.drops = Counter()
 
     @staticmethod
     def socket_from_fd(fd):

@@ -26,7 +26,7 @@ import errno
 import itertools
 import socket
 import struct
-from collections import Counter, deque
+from collections import deque
 
 from twisted.internet.interfaces import IReadDescriptor, IReadWriteDescriptor
 from twisted.python.failure import Failure
@@ -330,8 +330,6 @@ class _StreamLinkBase(LinkState):
         super().__init__(description, mtu=mtu, reactor=reactor)
         self.max_frame = max_frame_len(mtu)
         self._peer = None
-        #: Frames the link dropped, by reason (merged into the stack's stats).
-        self.drops = Counter()
 
     @property
     def queued_frames(self):
