@@ -1,6 +1,7 @@
 """Unix-socket links: stream framing (sans-I/O), stream and dgram links over real
 sockets driven without a running reactor, and socket-file handling."""
 
+import errno
 import os
 import select
 import socket
@@ -288,6 +289,38 @@ def test_stream_link_write_queue_survives_a_full_socket():
     assert got == frames
     assert link.queued_frames == 0 and not reactor.writers
     assert link.queued_high_water > 0
+
+
+class _RefusingSocket:
+    """A socket whose sendmsg fails with ENOBUFS the first ``times`` calls."""
+
+    def __init__(self, sock, times):
+        self._sock = sock
+        self.refusals = times
+
+    def sendmsg(self, buffers):
+        if self.refusals:
+            self.refusals -= 1
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        return self._sock.sendmsg(buffers)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_stream_link_waits_out_no_buffer_space_on_a_timer():
+    link, peer, sink, reactor = connected_link()
+    (stream_peer,) = reactor.readers
+    stream_peer.sock = _RefusingSocket(stream_peer.sock, 3)
+    link.send_frame(frame(1))
+    reactor.advance(0)
+    link.send_frame(frame(2))
+    # The socket polls writable all the while: waiting for that would spin.
+    assert not reactor.writers and link.queued_frames == 2
+    reactor.pump([0.001] * 20)
+    assert recv_frames(peer, 2) == [frame(1), frame(2)]
+    assert not sink.lost and link.queued_frames == 0 and not reactor.writers
+    assert stream_peer.sock.refusals == 0
 
 
 def test_stream_link_peer_eof_is_link_lost_once():

@@ -225,6 +225,7 @@ class StreamPeer:
         self.queue = WriteQueue()
         self._writing = False
         self._flush_call = None
+        self._no_memory_delay = 0.0
         self.closed = False
 
     def start(self):
@@ -250,6 +251,19 @@ class StreamPeer:
         if not self.closed and not self._writing:
             self._flush()
 
+    def _wait_for_memory(self):
+        """The kernel had no memory for our data: try again on a timer.
+
+        The socket keeps polling writable, so waiting for that would spin.
+        Nothing is dropped: the stream keeps its queue (1 ms, doubling to 0.1 s).
+        """
+        if self._writing:
+            self._writing = False
+            self._reactor.removeWriter(self)
+        self._no_memory_delay = min(max(self._no_memory_delay * 2, 0.001), 0.1)
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(self._no_memory_delay, self._turn_flush)
+
     def close(self):
         if self.closed:
             return
@@ -266,8 +280,12 @@ class StreamPeer:
         try:
             done = self.queue.flush(self.sock.sendmsg)
         except OSError as e:
+            if e.errno in (errno.ENOBUFS, errno.ENOMEM):
+                self._wait_for_memory()
+                return
             self.owner._peer_gone(self, e)
             return
+        self._no_memory_delay = 0.0
         if done:
             if self._writing:
                 self._writing = False
