@@ -227,14 +227,19 @@ def test_stream_link_reads_split_frames_and_writes_frames():
 
 
 class CountingSocket:
-    """A socket whose sendmsg calls are counted."""
+    """A socket whose sendmsg calls are counted; the first ``refusals`` of them
+    fail with ENOBUFS (the kernel had no memory)."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, refusals=0):
         self._sock = sock
         self.sendmsg_calls = 0
+        self.refusals = refusals
 
     def sendmsg(self, buffers):
         self.sendmsg_calls += 1
+        if self.refusals:
+            self.refusals -= 1
+            raise OSError(errno.ENOBUFS, "No buffer space available")
         return self._sock.sendmsg(buffers)
 
     def __getattr__(self, name):
@@ -291,27 +296,10 @@ def test_stream_link_write_queue_survives_a_full_socket():
     assert link.queued_high_water > 0
 
 
-class _RefusingSocket:
-    """A socket whose sendmsg fails with ENOBUFS the first ``times`` calls."""
-
-    def __init__(self, sock, times):
-        self._sock = sock
-        self.refusals = times
-
-    def sendmsg(self, buffers):
-        if self.refusals:
-            self.refusals -= 1
-            raise OSError(errno.ENOBUFS, "No buffer space available")
-        return self._sock.sendmsg(buffers)
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-
 def test_stream_link_waits_out_no_buffer_space_on_a_timer():
     link, peer, sink, reactor = connected_link()
     (stream_peer,) = reactor.readers
-    stream_peer.sock = _RefusingSocket(stream_peer.sock, 3)
+    stream_peer.sock = CountingSocket(stream_peer.sock, refusals=3)
     link.send_frame(frame(1))
     reactor.advance(0)
     link.send_frame(frame(2))
