@@ -2,7 +2,8 @@
 
 Every link provides ILink and keeps ``base.LinkState`` (counters, sink, reactor).
 ``base.FrameLink`` adds what the frame-per-read links share: a read loop with a
-per-wakeup budget and a write queue that never drops a frame.
+per-wakeup budget and a write queue that drops (and counts) only what the
+kernel keeps refusing.
 ``stream`` and ``dgram`` hold the unix-socket links QEMU, passt and vfkit use.
 """
 

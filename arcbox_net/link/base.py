@@ -99,15 +99,9 @@ class FrameLink(LinkState):
         try:
             self._write(frame)
         except OSError as e:
-            if e.errno in _RETRY_LATER:
-                self._enqueue(frame)
-            elif e.errno == errno.EMSGSIZE:
-                self._drop("message-too-long", e)
-            elif e.errno in _NO_MEMORY:
-                self._enqueue(frame, wait_writable=False)
-                self._wait_for_memory()
-            else:
-                self._lost(e)
+            self._enqueue(frame, wait_writable=False)
+            if self._write_failed(e):
+                self.doWrite()
             return
         self._no_memory_since = None
 
@@ -188,20 +182,8 @@ class FrameLink(LinkState):
             try:
                 self._write(queue[0])
             except OSError as e:
-                if e.errno in _RETRY_LATER:
-                    if not self._writing:
-                        self._writing = True
-                        self._reactor.addWriter(self)
-                    return None
-                if e.errno == errno.EMSGSIZE:
-                    queue.popleft()
-                    self._drop("message-too-long", e)
-                    continue
-                if e.errno in _NO_MEMORY:
-                    if self._wait_for_memory():
-                        continue  # the refused frame was dropped: try the next
-                    return None
-                self._lost(e)
+                if self._write_failed(e):
+                    continue  # the refused frame was dropped: try the next
                 return None
             except LinkLost as e:
                 self._lost(e)
@@ -210,6 +192,27 @@ class FrameLink(LinkState):
             self._no_memory_since = None
         self._stop_writing()
         return None
+
+    def _write_failed(self, error):
+        """The frame at the head of the queue was refused with ``error``.
+
+        Arranges the retry (writable fd, or a timer) and returns False; returns
+        True when the frame was dropped instead and the next may be tried.
+        """
+        code = error.errno
+        if code in _RETRY_LATER:
+            if not self._writing:
+                self._writing = True
+                self._reactor.addWriter(self)
+            return False
+        if code == errno.EMSGSIZE:
+            self._queue.popleft()
+            self._drop("message-too-long", error)
+            return True
+        if code in _NO_MEMORY:
+            return self._wait_for_memory()
+        self._lost(error)
+        return False
 
     def _stop_writing(self):
         if self._writing:
