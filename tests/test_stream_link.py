@@ -552,6 +552,19 @@ def dgram_link_with_full_peer(tmp_path, count):
     return link, sink, reactor, vm, frames
 
 
+def receive_all(vm, count, when_empty):
+    """Read ``count`` datagrams from ``vm``, calling ``when_empty()`` each time
+    none is waiting (the test's turn to drive the link); return them."""
+    got = []
+    vm.setblocking(False)
+    while len(got) < count:
+        try:
+            got.append(vm.recv(65536))
+        except BlockingIOError:
+            when_empty()
+    return got
+
+
 def test_listen_dgram_learns_the_peer_and_replies(tmp_path):
     link, path, sink, reactor = dgram_link(tmp_path)
     verifyObject(ILink, link)
@@ -605,19 +618,14 @@ def test_listen_dgram_waits_for_room_in_the_peers_queue(tmp_path):
     (room,) = reactor.writers
     assert room is not link and not reactor.getDelayedCalls()
     assert select.select([], [room], [], 0)[1] == []   # the peer is full: not writable
-    got = []
-    vm.setblocking(False)
-    while len(got) < len(frames):
-        try:
-            got.append(vm.recv(65536))
-            continue
-        except BlockingIOError:
-            pass
+
+    def write_what_is_ready():
         ready = select.select([], list(reactor.writers), [], 2)[1]
         assert ready, "the peer read, yet nothing became writable"
         for writer in ready:
             writer.doWrite()
-    assert got == frames
+
+    assert receive_all(vm, len(frames), write_what_is_ready) == frames
     assert not reactor.writers and link.queued_frames == 0
     link.stop()
 
@@ -649,7 +657,6 @@ def test_listen_dgram_peer_leaving_while_full_drops_the_queue(tmp_path, how):
 
 def test_listen_dgram_retries_later_when_the_peer_cannot_be_watched(tmp_path, monkeypatch):
     """No watcher socket (here: out of fds): a timer retries instead."""
-    import errno
     from arcbox_net.link import dgram as dgram_module
 
     def no_fds(*args):
@@ -657,24 +664,19 @@ def test_listen_dgram_retries_later_when_the_peer_cannot_be_watched(tmp_path, mo
 
     monkeypatch.setattr(dgram_module, "_PeerRoom", no_fds)
     link, sink, reactor, vm, frames = dgram_link_with_full_peer(tmp_path, 200)
-    got = []
-    vm.setblocking(False)
-    spins = 0
-    while len(got) < len(frames):
-        try:
-            got.append(vm.recv(65536))
-            continue
-        except BlockingIOError:
-            pass
+    spins = []
+
+    def write_or_wait():
         if link in reactor.writers:
             link.doWrite()
             assert link not in reactor.writers or not link.queued_frames
         else:
             assert not reactor.writers
             reactor.advance(link.retry_delay)  # the retry timer puts it back
-        spins += 1
-        assert spins < 10000
-    assert got == frames
+        spins.append(1)
+        assert len(spins) < 10000
+
+    assert receive_all(vm, len(frames), write_or_wait) == frames
     link.stop()
 
 
