@@ -7,6 +7,7 @@ never installed) with pipes as the descriptors; the real-guest tests check what
 
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -196,3 +197,16 @@ def test_busy_poll_with_a_chosen_reactor_is_a_one_line_error():
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["arcbox-net: --busy-poll needs arcbox-net's own reactor; "
                      "drop -r/--reactor"], result.stderr
+
+
+def test_importing_the_package_leaves_the_reactor_to_the_program():
+    """An embedder imports arcbox_net, then installs the lean reactor: nothing
+    imported may have installed Twisted's default reactor first."""
+    code = ("import importlib, pkgutil, sys, arcbox_net\n"
+            "for m in pkgutil.walk_packages(arcbox_net.__path__, 'arcbox_net.'):\n"
+            "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+            "from arcbox_net.reactor import install\n"
+            "print(type(install()).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "LeanEPollReactor"

@@ -24,7 +24,6 @@ import errno
 import os
 from collections import Counter, deque
 
-from twisted.internet import reactor as default_reactor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -52,7 +51,11 @@ class LinkState:
     def __init__(self, description, mtu=1500, reactor=None):
         self.description = description
         self.mtu = mtu
-        self._reactor = reactor or default_reactor
+        if reactor is None:
+            # Imported here: importing the link package must not install the
+            # default reactor before a program could install its own.
+            from twisted.internet import reactor
+        self._reactor = reactor
         self._sink = None
         self._stopped = False
         self.frames_in = 0
