@@ -54,6 +54,10 @@ class Options(usage.Options):
         ["netns", None, None, "Create the TAP inside this network namespace (a name under "
                               "/var/run/netns or a path such as /proc/PID/ns/net)."],
         ["tap-name", None, "tap0", "Name of the TAP created with --netns."],
+        ["queues", None, 1, "TAP links: open the TAP multi-queue with this many queues, "
+                            "each served by its own process (1..16). Connections the guest "
+                            "opens are spread over them, so several busy ones use several "
+                            "CPUs.", _int("--queues")],
         ["subnet", None, "10.0.2.0/24", "Guest subnet."],
         ["gateway", None, "10.0.2.1", "Gateway address (also the DNS server)."],
         ["guest", None, "10.0.2.2", "First guest address (the default guest's lease)."],
@@ -170,6 +174,11 @@ class Options(usage.Options):
                                    f"not {self['busy-poll']}")
         if self["configure"] and self["netns"] is None:
             raise usage.UsageError("--configure only applies to --netns")
+        from .link.tap import MAX_QUEUES
+        if not 1 <= self["queues"] <= MAX_QUEUES:
+            raise usage.UsageError(f"--queues takes 1..{MAX_QUEUES}, not {self['queues']}")
+        if self["queues"] > 1 and self["tap"] is None and self["netns"] is None:
+            raise usage.UsageError("--queues needs a TAP link (--tap or --netns)")
         links = [o for o in ("fd", "tap", "netns", "listen-stream", "connect-stream",
                              "listen-dgram") if self[o] is not None]
         if len(links) != 1:
@@ -205,7 +214,7 @@ def make_service(options):
                          listen_stream=options["listen-stream"],
                          connect_stream=options["connect-stream"],
                          listen_dgram=options["listen-dgram"],
-                         offload=not options["no-offload"])
+                         offload=not options["no-offload"], queues=options["queues"])
     except (TapError, ValueError, OSError) as e:
         sys.stderr.write(f"arcbox-net: {e}\n")
         raise SystemExit(1)
@@ -245,12 +254,17 @@ def make_service(options):
     stack.whenLinkLost().addCallback(link_lost)
     ready_fd = options["ready-fd"]
     if ready_fd is not None:
-        def signal_ready():
+        def signal_ready(_):
             try:
                 os.write(ready_fd, b"1")
             finally:
                 os.close(ready_fd)
-        reactor.callWhenRunning(signal_ready)
+
+        def close_unready(_failure):
+            os.close(ready_fd)  # the stack stopped itself and logged why
+        # Every queue served (at once with one queue), then ready.
+        reactor.callWhenRunning(
+            lambda: stack.whenReady().addCallbacks(signal_ready, close_unready))
     return stack
 
 makeService = make_service

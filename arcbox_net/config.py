@@ -239,6 +239,24 @@ class StackConfig:
         """Addresses the stack answers ARP for."""
         return {a for a in (self.gateway, self.dns_server) if a in self.subnet}
 
+    def to_json(self):
+        """Every field as JSON values that ``StackConfig(**value)`` takes back
+        (how a queue worker process gets the stack's configuration)."""
+        return {field.name: _jsonable(getattr(self, field.name))
+                for field in attrs.fields(type(self))}
+
     def summary(self):
         return (f"subnet {self.subnet} gateway {self.gateway} guest {self.guest} "
                 f"dns {self.dns_server} mtu {self.mtu}")
+
+
+def _jsonable(value):
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv4Network)):
+        return str(value)
+    if isinstance(value, bytes):
+        return mac_to_str(value)
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)  # a ForwardSpec: its str() is what ForwardSpec.parse takes

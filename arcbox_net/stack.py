@@ -27,6 +27,8 @@ from .wire.ethernet import mac_to_str
 
 class NetworkStack(service.Service):
     log = Logger()
+    #: Worker processes of a multi-queue TAP use a dispatcher that relays.
+    dispatcher_class = FrameDispatcher
 
     def __init__(self, link, config=None, reactor=None):
         if reactor is None:
@@ -34,7 +36,7 @@ class NetworkStack(service.Service):
         self.reactor = reactor
         self.config = config or StackConfig()
         self.link = link
-        self.dispatcher = FrameDispatcher(self.config, link)
+        self.dispatcher = self.dispatcher_class(self.config, link)
         self.dispatcher.on_link_lost = self._link_lost
         self.arp = ArpHandler(self.dispatcher)
         self.dhcp = DhcpHandler(self.dispatcher, self.config, clock=reactor.seconds)
@@ -58,6 +60,10 @@ class NetworkStack(service.Service):
         from .forward import UdpForwarder
         self.udp_forwarder = UdpForwarder(self)
         self._forwards_started = False
+        #: multiqueue.QueueWorkers serving the link's other queues, if it has any.
+        self.queue_workers = None
+        self._ready = None
+        self._ready_error = None
 
     def _add_nat(self):
         """Outbound NAT handlers (TCP, UDP, ICMP to other hosts)."""
@@ -88,13 +94,55 @@ class NetworkStack(service.Service):
             if start is not None:
                 start()
         self.link.start(self.dispatcher)
+        self._start_queue_workers()
         self.log.info("arcbox-net serving {link}: {summary}",
                       link=self.link.description, summary=self.config.summary())
+
+    def _start_queue_workers(self):
+        extra = getattr(self.link, "extra_queues", None)
+        if not extra:
+            self._ready = defer.succeed(None)
+            return
+        from .link.tap import VnetTapLink
+        from .multiqueue import QueueWorkers
+        if isinstance(self.link, VnetTapLink):
+            kind = "vnet-offload" if self.link.offloads else "vnet"
+        else:
+            kind = "plain"
+        self.link.extra_queues = []  # the workers own them from here
+        self.queue_workers = QueueWorkers(self, extra, self.reactor, kind,
+                                          getattr(self.reactor, "busy_poll", 0.0))
+        self._ready = self.queue_workers.start()
+        self._ready.addCallback(lambda _: self.log.info(
+            "{n} queue worker(s) serving", n=len(extra)))
+
+        def failed(failure):
+            self._ready_error = _first_error(failure)
+            self.log.error("stopping: {reason}", reason=self._ready_error)
+            self._link_lost(self._ready_error)
+        self._ready.addErrback(failed)
+
+    def whenReady(self):
+        """A Deferred that fires once every queue is served (at once with one
+        queue); it fails (RuntimeError) if a queue worker could not start."""
+        if self._ready is None:
+            return defer.fail(RuntimeError("the stack is not started"))
+        d = defer.Deferred()
+
+        def fire(_):
+            if self._ready_error is not None:
+                d.errback(RuntimeError(self._ready_error))
+            else:
+                d.callback(None)
+        self._ready.addCallback(fire)
+        return d
 
     def stopService(self):
         super().stopService()
         self.forwarder.stop()
         self.udp_forwarder.stop()
+        if self.queue_workers is not None:
+            self.queue_workers.stop()
         self.link.stop()
         self.stop_capture()
         for part in self.parts:
@@ -152,12 +200,16 @@ class NetworkStack(service.Service):
         """
         self._subscribers.append(callback)
         self.tcp.on_event = self.emit
+        if self.queue_workers is not None:
+            self.queue_workers.set_options(events=True)
 
         def unsubscribe():
             if callback in self._subscribers:
                 self._subscribers.remove(callback)
             if not self._subscribers:
                 self.tcp.on_event = None
+                if self.queue_workers is not None:
+                    self.queue_workers.set_options(events=False)
         return unsubscribe
 
     def emit(self, kind, details):
@@ -183,6 +235,8 @@ class NetworkStack(service.Service):
         if current is not None and current.active:
             raise RuntimeError(f"a capture to {current.path} is already running")
         self.dispatcher.capture = PcapCapture(path)
+        if self.queue_workers is not None:
+            self.queue_workers.set_options(capture=True)
         self.log.info("capturing guest frames to {path}", path=str(path))
         return self.dispatcher.capture
 
@@ -191,6 +245,8 @@ class NetworkStack(service.Service):
         capture, self.dispatcher.capture = self.dispatcher.capture, None
         if capture is None:
             return None
+        if self.queue_workers is not None:
+            self.queue_workers.set_options(capture=False)
         capture.close()
         return capture.stats()
 
@@ -202,6 +258,8 @@ class NetworkStack(service.Service):
         for part in [*self.parts, getattr(self.icmp, "forward", None), self.udp_forwarder]:
             if part is not None and hasattr(part, "flows"):
                 flows.extend(part.flows())
+        if self.queue_workers is not None:
+            flows.extend(self.queue_workers.connections())
         return flows
 
     def leases(self):
@@ -223,7 +281,7 @@ class NetworkStack(service.Service):
                 drops[reason] = drops.get(reason, 0) + n
             for name, n in getattr(source, "counters", {}).items():
                 counters[name] = counters.get(name, 0) + n
-        return {
+        stats = {
             "counters": counters,
             "frames_in": self.dispatcher.frames_in,
             "frames_out": self.dispatcher.frames_out,
@@ -232,6 +290,9 @@ class NetworkStack(service.Service):
                      "queued_frames": getattr(self.link, "queued_frames", 0)},
             "guest_mac": mac_to_str(self.dispatcher.guest_mac) if self.dispatcher.guest_mac else None,
         }
+        if self.queue_workers is not None:
+            self.queue_workers.merge_stats(stats)
+        return stats
 
 
 def _first_error(failure):

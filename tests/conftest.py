@@ -20,6 +20,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UDHCPC_SCRIPT = os.path.join(HERE, "guest", "udhcpc-script.sh")
+GUEST_SERVER = os.path.join(HERE, "guest", "tcpserver.py")
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 _names = itertools.count()
 
@@ -134,6 +135,25 @@ def stack_factory(tmp_path):
     yield start
     for stack in started:
         stack.stop()
+
+
+@pytest.fixture
+def guest_server(netns):
+    """Start tests/guest/tcpserver.py in the namespace; killed at teardown."""
+    procs = []
+
+    def start(mode, port, *args):
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, GUEST_SERVER, mode,
+                                 str(port), *map(str, args)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait(10)
 
 
 def udhcpc(ns, record, iface="tap0"):

@@ -37,3 +37,13 @@ def test_other_subnet_and_static_leases():
     c = StackConfig(subnet="192.168.127.0/24", gateway="192.168.127.1", guest="192.168.127.2",
                     static_leases=[("02-00-00-00-00-01", "192.168.127.50")], mtu=65520)
     assert c.static_leases == ((b"\x02\0\0\0\0\x01", ipaddress.IPv4Address("192.168.127.50")),)
+
+
+def test_a_config_survives_its_json_form():
+    """Queue workers get the stack's configuration as JSON."""
+    import json
+    config = StackConfig(mtu=9000, search=["x.test"], static_leases={"02:00:00:00:00:09": "10.0.2.9"},
+                         address_map=["203.0.113.10=127.0.0.2"], dns_upstreams=["127.0.0.1:5353"],
+                         dns_records=["a.test=10.0.2.50"], deny=["0.0.0.0/0"],
+                         allow=["127.0.0.0/8"], forwards=["tcp:8080:80", "udp:5000:10.0.2.2:53"])
+    assert StackConfig(**json.loads(json.dumps(config.to_json()))) == config

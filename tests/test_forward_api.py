@@ -13,7 +13,6 @@ import pytest
 from conftest import HERE, TWISTD, in_ns, run
 
 SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8"]
-SERVER = os.path.join(HERE, "guest", "tcpserver.py")
 sys.path.insert(0, os.path.join(HERE, "guest"))
 from tcpclient import data_chunks  # noqa: E402
 
@@ -24,25 +23,6 @@ def free_port(host="127.0.0.1", kind=socket.SOCK_STREAM):
     port = s.getsockname()[1]
     s.close()
     return port
-
-
-@pytest.fixture
-def guest_server(netns):
-    """Start tests/guest/tcpserver.py in the namespace; killed at teardown."""
-    procs = []
-
-    def start(mode, port, *args):
-        proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, SERVER, mode,
-                                 str(port), *map(str, args)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        return proc
-
-    yield start
-    for proc in procs:
-        proc.kill()
-        proc.wait(10)
 
 
 def api(sock, method, path, body=None):

@@ -15,7 +15,7 @@ LINK_OPTIONS = "--fd, --tap, --netns, --listen-stream, --connect-stream, --liste
 
 def open_link(config, fd=None, tap=None, netns=None, tap_name="tap0", configure=False,
               reactor=None, listen_stream=None, connect_stream=None, listen_dgram=None,
-              offload=True):
+              offload=True, queues=1):
     """Open the one link the options name; raise ValueError/TapError with a message."""
     from .dgram import DgramListenLink
     from .socket import SocketFrameLink
@@ -30,6 +30,8 @@ def open_link(config, fd=None, tap=None, netns=None, tap_name="tap0", configure=
     if len(chosen) != 1:
         raise ValueError("give exactly one of " + LINK_OPTIONS
                          + (f" (got {', '.join(chosen)})" if chosen else ""))
+    if queues != 1 and tap is None and netns is None:
+        raise ValueError("--queues needs a TAP link (--tap or --netns)")
     if fd is not None:
         sock = SocketFrameLink.socket_from_fd(fd)
         if sock.type == _socket.SOCK_STREAM:  # 4-byte length framing
@@ -42,11 +44,12 @@ def open_link(config, fd=None, tap=None, netns=None, tap_name="tap0", configure=
     if listen_dgram is not None:
         return DgramListenLink.listen(listen_dgram, mtu=config.mtu, reactor=reactor)
     if tap is not None:
-        return TapLink.open(tap, mtu=config.mtu, reactor=reactor, offload=offload)
+        return TapLink.open(tap, mtu=config.mtu, reactor=reactor, offload=offload,
+                            queues=queues)
     settings = None
     if configure:
         settings = dict(address=str(config.guest), prefixlen=config.subnet.prefixlen,
                         mtu=config.mtu, gateway=str(config.gateway))
     return TapLink.open_in_netns(netns, tap_name, mtu=config.mtu, configure=settings,
-                                 offload=offload,
+                                 offload=offload, queues=queues,
                                  reactor=reactor)

@@ -24,8 +24,11 @@ TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
 IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
+#: Queues of one TAP we serve at most (one process each).
+MAX_QUEUES = 16
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
@@ -62,26 +65,51 @@ class TapError(Exception):
     """A TAP device or namespace could not be set up; the message says why."""
 
 
-def open_tap(name, offload=False):
+def open_tap(name, offload=False, queues=1):
     """Open (creating if needed) TAP ``name`` in the calling thread's namespace.
 
     With ``offload`` the fd carries a virtio_net_hdr before each frame and the
     kernel is told we handle partial checksums and TSO: the guest then sends
-    64 KiB TCP frames and accepts them from us. Returns (fd, offloads_on).
+    64 KiB TCP frames and accepts them from us. ``queues`` > 1 opens a
+    multi-queue TAP, one fd per queue: the kernel spreads the guest's flows
+    over them by hash and keeps each flow on the queue that last wrote it.
+    Returns (fds, offloads_on).
     """
     if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or " " in name:
         raise TapError(f"{name!r} is not a valid interface name")
+    if not isinstance(queues, int) or not 1 <= queues <= MAX_QUEUES:
+        raise TapError(f"queues must be 1..{MAX_QUEUES}, not {queues!r}")
+    flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+    if queues > 1:
+        flags |= IFF_MULTI_QUEUE
+    fds = []
+    offloads = offload
+    try:
+        for _ in range(queues):
+            fd, on = _open_queue(name, flags, offload)
+            fds.append(fd)
+            offloads = offloads and on
+    except TapError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds, offloads
+
+
+def _open_queue(name, flags, offload):
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise TapError(f"cannot open /dev/net/tun: {e.strerror}") from None
     try:
-        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
-        ifr = struct.pack("16sH22x", name.encode(), flags)
-        fcntl.ioctl(fd, TUNSETIFF, ifr)
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
     except OSError as e:
         os.close(fd)
-        hint = " (is it a TUN device, or held by another process?)" if e.errno == 16 else ""
+        hint = ""
+        if e.errno == 16:
+            hint = " (is it a TUN device, or held by another process?)"
+        elif e.errno == 22 and flags & IFF_MULTI_QUEUE:
+            hint = " (an existing device must have been created multi-queue for --queues)"
         raise TapError(f"cannot attach to TAP {name}: {e.strerror}{hint}") from None
     if not offload:
         return fd, False
@@ -139,8 +167,8 @@ def resolve_netns(name_or_path):
     return path
 
 
-def open_tap_in_netns(netns, name, configure=None, offload=False):
-    """Create TAP ``name`` inside ``netns``; return (fd, offloads_on) as open_tap.
+def open_tap_in_netns(netns, name, configure=None, offload=False, queues=1):
+    """Create TAP ``name`` inside ``netns``; return (fds, offloads_on) as open_tap.
 
     ``configure`` is None or a dict of configure_interface() arguments.
     """
@@ -161,13 +189,14 @@ def open_tap_in_netns(netns, name, configure=None, offload=False):
         finally:
             os.close(nsfd)
         try:
-            fd, offloads = open_tap(name, offload)
+            fds, offloads = open_tap(name, offload, queues)
             try:
                 configure_interface(name, **(configure or {}))
             except TapError:
-                os.close(fd)
+                for fd in fds:
+                    os.close(fd)
                 raise
-            result["fd"] = (fd, offloads)
+            result["fd"] = (fds, offloads)
         except TapError as e:
             result["error"] = e
         except Exception as e:  # never leave the caller without an answer
@@ -186,35 +215,52 @@ class TapLink(FrameLink):
     """A TAP fd: one read is one frame, one write is one frame.
 
     ``open``/``open_in_netns`` enable offloads by default (``offload=True``)
-    and then return a VnetTapLink when the kernel agrees.
+    and then return a VnetTapLink when the kernel agrees. With ``queues`` > 1
+    the link reads the first queue; ``extra_queues`` holds the fds of the
+    others until the stack hands them to worker processes (or the link closes
+    them when it stops).
     """
 
     def __init__(self, fd, description, mtu=1500, reactor=None):
         super().__init__(fd, description, mtu=mtu, reactor=reactor, owns_fd=True)
+        #: fds of the TAP's other queues, still ours to close (see multiqueue).
+        self.extra_queues = []
 
     @classmethod
-    def _make(cls, fd, vnet, offloads, description, mtu, reactor):
+    def _make(cls, fds, vnet, offloads, description, mtu, reactor):
         if vnet:
-            link = VnetTapLink(fd, description, mtu=mtu, reactor=reactor)
+            link = VnetTapLink(fds[0], description, mtu=mtu, reactor=reactor)
             link.offloads = offloads
-            return link
-        return cls(fd, description, mtu=mtu, reactor=reactor)
+        else:
+            link = cls(fds[0], description, mtu=mtu, reactor=reactor)
+        link.extra_queues = list(fds[1:])
+        return link
 
     @classmethod
-    def open(cls, name, mtu=1500, reactor=None, offload=True):
-        fd, offloads = open_tap(name, offload)
+    def open(cls, name, mtu=1500, reactor=None, offload=True, queues=1):
+        fds, offloads = open_tap(name, offload, queues)
         try:
             configure_interface(name)
         except TapError:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             raise
-        return cls._make(fd, offload, offloads, f"tap {name}", mtu, reactor)
+        return cls._make(fds, offload, offloads, f"tap {name}", mtu, reactor)
 
     @classmethod
     def open_in_netns(cls, netns, name="tap0", mtu=1500, configure=None, reactor=None,
-                      offload=True):
-        fd, offloads = open_tap_in_netns(netns, name, configure, offload)
-        return cls._make(fd, offload, offloads, f"tap {name} in netns {netns}", mtu, reactor)
+                      offload=True, queues=1):
+        fds, offloads = open_tap_in_netns(netns, name, configure, offload, queues)
+        return cls._make(fds, offload, offloads, f"tap {name} in netns {netns}", mtu, reactor)
+
+    def stop(self):
+        super().stop()
+        extra, self.extra_queues = self.extra_queues, []
+        for fd in extra:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class VnetTapLink(TapLink):

@@ -2,6 +2,7 @@
 
   sink PORT                 read to EOF, reply "<sha256>:<n>", close
   source PORT NBYTES SEED   send NBYTES of seeded data (tcpclient.data_chunks), close
+  latesource PORT DELAY NBYTES SEED   as source, after DELAY seconds of silence
   peer PORT                 reply "<peer ip>:<peer port>", close
   udpecho PORT              echo UDP datagrams back to their sender
 Prints "ready" once listening.
@@ -12,6 +13,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tcpclient import data_chunks  # noqa: E402
@@ -29,7 +31,10 @@ def handle(mode, conn, peer, args):
                 h.update(data)
                 n += len(data)
             conn.sendall(f"{h.hexdigest()}:{n}".encode())
-        elif mode == "source":
+        elif mode in ("source", "latesource"):
+            if mode == "latesource":
+                time.sleep(float(args[0]))
+                args = args[1:]
             for chunk in data_chunks(int(args[0]), int(args[1])):
                 conn.sendall(chunk)
         elif mode == "peer":

@@ -1,0 +1,199 @@
+"""``--queues N``: a multi-queue TAP served by worker processes.
+
+Unit tests cover the message framing and which frames a worker keeps; the
+real-guest tests run ``twistd arcbox-net --queues 2`` against a namespace's
+own TCP stack, with loopback peers.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import dpkt
+import pytest
+
+from arcbox_net import StackConfig
+from arcbox_net.multiqueue import (RELAY, SNAPSHOT, MessageReader, QueueDispatcher,
+                                   encode)
+from conftest import HERE, in_ns
+from framebuild import GATEWAY_IP, GUEST_IP, arp_request, ip4, tcp, udp
+from hostside import HostServer, echo
+from test_forward_api import api, free_port
+
+SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8"]
+CLIENT = os.path.join(HERE, "guest", "tcpclient.py")
+sys.path.insert(0, os.path.join(HERE, "guest"))
+from tcpclient import data_chunks  # noqa: E402
+
+
+# -- unit: the pipe between main and worker
+
+
+def test_messages_come_out_whole_however_the_stream_is_cut():
+    messages = [(RELAY, b"\x01" * 1500), (SNAPSHOT, b"{}"), (RELAY, b"")]
+    stream = b"".join(encode(kind, payload) for kind, payload in messages)
+    for cut in (1, 3, 5, 7, 100, len(stream)):
+        reader = MessageReader()
+        got = []
+        for i in range(0, len(stream), cut):
+            got += reader.feed(stream[i:i + cut])
+        assert got == messages
+
+
+def test_a_length_out_of_range_is_refused():
+    with pytest.raises(ValueError):
+        MessageReader().feed(b"\x00\x00\x00\x00Y")
+    with pytest.raises(ValueError):
+        MessageReader().feed(b"\x7f\xff\xff\xffY")
+
+
+# -- unit: what a worker serves and what it relays
+
+
+def test_a_worker_keeps_guest_syns_and_its_connections_and_relays_the_rest():
+    dispatcher = QueueDispatcher(StackConfig())
+    relayed = []
+    dispatcher.relay = relayed.append
+    known = (ip4(GUEST_IP), 40001, ip4(GATEWAY_IP), 80)
+    dispatcher.tcp_connections = {known: object()}
+    syn = tcp(40000, 80)
+    ours = tcp(40001, 80, flags=dpkt.tcp.TH_ACK, payload=b"data")
+    stranger = tcp(40002, 80, flags=dpkt.tcp.TH_ACK, payload=b"data")
+    syn_ack = tcp(8000, 50000, flags=dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK)
+    dns = udp(5353, 53, b"query")
+    arp = arp_request()
+    dispatcher.frames_received([syn, ours, stranger, syn_ack, dns, arp, b"\x00" * 20])
+    assert relayed == [stranger, syn_ack, dns, arp, b"\x00" * 20]
+    # The two it kept went to its own handlers (none here: dropped and counted).
+    assert dispatcher.frames_in == 2 and dispatcher.relayed == 5
+    assert dispatcher.drops["no-handler-ip-proto-6"] == 2
+
+
+# -- real guest
+
+
+def guest_client(ns, *args, timeout=120):
+    out = in_ns(ns, sys.executable, CLIENT, *map(str, args), timeout=timeout)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_guest_connections_spread_over_the_queue_processes(netns, stack_factory, tmp_path):
+    """16 concurrent guest connections: each process serves some, and the
+    API's stats and the pcap file account for all of them."""
+    sock = tmp_path / "api.sock"
+    pcap = tmp_path / "all.pcap"
+    stack = stack_factory("--netns", netns, "--configure", *SAFE, "--queues", "2",
+                          "--api", str(sock), "--pcap", str(pcap))
+    server = HostServer(echo)
+    try:
+        result = guest_client(netns, "many", "10.0.2.1", server.port, 16, 256 * 1024)
+        assert result == {"ok": 16, "errors": []}
+
+        def settled():  # a worker reports once a second
+            code, stats = api(sock, "GET", "/stats")
+            return stats if stats["counters"].get("tcp-closed", 0) >= 16 else None
+        stats = wait_for(settled)
+        assert stats, api(sock, "GET", "/stats")
+        assert stats["counters"]["tcp-opened"] == 16
+        queues = stats["queues"]
+        assert [q["queue"] for q in queues] == [0, 1]
+        assert all(q["frames_in"] > 0 for q in queues), queues
+        assert queues[0]["pid"] == stack.proc.pid and queues[1]["pid"] != stack.proc.pid
+    finally:
+        server.close()
+    code, _ = api(sock, "DELETE", "/capture")
+    assert code == 200
+    syns = set()
+    with open(pcap, "rb") as f:
+        for _ts, frame in dpkt.pcap.Reader(f):
+            ip = dpkt.ethernet.Ethernet(frame).data
+            if isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.tcp.TCP):
+                seg = ip.data
+                if seg.flags & dpkt.tcp.TH_SYN and seg.dport == server.port:
+                    syns.add(seg.sport)
+    assert len(syns) == 16  # the workers' frames reached the main process's file
+    worker = queues[1]["pid"]
+    stack.stop()
+    assert wait_for(lambda: not _alive(worker), 5), "the worker outlived the stack"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_forwarded_connections_survive_idling_onto_a_worker_queue(netns, stack_factory,
+                                                                  guest_server, tmp_path):
+    """The kernel forgets which queue a flow belongs to after ~3 s idle, then
+    hashes it: a forwarded connection's next guest data may reach a worker,
+    which must hand it to the main process (that holds the connection)."""
+    sock = tmp_path / "api.sock"
+    host_port = free_port()
+    stack_factory("--netns", netns, "--configure", *SAFE, "--queues", "2", "--api", str(sock),
+                  "--forward", f"tcp:{host_port}:8000")
+    total = 256 * 1024
+    guest_server("latesource", 8000, 7, total, 11)
+    expected = hashlib.sha256(b"".join(data_chunks(total, 11))).hexdigest()
+    results = [None] * 12
+
+    def fetch(i):
+        h = hashlib.sha256()
+        with socket.create_connection(("127.0.0.1", host_port), timeout=30) as s:
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                h.update(data)
+        results[i] = h.hexdigest()
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [expected] * 12
+    stats = wait_for(lambda: api(sock, "GET", "/stats")[1]["queues"][1].get("relayed"), 3)
+    assert stats, "no frame reached the worker's queue: the relay was never exercised"
+
+
+def test_a_worker_that_dies_ends_the_stack(netns, stack_factory, tmp_path):
+    sock = tmp_path / "api.sock"
+    stack = stack_factory("--netns", netns, "--configure", *SAFE, "--queues", "2",
+                          "--api", str(sock))
+    worker = api(sock, "GET", "/stats")[1]["queues"][1]["pid"]
+    os.kill(worker, signal.SIGKILL)
+    stack.proc.wait(15)
+    assert "queue worker 1" in stack.log() and "exited" in stack.log()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--netns", "x", "--queues", "0"], "--queues takes 1..16, not 0"),
+    (["--netns", "x", "--queues", "17"], "--queues takes 1..16, not 17"),
+    (["--netns", "x", "--queues", "two"], "--queues takes a whole number"),
+    (["--listen-dgram", "/tmp/x.sock", "--queues", "2"], "--queues needs a TAP link"),
+])
+def test_bad_queue_options_are_one_line_errors(args, message, capsys):
+    from arcbox_net.cli import Options
+    with pytest.raises(SystemExit) as exit:
+        Options().parseOptions(args)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
