@@ -148,26 +148,58 @@ def wait_ready_fd(read_fd, proc, timeout):
         os.close(read_fd)
 
 
+def process_tree(pid):
+    """``pid`` and its live descendants (arcbox-net --queues runs worker processes)."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
 def cpu_seconds(pid):
-    """User + system CPU seconds of ``pid`` (None without a pid)."""
+    """User + system CPU seconds of ``pid`` and its children (None without a pid)."""
     if pid is None:
         return None
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])      # utime, stime (fields 14, 15)
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended between the listing and now
+        ticks += int(fields[11]) + int(fields[12])      # utime, stime (fields 14, 15)
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return None
+    """Resident memory of ``pid`` and its children."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
 
 
 def open_fds(pid):
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open fds of ``pid`` and its children."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            total += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            pass
+    return total
 
 
 def last_line(text, limit=200):

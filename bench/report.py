@@ -2,7 +2,8 @@
 
 import os
 
-STACK_LABELS = {"arcbox-net": "arcbox-net", "arcbox-net-nooffload": "arcbox-net (no offload)",
+STACK_LABELS = {"arcbox-net": "arcbox-net", "arcbox-net-2q": "arcbox-net --queues 2",
+                "arcbox-net-nooffload": "arcbox-net (no offload)",
                 "arcbox-net-nopoll": "arcbox-net (no busy-poll)",
                 "arcbox-net-qemu": "arcbox-net via QEMU stream",
                 "arcbox-net-qemu-dgram": "arcbox-net via QEMU dgram",
@@ -10,6 +11,7 @@ STACK_LABELS = {"arcbox-net": "arcbox-net", "arcbox-net-nooffload": "arcbox-net 
 
 #: Ratio columns: (stack, header), each against slirp4netns in the same run.
 RATIOS = [("arcbox-net", "arcbox-net / slirp4netns"),
+          ("arcbox-net-2q", "--queues 2 / slirp4netns"),
           ("arcbox-net-nooffload", "no offload / slirp4netns"),
           ("arcbox-net-qemu", "via QEMU stream / slirp4netns"),
           ("arcbox-net-qemu-dgram", "via QEMU dgram / slirp4netns")]

@@ -237,6 +237,15 @@ class ArcboxNetNoBusyPoll(ArcboxNet):
     only_workloads = ("tcp_rr", "conn_rate")
 
 
+class ArcboxNetQueues(ArcboxNet):
+    """The TAP opened multi-queue, two processes (--queues 2): what a second
+    CPU buys when several connections are busy. CPU, memory and fds count
+    both processes."""
+
+    name = "arcbox-net-2q"
+    extra_args = ["--queues", "2"]
+
+
 class Slirp4netns(Stack):
     name = "slirp4netns"
     gateway = "10.0.2.2"           # slirp4netns's alias of the host's loopback
@@ -362,6 +371,6 @@ class Kernel(Stack):
         return os.uname().release
 
 
-STACKS = {cls.name: cls for cls in (ArcboxNet, ArcboxNetNoOffload, ArcboxNetQemuStream,
-                                       ArcboxNetQemuDgram, ArcboxNetNoBusyPoll, Slirp4netns,
-                                       Pasta, Kernel)}
+STACKS = {cls.name: cls for cls in (ArcboxNet, ArcboxNetQueues, ArcboxNetNoOffload,
+                                       ArcboxNetQemuStream, ArcboxNetQemuDgram,
+                                       ArcboxNetNoBusyPoll, Slirp4netns, Pasta, Kernel)}
