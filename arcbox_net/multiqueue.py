@@ -321,6 +321,11 @@ def _worker_stack_class():
     class QueueWorkerStack(NetworkStack):
         dispatcher_class = QueueDispatcher
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # ICMP never reaches a worker (relayed): no ping or raw socket here.
+            self.icmp.forward = None
+
         def stats(self):
             stats = super().stats()
             stats["relayed"] = self.dispatcher.relayed

@@ -158,15 +158,17 @@ NOTES = """\
   pair to a second namespace (10.200.0.1/30), with its servers there: the physical limit.
 - Ratio is arcbox-net / slirp4netns: above 1 is better for throughput and rates, below 1 is
   better for latency, time, CPU and memory.
-- arcbox-net variants: "no offload" is the TAP with `--no-offload` (plain frames of at most
-  the MTU); "via QEMU stream" is `--listen-stream` with QEMU (no guest booted) relaying the
-  namespace's tap0 to its `-netdev stream`, the path a VM's NIC takes, with QEMU's own
-  copy in it; "via QEMU dgram" is the same with `--listen-dgram` and `-netdev dgram`
-  (bulk workloads only); "no busy-poll" is `--busy-poll 0` and runs the latency
-  workloads only.
-- Stack CPU is the stack process's user+system time per GB received (from /proc/PID/stat);
-  the kernel row has no process to measure. The port forward of pasta splices loopback
-  sockets (no frames through its tap); the kernel row's "forward" is the direct route.
+- arcbox-net variants: "--queues 2" is the same TAP opened multi-queue and served by two
+  processes (the guest's connections spread over them by the kernel's flow hash); "no
+  offload" is the TAP with `--no-offload` (plain frames of at most the MTU); "via QEMU
+  stream" is `--listen-stream` with QEMU (no guest booted) relaying the namespace's tap0
+  to its `-netdev stream`, the path a VM's NIC takes, with QEMU's own copy in it; "via
+  QEMU dgram" is the same with `--listen-dgram` and `-netdev dgram` (bulk workloads only);
+  "no busy-poll" is `--busy-poll 0` and runs the latency workloads only.
+- Stack CPU is the user+system time per GB received of the stack's process and its child
+  processes (from /proc/PID/stat; RSS and fds count them too); the kernel row has no
+  process to measure. The port forward of pasta splices loopback sockets (no frames
+  through its tap); the kernel row's "forward" is the direct route.
 - DNS: only arcbox-net has a local name (host.arcbox.internal); the others would forward to
   the host's resolver, and this benchmark sends nothing off the machine.
 - Scale rows run at the first MTU only; in the echo phase each connection gets 30 s, so

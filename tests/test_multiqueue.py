@@ -21,7 +21,7 @@ import pytest
 from arcbox_net import StackConfig
 from arcbox_net.multiqueue import (RELAY, SNAPSHOT, MessageReader, QueueDispatcher,
                                    encode)
-from conftest import HERE, in_ns
+from conftest import HERE, in_ns, udhcpc
 from framebuild import GATEWAY_IP, GUEST_IP, arp_request, ip4, tcp, udp
 from hostside import HostServer, echo
 from test_forward_api import api, free_port
@@ -134,11 +134,12 @@ def test_guest_connections_spread_over_the_queue_processes(netns, stack_factory,
 
 
 def _alive(pid):
+    """Running (a zombie nobody reaped yet counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
         return False
-    return True
 
 
 def test_forwarded_connections_survive_idling_onto_a_worker_queue(netns, stack_factory,
@@ -175,6 +176,24 @@ def test_forwarded_connections_survive_idling_onto_a_worker_queue(netns, stack_f
     assert stats, "no frame reached the worker's queue: the relay was never exercised"
 
 
+def test_dhcp_ping_and_dns_work_whichever_queue_they_land_on(netns, stack_factory, tmp_path):
+    """A guest that configures itself: DHCP, ping and UDP DNS are the main
+    process's; a worker relays them if the kernel hashed them to its queue."""
+    sock = tmp_path / "api.sock"
+    stack_factory("--netns", netns, *SAFE, "--queues", "2", "--api", str(sock),
+                  "--dns-record", "db.test=10.0.2.77", "--dns-upstream", f"127.0.0.1:{free_port()}")
+    lease = udhcpc(netns, tmp_path / "lease")
+    assert lease["ip"] == "10.0.2.2" and lease["router"] == "10.0.2.1"
+    out = in_ns(netns, "ping", "-c", "3", "-i", "0.2", "-W", "2", "10.0.2.1").stdout
+    assert "3 received" in out
+    for port in range(5300, 5316):  # 16 source ports: several hash to each queue
+        answer = in_ns(netns, "dig", "+short", "+time=2", "+tries=1", "-b", f"10.0.2.2#{port}",
+                       "@10.0.2.1", "db.test").stdout.strip()
+        assert answer == "10.0.2.77", port
+    # Some of it went to the worker's queue and on to the main process.
+    assert wait_for(lambda: api(sock, "GET", "/stats")[1]["queues"][1].get("relayed"), 3)
+
+
 def test_a_worker_that_dies_ends_the_stack(netns, stack_factory, tmp_path):
     sock = tmp_path / "api.sock"
     stack = stack_factory("--netns", netns, "--configure", *SAFE, "--queues", "2",
@@ -197,3 +216,15 @@ def test_bad_queue_options_are_one_line_errors(args, message, capsys):
         Options().parseOptions(args)
     assert exit.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_workers_leave_with_a_main_process_that_is_killed(netns, stack_factory, tmp_path):
+    sock = tmp_path / "api.sock"
+    stack = stack_factory("--netns", netns, "--configure", *SAFE, "--queues", "3",
+                          "--api", str(sock))
+    queues = api(sock, "GET", "/stats")[1]["queues"]
+    workers = [q["pid"] for q in queues[1:]]
+    assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    stack.proc.kill()
+    stack.proc.wait(10)
+    assert wait_for(lambda: not any(_alive(pid) for pid in workers), 10), workers
