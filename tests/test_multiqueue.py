@@ -17,6 +17,9 @@ import time
 
 import dpkt
 import pytest
+import pytest_twisted
+from twisted.internet import threads
+from twisted.internet.task import deferLater
 
 from arcbox_net import StackConfig
 from arcbox_net.multiqueue import (RELAY, SNAPSHOT, MessageReader, QueueDispatcher,
@@ -228,3 +231,68 @@ def test_workers_leave_with_a_main_process_that_is_killed(netns, stack_factory, 
     stack.proc.kill()
     stack.proc.wait(10)
     assert wait_for(lambda: not any(_alive(pid) for pid in workers), 10), workers
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_embedded_stack_with_queues_reports_every_connection(netns):
+    """The embedding API: whenReady() waits for the workers, subscribe() sees
+    connections whichever process serves them, stop ends the workers."""
+    from twisted.internet import reactor
+    from arcbox_net import NetworkStack, StackConfig
+    from arcbox_net.link import open_link
+
+    config = StackConfig(deny=("0.0.0.0/0",), allow=("127.0.0.0/8",))
+    link = open_link(config, netns=netns, configure=True, queues=2, reactor=reactor)
+    assert len(link.extra_queues) == 1
+    stack = NetworkStack(link, config, reactor=reactor)
+    events = []
+    stack.subscribe(lambda kind, details: events.append((kind, details)))
+    stack.startService()
+    server = HostServer(echo)
+    try:
+        yield stack.whenReady()
+        worker = stack.queue_workers.workers[0]
+        result = yield threads.deferToThread(guest_client, netns, "many", "10.0.2.1",
+                                             server.port, 16, 64 * 1024)
+        assert result == {"ok": 16, "errors": []}
+        for _ in range(50):
+            if sum(kind == "connection-closed" for kind, _ in events) == 16:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        opened = [d for kind, d in events if kind == "connection-opened"]
+        assert len(opened) == 16 and {d["remote"] for d in opened} == {f"10.0.2.1:{server.port}"}
+        assert sum(kind == "connection-closed" for kind, _ in events) == 16
+        yield deferLater(reactor, 1.5, lambda: None)  # the worker's next report
+        stats = stack.stats()
+        assert stats["counters"]["tcp-opened"] == 16
+        assert stats["queues"][1]["frames_in"] > 0 and stats["queues"][0]["frames_in"] > 0
+    finally:
+        server.close()
+        stack.stopService()
+    for _ in range(50):
+        if not _alive(worker.pid):
+            break
+        yield deferLater(reactor, 0.1, lambda: None)
+    assert not _alive(worker.pid)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_worker_that_cannot_start_fails_whenready_and_stops_the_stack(netns, monkeypatch):
+    from twisted.internet import reactor
+    from arcbox_net import NetworkStack, StackConfig, multiqueue
+    from arcbox_net.link import open_link
+
+    monkeypatch.setattr(multiqueue.sys, "executable", "/bin/false")
+    config = StackConfig(deny=("0.0.0.0/0",), allow=("127.0.0.0/8",))
+    link = open_link(config, netns=netns, configure=True, queues=2, reactor=reactor)
+    stack = NetworkStack(link, config, reactor=reactor)
+    lost = stack.whenLinkLost()
+    stack.startService()
+    try:
+        with pytest.raises(RuntimeError, match="queue worker 1 exited before serving"):
+            yield stack.whenReady()
+        reason = yield lost
+        assert "queue worker 1" in str(reason) and not stack.running
+    finally:
+        if stack.running:
+            stack.stopService()
