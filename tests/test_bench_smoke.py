@@ -1,6 +1,6 @@
 """The benchmark's smoke mode runs end to end against arcbox-net and slirp4netns
-(and two arcbox-net variants: without busy polling, which runs the latency workloads
-only, and behind QEMU's -netdev stream).
+(and three arcbox-net variants: two queues, without busy polling, which runs the
+latency workloads only, and behind QEMU's -netdev stream).
 
 ``./bench/run.sh --smoke`` (1 round, 1 s each, MTU 1500, small N) into a
 temporary folder; the JSON must have TCP bulk figures both ways for both stacks,
@@ -24,7 +24,7 @@ def test_bench_smoke_has_tcp_bulk_both_ways(tmp_path):
     before = bench_namespaces()
     result = subprocess.run(
         [os.path.join(REPO, "bench", "run.sh"), "--smoke", "--stacks",
-         "arcbox-net,arcbox-net-nopoll,arcbox-net-qemu,slirp4netns",
+         "arcbox-net,arcbox-net-2q,arcbox-net-nopoll,arcbox-net-qemu,slirp4netns",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"bench smoke failed:\n{result.stdout}\n{result.stderr[-4000:]}"
@@ -32,7 +32,7 @@ def test_bench_smoke_has_tcp_bulk_both_ways(tmp_path):
         data = json.load(f)
     assert data["meta"]["mode"] == "smoke"
     summary = {(e["workload"], e["stack"]): e for e in data["summary"]}
-    for stack in ("arcbox-net", "arcbox-net-qemu", "slirp4netns"):
+    for stack in ("arcbox-net", "arcbox-net-2q", "arcbox-net-qemu", "slirp4netns"):
         for workload in ("tcp_up_1", "tcp_down_1"):
             entry = summary[(workload, stack)]
             gbps = entry["metrics"].get("gbps")
@@ -47,6 +47,7 @@ def test_bench_smoke_has_tcp_bulk_both_ways(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     table = (tmp_path / "latest.md").read_text()
     assert "| TCP guest→host, 1 stream | 1500 | Gbit/s |" in table
+    assert "arcbox-net --queues 2" in table and "--queues 2 / slirp4netns" in table
     assert bench_namespaces() <= before, "the benchmark left namespaces behind"
 
 
