@@ -42,9 +42,9 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from .dispatch import FrameDispatcher
-from .wire.tcp import ACK, FIN, RST, SYN
+from .tcp.nat import _PURE_SYN_MASK
+from .wire.tcp import SYN
 
-_PURE_SYN_MASK = SYN | ACK | RST | FIN
 _LENGTH = struct.Struct("!I")
 
 #: Worker -> main message types.
@@ -302,7 +302,8 @@ class QueueDispatcher(FrameDispatcher):
             super().frames_received(mine)
 
     def _serves(self, frame):
-        # IPv4 (no fragment offset, no MF) carrying TCP, long enough to read.
+        # IPv4 carrying TCP, long enough for its ports and flags. A fragment is
+        # dropped and counted by whichever dispatcher gets it.
         if len(frame) < 54 or frame[12] != 8 or frame[13] != 0 or frame[23] != 6:
             return False
         tcp_at = 14 + (frame[14] & 0x0F) * 4
@@ -446,16 +447,12 @@ def serve_queue(argv):
     reactor = install(float(busy_poll))
     from .allocator import tune
     from .config import StackConfig
-    from .link.tap import TapLink, VnetTapLink
+    from .link.tap import TapLink
     from twisted.internet.stdio import StandardIO
 
     config = StackConfig(**json.loads(config_json))
-    description = f"tap queue {index}"
-    if link_kind == "plain":
-        link = TapLink(3, description, mtu=config.mtu, reactor=reactor)
-    else:
-        link = VnetTapLink(3, description, mtu=config.mtu, reactor=reactor)
-        link.offloads = link_kind == "vnet-offload"
+    link = TapLink.from_fds([3], link_kind != "plain", link_kind == "vnet-offload",
+                         f"tap queue {index}", config.mtu, reactor)
     stack = _worker_stack_class()(link, config, reactor=reactor)
     stack.dispatcher.tcp_connections = stack.tcp.connections
     # IP idents of this process start elsewhere than the main process's.

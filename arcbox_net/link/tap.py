@@ -90,10 +90,18 @@ def open_tap(name, offload=False, queues=1):
             fds.append(fd)
             offloads = offloads and on
     except TapError:
-        for fd in fds:
-            os.close(fd)
+        close_all(fds)
         raise
     return fds, offloads
+
+
+def close_all(fds):
+    """Close each fd (a TAP's queues), whatever state it is in."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _open_queue(name, flags, offload):
@@ -193,8 +201,7 @@ def open_tap_in_netns(netns, name, configure=None, offload=False, queues=1):
             try:
                 configure_interface(name, **(configure or {}))
             except TapError:
-                for fd in fds:
-                    os.close(fd)
+                close_all(fds)
                 raise
             result["fd"] = (fds, offloads)
         except TapError as e:
@@ -227,7 +234,9 @@ class TapLink(FrameLink):
         self.extra_queues = []
 
     @classmethod
-    def _make(cls, fds, vnet, offloads, description, mtu, reactor):
+    def from_fds(cls, fds, vnet, offloads, description, mtu, reactor):
+        """A link on open TAP queue fds (the first is read; see extra_queues):
+        a VnetTapLink if they carry virtio-net headers (``vnet``)."""
         if vnet:
             link = VnetTapLink(fds[0], description, mtu=mtu, reactor=reactor)
             link.offloads = offloads
@@ -242,25 +251,20 @@ class TapLink(FrameLink):
         try:
             configure_interface(name)
         except TapError:
-            for fd in fds:
-                os.close(fd)
+            close_all(fds)
             raise
-        return cls._make(fds, offload, offloads, f"tap {name}", mtu, reactor)
+        return cls.from_fds(fds, offload, offloads, f"tap {name}", mtu, reactor)
 
     @classmethod
     def open_in_netns(cls, netns, name="tap0", mtu=1500, configure=None, reactor=None,
                       offload=True, queues=1):
         fds, offloads = open_tap_in_netns(netns, name, configure, offload, queues)
-        return cls._make(fds, offload, offloads, f"tap {name} in netns {netns}", mtu, reactor)
+        return cls.from_fds(fds, offload, offloads, f"tap {name} in netns {netns}", mtu, reactor)
 
     def stop(self):
         super().stop()
         extra, self.extra_queues = self.extra_queues, []
-        for fd in extra:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_all(extra)
 
 
 class VnetTapLink(TapLink):
