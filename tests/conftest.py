@@ -9,6 +9,7 @@ reactor that serves them.
 
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 UDHCPC_SCRIPT = os.path.join(HERE, "guest", "udhcpc-script.sh")
 GUEST_SERVER = os.path.join(HERE, "guest", "tcpserver.py")
+GUEST_CLIENT = os.path.join(HERE, "guest", "tcpclient.py")
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 _names = itertools.count()
 
@@ -154,6 +156,12 @@ def guest_server(netns):
     for proc in procs:
         proc.kill()
         proc.wait(10)
+
+
+def guest_tcp_client(ns, *args, timeout):
+    """Run tests/guest/tcpclient.py with ``args`` in ``ns``; the JSON it printed last."""
+    result = in_ns(ns, sys.executable, GUEST_CLIENT, *map(str, args), timeout=timeout)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def udhcpc(ns, record, iface="tap0"):

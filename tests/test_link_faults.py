@@ -5,26 +5,21 @@ guest is a namespace's own TCP stack, its peer a loopback server.
 """
 
 import errno
-import json
+import functools
 import os
-import subprocess
 import sys
 
 import pytest_twisted
 from twisted.internet import threads
 
-from conftest import HERE
+from conftest import HERE, guest_tcp_client
 from hostside import HostServer, sender
 
-CLIENT = os.path.join(HERE, "guest", "tcpclient.py")
 sys.path.insert(0, os.path.join(HERE, "guest"))
 from tcpclient import data_chunks  # noqa: E402
 
 
-def guest_client(ns, *args):
-    result = subprocess.run(["ip", "netns", "exec", ns, sys.executable, CLIENT,
-                             *map(str, args)], capture_output=True, text=True, timeout=120)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+guest_client = functools.partial(guest_tcp_client, timeout=120)
 
 
 @pytest_twisted.inlineCallbacks

@@ -5,12 +5,11 @@ real-guest tests run ``twistd arcbox-net --queues 2`` against a namespace's
 own TCP stack, with loopback peers.
 """
 
+import functools
 import hashlib
-import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -24,13 +23,12 @@ from twisted.internet.task import deferLater
 from arcbox_net import StackConfig
 from arcbox_net.multiqueue import (RELAY, SNAPSHOT, MessageReader, QueueDispatcher,
                                    encode)
-from conftest import HERE, in_ns, udhcpc
+from conftest import HERE, guest_tcp_client, in_ns, udhcpc
 from framebuild import GATEWAY_IP, GUEST_IP, arp_request, ip4, tcp, udp
 from hostside import HostServer, echo
 from test_forward_api import api, free_port
 
 SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8"]
-CLIENT = os.path.join(HERE, "guest", "tcpclient.py")
 sys.path.insert(0, os.path.join(HERE, "guest"))
 from tcpclient import data_chunks  # noqa: E402
 
@@ -81,9 +79,7 @@ def test_a_worker_keeps_guest_syns_and_its_connections_and_relays_the_rest():
 # -- real guest
 
 
-def guest_client(ns, *args, timeout=120):
-    out = in_ns(ns, sys.executable, CLIENT, *map(str, args), timeout=timeout)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+guest_client = functools.partial(guest_tcp_client, timeout=120)
 
 
 def wait_for(predicate, timeout=10.0):

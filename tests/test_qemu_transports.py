@@ -9,7 +9,6 @@ arcbox-net. Everything the guest reaches is on loopback (the gateway maps to
 
 import functools
 import http.server
-import json
 import os
 import shutil
 import signal
@@ -22,11 +21,10 @@ import time
 import dpkt
 import pytest
 
-from conftest import HERE, TWISTD, in_ns, run, udhcpc
+from conftest import HERE, TWISTD, guest_tcp_client, in_ns, run, udhcpc
 from hostside import HostServer, sender, sink_then_reply
 
 SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8"]
-CLIENT = os.path.join(HERE, "guest", "tcpclient.py")
 sys.path.insert(0, os.path.join(HERE, "guest"))
 from tcpclient import data_chunks  # noqa: E402
 
@@ -120,9 +118,7 @@ def dgram(local, remote):
             f"remote.type=unix,remote.path={remote}")
 
 
-def client(ns, *args, timeout=300):
-    result = in_ns(ns, sys.executable, CLIENT, *map(str, args), timeout=timeout)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+client = functools.partial(guest_tcp_client, timeout=300)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -5,6 +5,7 @@ Everything the guest reaches ends on loopback: the gateway maps to 127.0.0.1,
 """
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -16,11 +17,10 @@ import time
 
 import pytest
 
-from conftest import HERE, in_ns
+from conftest import HERE, guest_tcp_client, in_ns
 from hostside import HostServer, echo, reset, sender, sink_then_reply
 
 SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8", "--map", "203.0.113.10=127.0.0.2"]
-CLIENT = os.path.join(HERE, "guest", "tcpclient.py")
 sys.path.insert(0, os.path.join(HERE, "guest"))
 from tcpclient import data_chunks  # noqa: E402
 
@@ -31,9 +31,7 @@ def guest(netns, stack_factory):
     return netns, stack
 
 
-def client(ns, *args, timeout=300):
-    result = in_ns(ns, sys.executable, CLIENT, *map(str, args), timeout=timeout)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+client = functools.partial(guest_tcp_client, timeout=300)
 
 
 def fd_count(pid):
