@@ -20,9 +20,10 @@ import time
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-UDHCPC_SCRIPT = os.path.join(HERE, "guest", "udhcpc-script.sh")
-GUEST_SERVER = os.path.join(HERE, "guest", "tcpserver.py")
-GUEST_CLIENT = os.path.join(HERE, "guest", "tcpclient.py")
+REPO = os.path.dirname(HERE)
+UDHCPC_SCRIPT = os.path.join(HERE, "programs", "udhcpc-script.sh")
+GUEST_SERVER = os.path.join(HERE, "programs", "tcpserver.py")
+GUEST_CLIENT = os.path.join(HERE, "programs", "tcpclient.py")
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 _names = itertools.count()
 
@@ -159,7 +160,7 @@ def guest_server(netns):
 
 
 def guest_tcp_client(ns, *args, timeout):
-    """Run tests/guest/tcpclient.py with ``args`` in ``ns``; the JSON it printed last."""
+    """Run tests/programs/tcpclient.py with ``args`` in ``ns``; the JSON it printed last."""
     result = in_ns(ns, sys.executable, GUEST_CLIENT, *map(str, args), timeout=timeout)
     return json.loads(result.stdout.strip().splitlines()[-1])
 

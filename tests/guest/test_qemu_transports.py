@@ -14,18 +14,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import dpkt
 import pytest
 
-from conftest import HERE, TWISTD, guest_tcp_client, in_ns, run, udhcpc
+from conftest import TWISTD, guest_tcp_client, in_ns, run, udhcpc
 from hostside import HostServer, sender, sink_then_reply
 
 SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8"]
-sys.path.insert(0, os.path.join(HERE, "guest"))
 from tcpclient import data_chunks  # noqa: E402
 
 QEMU = "qemu-system-x86_64"

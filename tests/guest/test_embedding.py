@@ -12,7 +12,7 @@ from twisted.internet import defer
 
 from conftest import udhcpc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO as ROOT
 EXAMPLE = os.path.join(ROOT, "docs", "examples", "embedded_stack.py")
 
 

@@ -17,11 +17,10 @@ import time
 
 import pytest
 
-from conftest import HERE, guest_tcp_client, in_ns
+from conftest import guest_tcp_client, in_ns
 from hostside import HostServer, echo, reset, sender, sink_then_reply
 
 SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8", "--map", "203.0.113.10=127.0.0.2"]
-sys.path.insert(0, os.path.join(HERE, "guest"))
 from tcpclient import data_chunks  # noqa: E402
 
 

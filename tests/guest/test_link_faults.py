@@ -6,16 +6,13 @@ guest is a namespace's own TCP stack, its peer a loopback server.
 
 import errno
 import functools
-import os
-import sys
 
 import pytest_twisted
 from twisted.internet import threads
 
-from conftest import HERE, guest_tcp_client
+from conftest import guest_tcp_client
 from hostside import HostServer, sender
 
-sys.path.insert(0, os.path.join(HERE, "guest"))
 from tcpclient import data_chunks  # noqa: E402
 
 

@@ -6,80 +6,47 @@ own TCP stack, with loopback peers.
 """
 
 import functools
+
 import hashlib
+
 import os
+
 import signal
+
 import socket
-import sys
+
+
 import threading
+
 import time
 
 import dpkt
+
 import pytest
+
 import pytest_twisted
+
 from twisted.internet import threads
+
 from twisted.internet.task import deferLater
 
 from arcbox_net import StackConfig
-from arcbox_net.multiqueue import (RELAY, SNAPSHOT, MessageReader, QueueDispatcher,
-                                   encode)
-from conftest import HERE, guest_tcp_client, in_ns, udhcpc
-from framebuild import GATEWAY_IP, GUEST_IP, arp_request, ip4, tcp, udp
+
+
+from conftest import guest_tcp_client, in_ns, udhcpc
+
+
 from hostside import HostServer, echo
-from test_forward_api import api, free_port
+
+from .test_forward_api import api, free_port
 
 SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8"]
-sys.path.insert(0, os.path.join(HERE, "guest"))
+
+
 from tcpclient import data_chunks  # noqa: E402
 
-
-# -- unit: the pipe between main and worker
-
-
-def test_messages_come_out_whole_however_the_stream_is_cut():
-    messages = [(RELAY, b"\x01" * 1500), (SNAPSHOT, b"{}"), (RELAY, b"")]
-    stream = b"".join(encode(kind, payload) for kind, payload in messages)
-    for cut in (1, 3, 5, 7, 100, len(stream)):
-        reader = MessageReader()
-        got = []
-        for i in range(0, len(stream), cut):
-            got += reader.feed(stream[i:i + cut])
-        assert got == messages
-
-
-def test_a_length_out_of_range_is_refused():
-    with pytest.raises(ValueError):
-        MessageReader().feed(b"\x00\x00\x00\x00Y")
-    with pytest.raises(ValueError):
-        MessageReader().feed(b"\x7f\xff\xff\xffY")
-
-
-# -- unit: what a worker serves and what it relays
-
-
-def test_a_worker_keeps_guest_syns_and_its_connections_and_relays_the_rest():
-    dispatcher = QueueDispatcher(StackConfig())
-    relayed = []
-    dispatcher.relay = relayed.append
-    known = (ip4(GUEST_IP), 40001, ip4(GATEWAY_IP), 80)
-    dispatcher.tcp_connections = {known: object()}
-    syn = tcp(40000, 80)
-    ours = tcp(40001, 80, flags=dpkt.tcp.TH_ACK, payload=b"data")
-    stranger = tcp(40002, 80, flags=dpkt.tcp.TH_ACK, payload=b"data")
-    syn_ack = tcp(8000, 50000, flags=dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK)
-    dns = udp(5353, 53, b"query")
-    arp = arp_request()
-    dispatcher.frames_received([syn, ours, stranger, syn_ack, dns, arp, b"\x00" * 20])
-    assert relayed == [stranger, syn_ack, dns, arp, b"\x00" * 20]
-    # The two it kept went to its own handlers (none here: dropped and counted).
-    assert dispatcher.frames_in == 2 and dispatcher.relayed == 5
-    assert dispatcher.drops["no-handler-ip-proto-6"] == 2
-
-
-# -- real guest
-
-
 guest_client = functools.partial(guest_tcp_client, timeout=120)
+
 
 
 def wait_for(predicate, timeout=10.0):
@@ -90,6 +57,7 @@ def wait_for(predicate, timeout=10.0):
             return value
         time.sleep(0.1)
     return predicate()
+
 
 
 def test_guest_connections_spread_over_the_queue_processes(netns, stack_factory, tmp_path):
@@ -132,6 +100,7 @@ def test_guest_connections_spread_over_the_queue_processes(netns, stack_factory,
     assert wait_for(lambda: not _alive(worker), 5), "the worker outlived the stack"
 
 
+
 def _alive(pid):
     """Running (a zombie nobody reaped yet counts as gone)."""
     try:
@@ -139,6 +108,7 @@ def _alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
 
 
 def test_forwarded_connections_survive_idling_onto_a_worker_queue(netns, stack_factory,
@@ -175,6 +145,7 @@ def test_forwarded_connections_survive_idling_onto_a_worker_queue(netns, stack_f
     assert stats, "no frame reached the worker's queue: the relay was never exercised"
 
 
+
 def test_dhcp_ping_and_dns_work_whichever_queue_they_land_on(netns, stack_factory, tmp_path):
     """A guest that configures itself: DHCP, ping and UDP DNS are the main
     process's; a worker relays them if the kernel hashed them to its queue."""
@@ -193,6 +164,7 @@ def test_dhcp_ping_and_dns_work_whichever_queue_they_land_on(netns, stack_factor
     assert wait_for(lambda: api(sock, "GET", "/stats")[1]["queues"][1].get("relayed"), 3)
 
 
+
 def test_a_worker_that_dies_ends_the_stack(netns, stack_factory, tmp_path):
     sock = tmp_path / "api.sock"
     stack = stack_factory("--netns", netns, "--configure", *SAFE, "--queues", "2",
@@ -202,19 +174,6 @@ def test_a_worker_that_dies_ends_the_stack(netns, stack_factory, tmp_path):
     stack.proc.wait(15)
     assert "queue worker 1" in stack.log() and "exited" in stack.log()
 
-
-@pytest.mark.parametrize("args, message", [
-    (["--netns", "x", "--queues", "0"], "--queues takes 1..16, not 0"),
-    (["--netns", "x", "--queues", "17"], "--queues takes 1..16, not 17"),
-    (["--netns", "x", "--queues", "two"], "--queues takes a whole number"),
-    (["--listen-dgram", "/tmp/x.sock", "--queues", "2"], "--queues needs a TAP link"),
-])
-def test_bad_queue_options_are_one_line_errors(args, message, capsys):
-    from arcbox_net.cli import Options
-    with pytest.raises(SystemExit) as exit:
-        Options().parseOptions(args)
-    assert exit.value.code == 2
-    assert message in capsys.readouterr().err
 
 
 def test_workers_leave_with_a_main_process_that_is_killed(netns, stack_factory, tmp_path):
@@ -229,12 +188,13 @@ def test_workers_leave_with_a_main_process_that_is_killed(netns, stack_factory, 
     assert wait_for(lambda: not any(_alive(pid) for pid in workers), 10), workers
 
 
+
 @pytest_twisted.inlineCallbacks
 def test_an_embedded_stack_with_queues_reports_every_connection(netns):
     """The embedding API: whenReady() waits for the workers, subscribe() sees
     connections whichever process serves them, stop ends the workers."""
     from twisted.internet import reactor
-    from arcbox_net import NetworkStack, StackConfig
+    from arcbox_net import NetworkStack
     from arcbox_net.link import open_link
 
     config = StackConfig(deny=("0.0.0.0/0",), allow=("127.0.0.0/8",))
@@ -272,10 +232,11 @@ def test_an_embedded_stack_with_queues_reports_every_connection(netns):
     assert not _alive(worker.pid)
 
 
+
 @pytest_twisted.inlineCallbacks
 def test_a_worker_that_cannot_start_fails_whenready_and_stops_the_stack(netns, monkeypatch):
     from twisted.internet import reactor
-    from arcbox_net import NetworkStack, StackConfig, multiqueue
+    from arcbox_net import NetworkStack, multiqueue
     from arcbox_net.link import open_link
 
     monkeypatch.setattr(multiqueue.sys, "executable", "/bin/false")

@@ -2,177 +2,46 @@
 sockets driven without a running reactor, and socket-file handling."""
 
 import errno
+
 import os
+
 import select
+
 import socket
+
 import stat
+
 import struct
 
 import pytest
+
 from zope.interface import implementer
+
 from zope.interface.verify import verifyObject
 
 from framebuild import DescriptorReactor as _Reactor, RecordingSink as Sink
+
 from arcbox_net.config import StackConfig
+
 from arcbox_net.interfaces import IFrameSink, ILink
+
 from arcbox_net.link import open_link
+
 from arcbox_net.link.dgram import DgramListenLink
+
 from arcbox_net.link.socket import SocketFrameLink
-from arcbox_net.link.stream import (IOV_BATCH, MAX_FRAME, FramingError, StreamDecoder,
-                                    StreamLink, StreamListenLink, WriteQueue, encode)
+
+from arcbox_net.link.stream import (IOV_BATCH, FramingError, StreamDecoder,
+                                    StreamLink, StreamListenLink, encode)
+
 from arcbox_net.link.unixsock import SocketPathError
+
 
 
 def frame(n, size=60):
     """A recognisable frame: ``n`` repeated, at least an Ethernet header long."""
     return (n.to_bytes(2, "big") * (size // 2 + 1))[:size]
 
-
-# -- StreamDecoder
-
-
-def test_frames_split_at_every_byte_boundary():
-    frames = [frame(1, 14), frame(2, 60), frame(3, 1514), frame(4, 61)]
-    data = b"".join(encode(f) for f in frames)
-    for cut in range(len(data) + 1):
-        d = StreamDecoder()
-        got = d.feed(data[:cut]) + d.feed(data[cut:])
-        assert got == frames, cut
-        assert d.buffered == 0 and d.error is None
-
-
-def test_frames_fed_one_byte_at_a_time():
-    frames = [frame(i, 14 + i * 7) for i in range(20)]
-    data = b"".join(encode(f) for f in frames)
-    d = StreamDecoder()
-    got = []
-    for i in range(len(data)):
-        got += d.feed(data[i:i + 1])
-        assert d.buffered <= 4 + max(len(f) for f in frames)
-    assert got == frames
-
-
-def test_frames_split_at_every_pair_of_cuts():
-    frames = [frame(7, 20), frame(8, 30)]
-    data = b"".join(encode(f) for f in frames)
-    for a in range(len(data) + 1):
-        for b in range(a, len(data) + 1):
-            d = StreamDecoder()
-            assert d.feed(data[:a]) + d.feed(data[a:b]) + d.feed(data[b:]) == frames
-
-
-def test_many_frames_in_one_read():
-    frames = [frame(i, 60 + i % 1500) for i in range(2000)]
-    d = StreamDecoder()
-    assert d.feed(b"".join(encode(f) for f in frames)) == frames
-    assert d.buffered == 0
-
-
-def test_gathered_and_memoryview_input():
-    d = StreamDecoder()
-    data = encode([b"head" * 4, memoryview(b"-payload")])
-    assert d.feed(memoryview(data)) == [b"head" * 4 + b"-payload"]
-    assert d.feed(bytearray(encode(frame(5)))) == [frame(5)]
-
-
-@pytest.mark.parametrize("length, message", [
-    (0, "zero-length frame"),
-    (13, "shorter than an Ethernet header"),
-    (MAX_FRAME + 1, "exceeds"),
-    (0xFFFFFFFF, "exceeds"),
-    (0x47455420, "exceeds"),  # "GET " : someone speaking HTTP to the socket
-])
-def test_bad_prefix_is_an_error_after_the_good_frames(length, message):
-    d = StreamDecoder()
-    good = frame(9)
-    got = d.feed(encode(good) + struct.pack(">I", length) + b"x" * 100)
-    assert got == [good]
-    assert isinstance(d.error, FramingError) and message in str(d.error)
-    assert d.buffered == 0  # nothing kept (and nothing allocated for the claimed length)
-    with pytest.raises(FramingError):
-        d.feed(encode(good))
-
-
-def test_bad_prefix_split_across_reads():
-    d = StreamDecoder()
-    assert d.feed(b"\x00\x00") == []
-    assert d.error is None
-    assert d.feed(b"\x00\x00" + b"junk") == []
-    assert "zero-length" in str(d.error)
-
-
-def test_largest_allowed_frame_and_bounded_buffer():
-    d = StreamDecoder()
-    big = b"\xab" * MAX_FRAME
-    data = encode(big)
-    assert d.feed(data[:1000]) == []
-    assert d.buffered == 1000
-    assert d.feed(data[1000:]) == [big]
-
-
-# -- WriteQueue
-
-
-class ShortWriter:
-    """A sendmsg stand-in that takes at most ``step`` bytes, refusing every other call."""
-
-    def __init__(self, step):
-        self.step = step
-        self.out = bytearray()
-        self.calls = 0
-
-    def __call__(self, bufs):
-        self.calls += 1
-        if self.calls % 2 == 0:
-            raise BlockingIOError()
-        data = b"".join(bytes(b) for b in bufs)[:self.step]
-        self.out += data
-        return len(data)
-
-
-@pytest.mark.parametrize("step", [1, 3, 4, 5, 61, 64, 1000, 1 << 20])
-def test_partial_writes_resume_and_never_drop(step):
-    frames = [frame(i, 14 + (i * 37) % 300) for i in range(40)]
-    frames.append([b"gathered-", memoryview(b"frame-" * 3), bytearray(b"end")])
-    q = WriteQueue()
-    for f in frames:
-        q.push(f)
-    assert q.frames == len(frames)
-    w = ShortWriter(step)
-    rounds = 0
-    while not q.flush(w):
-        rounds += 1
-        assert rounds < 100000
-    assert q.frames == 0 and q.bytes == 0
-    d = StreamDecoder()
-    assert d.feed(bytes(w.out)) == [f if isinstance(f, bytes) else b"".join(bytes(p) for p in f)
-                                    for f in frames]
-
-
-def test_write_queue_counts_frames_as_they_complete():
-    q = WriteQueue()
-    q.push(frame(1, 20))
-    q.push(frame(2, 20))
-    assert q.flush(lambda bufs: 10) is False  # a short write stops the flush
-    assert q.frames == 2 and q.bytes == 48 - 10
-    q.flush(lambda bufs: 14)
-    assert q.frames == 1
-    q.flush(lambda bufs: sum(len(b) for b in bufs))
-    assert q.frames == 0
-
-
-def test_write_queue_copies_mutable_buffers_and_skips_empty_frames():
-    q = WriteQueue()
-    buf = bytearray(b"a" * 20)
-    q.push(buf)
-    buf[:] = b"b" * 20
-    assert q.push(b"") == 0 and q.push([b"", b""]) == 0
-    w = ShortWriter(1 << 20)
-    q.flush(w)
-    assert StreamDecoder().feed(bytes(w.out)) == [b"a" * 20]
-
-
-# -- links over real sockets
 
 
 @implementer(IFrameSink)
@@ -187,6 +56,7 @@ def recv_frames(sock, count, timeout=5):
     return got
 
 
+
 def connected_link(mtu=1500):
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     reactor = _Reactor()
@@ -196,10 +66,12 @@ def connected_link(mtu=1500):
     return link, peer, sink, reactor
 
 
+
 def test_stream_link_provides_ilink():
     link, peer, sink, reactor = connected_link()
     verifyObject(ILink, link)
     assert "stream socket" in link.description
+
 
 
 def test_stream_link_reads_split_frames_and_writes_frames():
@@ -226,6 +98,7 @@ def test_stream_link_reads_split_frames_and_writes_frames():
     assert link.frames_in == 10 and link.frames_out == 2
 
 
+
 class CountingSocket:
     """A socket whose sendmsg calls are counted; the first ``refusals`` of them
     fail with ENOBUFS (the kernel had no memory)."""
@@ -246,6 +119,7 @@ class CountingSocket:
         return getattr(self._sock, name)
 
 
+
 def test_stream_link_gathers_a_turns_frames_into_few_sendmsg_calls():
     link, peer, sink, reactor = connected_link()
     (stream_peer,) = reactor.readers
@@ -261,6 +135,7 @@ def test_stream_link_gathers_a_turns_frames_into_few_sendmsg_calls():
     assert link.frames_out == 100 and link.queued_frames == 0
 
 
+
 def test_stream_link_read_budget_spreads_a_burst_over_wakeups():
     link, peer, sink, reactor = connected_link()
     link.read_budget = 10
@@ -271,6 +146,7 @@ def test_stream_link_read_budget_spreads_a_burst_over_wakeups():
     while len(sink.frames) < 25:
         r.doRead()
     assert sink.frames == [frame(i) for i in range(25)]
+
 
 
 def test_stream_link_write_queue_survives_a_full_socket():
@@ -296,6 +172,7 @@ def test_stream_link_write_queue_survives_a_full_socket():
     assert link.queued_high_water > 0
 
 
+
 def test_stream_link_waits_out_no_buffer_space_on_a_timer():
     link, peer, sink, reactor = connected_link()
     (stream_peer,) = reactor.readers
@@ -311,6 +188,7 @@ def test_stream_link_waits_out_no_buffer_space_on_a_timer():
     assert stream_peer.sock.refusals == 0
 
 
+
 def test_stream_link_peer_eof_is_link_lost_once():
     link, peer, sink, reactor = connected_link()
     (r,) = reactor.readers
@@ -324,6 +202,7 @@ def test_stream_link_peer_eof_is_link_lost_once():
     assert len(sink.lost) == 1
 
 
+
 def test_stream_link_garbage_is_reported_and_closes():
     link, peer, sink, reactor = connected_link()
     (r,) = reactor.readers
@@ -332,6 +211,7 @@ def test_stream_link_garbage_is_reported_and_closes():
     assert sink.frames == [frame(1)]
     assert len(sink.lost) == 1 and isinstance(sink.lost[0], FramingError)
     assert peer.recv(10) == b""  # our end was closed
+
 
 
 def test_stream_link_drops_and_counts_frames_above_the_mtu():
@@ -345,6 +225,7 @@ def test_stream_link_drops_and_counts_frames_above_the_mtu():
     assert not sink.lost  # the stream stays in step
 
 
+
 def listening_link(tmp_path, mtu=1500):
     path = str(tmp_path / "s.sock")
     reactor = _Reactor()
@@ -354,6 +235,7 @@ def listening_link(tmp_path, mtu=1500):
     return link, path, sink, reactor
 
 
+
 def connect_peer(link, path, reactor):
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.connect(path)
@@ -361,8 +243,10 @@ def connect_peer(link, path, reactor):
     return c
 
 
+
 def peer_reader(link, reactor):
     return next(r for r in reactor.readers if r is not link)
+
 
 
 def test_listen_stream_serves_successive_peers_without_losing_the_link(tmp_path):
@@ -391,6 +275,7 @@ def test_listen_stream_serves_successive_peers_without_losing_the_link(tmp_path)
     assert not os.path.exists(path)
 
 
+
 def test_listen_stream_refuses_a_second_peer_while_one_is_served(tmp_path):
     link, path, sink, reactor = listening_link(tmp_path)
     first = connect_peer(link, path, reactor)
@@ -402,6 +287,7 @@ def test_listen_stream_refuses_a_second_peer_while_one_is_served(tmp_path):
     reactor.advance(0)
     assert recv_frames(first, 1) == [frame(1)]
     link.stop()
+
 
 
 @pytest.mark.parametrize("junk", [
@@ -426,6 +312,7 @@ def test_listen_stream_recovers_from_a_bad_peer(tmp_path, junk):
     link.stop()
 
 
+
 def test_listen_stream_drops_unsent_frames_of_a_departed_peer(tmp_path):
     link, path, sink, reactor = listening_link(tmp_path)
     c = connect_peer(link, path, reactor)
@@ -443,6 +330,7 @@ def test_listen_stream_drops_unsent_frames_of_a_departed_peer(tmp_path):
     link.stop()
 
 
+
 def test_listen_stream_replaces_a_stale_socket_file(tmp_path):
     path = str(tmp_path / "s.sock")
     old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -452,6 +340,7 @@ def test_listen_stream_replaces_a_stale_socket_file(tmp_path):
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.connect(path)
     link.stop()
+
 
 
 def test_listen_refuses_a_regular_file_and_a_live_socket(tmp_path):
@@ -470,6 +359,7 @@ def test_listen_refuses_a_regular_file_and_a_live_socket(tmp_path):
     link.stop()
 
 
+
 def test_stop_leaves_a_socket_file_that_is_no_longer_ours(tmp_path):
     link, path, sink, reactor = listening_link(tmp_path)
     os.unlink(path)
@@ -478,6 +368,7 @@ def test_stop_leaves_a_socket_file_that_is_no_longer_ours(tmp_path):
     link.stop()
     assert os.path.exists(path)
     other.close()
+
 
 
 def test_connect_stream(tmp_path):
@@ -504,6 +395,7 @@ def test_connect_stream(tmp_path):
         StreamLink.connect(str(tmp_path / "nothing.sock"), reactor=reactor)
 
 
+
 def test_open_link_detects_the_fd_socket_type():
     config = StackConfig()
     for kind, cls in ((socket.SOCK_STREAM, StreamLink), (socket.SOCK_DGRAM, SocketFrameLink),
@@ -518,8 +410,6 @@ def test_open_link_detects_the_fd_socket_type():
         open_link(config, listen_stream="/x", listen_dgram="/y")
 
 
-# -- the datagram link
-
 
 def dgram_link(tmp_path, mtu=1500):
     path = str(tmp_path / "d.sock")
@@ -530,11 +420,13 @@ def dgram_link(tmp_path, mtu=1500):
     return link, path, sink, reactor
 
 
+
 def dgram_peer(tmp_path, name):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind(str(tmp_path / name))
     s.settimeout(5)
     return s
+
 
 
 def dgram_link_with_full_peer(tmp_path, count):
@@ -552,6 +444,7 @@ def dgram_link_with_full_peer(tmp_path, count):
     return link, sink, reactor, vm, frames
 
 
+
 def receive_all(vm, count, when_empty):
     """Read ``count`` datagrams from ``vm``, calling ``when_empty()`` each time
     none is waiting (the test's turn to drive the link); return them."""
@@ -563,6 +456,7 @@ def receive_all(vm, count, when_empty):
         except BlockingIOError:
             when_empty()
     return got
+
 
 
 def test_listen_dgram_learns_the_peer_and_replies(tmp_path):
@@ -596,6 +490,7 @@ def test_listen_dgram_learns_the_peer_and_replies(tmp_path):
     assert not os.path.exists(path)
 
 
+
 def test_listen_dgram_drops_oversize_frames(tmp_path):
     link, path, sink, reactor = dgram_link(tmp_path, mtu=1500)
     vm = dgram_peer(tmp_path, "vm.sock")
@@ -607,6 +502,7 @@ def test_listen_dgram_drops_oversize_frames(tmp_path):
     assert sink.frames == [frame(3, 1518)]
     assert link.drops["oversize-frame"] == 2
     link.stop()
+
 
 
 def test_listen_dgram_waits_for_room_in_the_peers_queue(tmp_path):
@@ -628,6 +524,7 @@ def test_listen_dgram_waits_for_room_in_the_peers_queue(tmp_path):
     assert receive_all(vm, len(frames), write_what_is_ready) == frames
     assert not reactor.writers and link.queued_frames == 0
     link.stop()
+
 
 
 @pytest.mark.parametrize("how", ["writable", "hang-up"])
@@ -655,6 +552,7 @@ def test_listen_dgram_peer_leaving_while_full_drops_the_queue(tmp_path, how):
     link.stop()
 
 
+
 def test_listen_dgram_retries_later_when_the_peer_cannot_be_watched(tmp_path, monkeypatch):
     """No watcher socket (here: out of fds): a timer retries instead."""
     from arcbox_net.link import dgram as dgram_module
@@ -678,6 +576,7 @@ def test_listen_dgram_retries_later_when_the_peer_cannot_be_watched(tmp_path, mo
 
     assert receive_all(vm, len(frames), write_or_wait) == frames
     link.stop()
+
 
 
 def test_fd_dgram_link_drops_oversize_frames():

@@ -6,18 +6,24 @@ never installed) with pipes as the descriptors; the real-guest tests check what
 """
 
 import os
-import subprocess
-import sys
+
+
+
 import threading
+
 import time
 
 import pytest
+
 from zope.interface import implementer
+
 from twisted.internet.interfaces import IReadDescriptor
+
 from twisted.logger import globalLogPublisher
 
 from arcbox_net.reactor import _WINDOW_START, LeanEPollReactor, next_window
-from conftest import TWISTD, in_ns, require_root
+
+
 
 
 @implementer(IReadDescriptor)
@@ -53,6 +59,7 @@ class PipeReader:
                 pass
 
 
+
 @pytest.fixture
 def lean():
     reactor = LeanEPollReactor(busy_poll=200e-6)
@@ -76,6 +83,7 @@ def lean():
     reactor._poller.close()
 
 
+
 def test_next_window_doubles_up_to_the_limit_while_waits_are_short():
     limit = 200e-6
     window, seen = 0.0, []
@@ -87,6 +95,7 @@ def test_next_window_doubles_up_to_the_limit_while_waits_are_short():
     assert max(seen) == limit and seen[-1] == limit
 
 
+
 def test_next_window_halves_to_zero_once_waits_are_long():
     window, steps = 200e-6, 0
     while window:
@@ -96,6 +105,7 @@ def test_next_window_halves_to_zero_once_waits_are_long():
     assert steps <= 5
 
 
+
 def test_events_reach_readers_without_a_window(lean):
     reactor, reader = lean
     a, b = reader(), reader()
@@ -103,6 +113,7 @@ def test_events_reach_readers_without_a_window(lean):
     os.write(b.w, b"two")
     reactor.doPoll(0.5)
     assert (a.data, b.data) == (b"one", b"two")
+
 
 
 def test_a_prompt_event_grows_the_window_and_polling_finds_the_next(lean):
@@ -119,6 +130,7 @@ def test_a_prompt_event_grows_the_window_and_polling_finds_the_next(lean):
     assert reactor._window == _WINDOW_START
 
 
+
 def test_a_late_event_shrinks_the_window(lean):
     reactor, reader = lean
     a = reader()
@@ -133,6 +145,7 @@ def test_a_late_event_shrinks_the_window(lean):
     assert reactor._window == 100e-6
 
 
+
 def test_a_timer_deadline_leaves_the_window_alone(lean):
     reactor, reader = lean
     reader()
@@ -141,6 +154,7 @@ def test_a_timer_deadline_leaves_the_window_alone(lean):
     reactor.doPoll(0.01)                 # nothing comes: the timeout ends the wait
     assert time.monotonic() - started >= 0.009
     assert reactor._window == 64e-6
+
 
 
 def test_busy_poll_zero_never_polls(lean):
@@ -152,6 +166,7 @@ def test_busy_poll_zero_never_polls(lean):
     assert a.data == b"x" and reactor._window == 0.0
     with pytest.raises(ValueError):
         reactor.busy_poll = 0.5
+
 
 
 def test_a_failing_reader_is_dropped_and_the_others_still_served(lean):
@@ -169,44 +184,3 @@ def test_a_failing_reader_is_dropped_and_the_others_still_served(lean):
     assert len(bad.lost) == 1 and bad.r not in reactor._selectables
     failures = [e.get("log_failure") or e.get("failure") for e in events]
     assert any(f is not None and f.check(RuntimeError) for f in failures), events
-
-
-@pytest.mark.realguest
-def test_twistd_serves_on_the_lean_reactor(netns, stack_factory):
-    require_root()
-    stack = stack_factory("--netns", netns, "--configure")
-    out = in_ns(netns, "ping", "-c", "3", "-i", "0.2", "-W", "2", "10.0.2.1").stdout
-    assert "3 packets transmitted, 3 received" in out
-    assert "reactor class: arcbox_net.reactor.LeanEPollReactor" in stack.log()
-
-
-@pytest.mark.realguest
-def test_a_reactor_chosen_with_r_is_kept(netns, stack_factory):
-    require_root()
-    stack = stack_factory("--netns", netns, "--configure", twistd_args=["-r", "epoll"])
-    out = in_ns(netns, "ping", "-c", "3", "-i", "0.2", "-W", "2", "10.0.2.1").stdout
-    assert "3 packets transmitted, 3 received" in out
-    assert "reactor class: twisted.internet.epollreactor.EPollReactor" in stack.log()
-
-
-def test_busy_poll_with_a_chosen_reactor_is_a_one_line_error():
-    result = subprocess.run([TWISTD, "-n", "--pidfile=", "-r", "epoll", "arcbox-net",
-                             "--netns", "x", "--busy-poll", "100"],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["arcbox-net: --busy-poll needs arcbox-net's own reactor; "
-                     "drop -r/--reactor"], result.stderr
-
-
-def test_importing_the_package_leaves_the_reactor_to_the_program():
-    """An embedder imports arcbox_net, then installs the lean reactor: nothing
-    imported may have installed Twisted's default reactor first."""
-    code = ("import importlib, pkgutil, sys, arcbox_net\n"
-            "for m in pkgutil.walk_packages(arcbox_net.__path__, 'arcbox_net.'):\n"
-            "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
-            "from arcbox_net.reactor import install\n"
-            "print(type(install()).__name__)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "LeanEPollReactor"

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import require_root
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 @pytest.mark.realguest

@@ -10,10 +10,9 @@ import time
 
 import pytest
 
-from conftest import HERE, TWISTD, in_ns, run
+from conftest import TWISTD, in_ns, run
 
 SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8"]
-sys.path.insert(0, os.path.join(HERE, "guest"))
 from tcpclient import data_chunks  # noqa: E402
 
 

@@ -8,35 +8,48 @@ on 127.0.0.1: no query ever leaves the machine.
 """
 
 import os
+
 import re
+
 import shutil
+
 import socket
+
 import struct
+
 import subprocess
+
 import sys
+
 import threading
+
 import time
 
-import dpkt
+
 import pytest
+
 from twisted.internet import defer, task
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from twisted.internet.testing import StringTransport
+
 from twisted.names import dns, error
 
-import framebuild as fb
+
 from arcbox_net.config import StackConfig
-from arcbox_net.dispatch import FrameDispatcher
-from arcbox_net.policy import Egress
-from arcbox_net.protocols.dns import (GATEWAY_NAMES, DnsHandler, DnsResolverProxy,
-                                      encode_reply, retry_schedule)
+
+
+
+from arcbox_net.protocols.dns import (GATEWAY_NAMES, DnsResolverProxy)
+
 from conftest import in_ns, require_root, udhcpc
 
 GATEWAY = "10.0.2.1"
+
 BIG = [f"198.51.100.{i}" for i in range(1, 41)]
+
 SAFE_POLICY = ("--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8")
 
 
-# -- helpers -------------------------------------------------------------------
 
 def query(name, qtype=dns.A, qid=4242, edns_size=None, edns_version=0, rd=1, opcode=dns.OP_QUERY,
           cls=dns.IN):
@@ -50,18 +63,22 @@ def query(name, qtype=dns.A, qid=4242, edns_size=None, edns_version=0, rd=1, opc
     return wire
 
 
+
 def decode(wire):
     m = dns.Message()
     m.fromStr(wire)
     return m
 
 
+
 def opt_records(m):
     return [r for r in m.additional if r.type == dns.OPT]
 
 
+
 def addresses(m):
     return [r.payload.dottedQuad() for r in m.answers if r.type == dns.A]
+
 
 
 class FakeUpstream:
@@ -88,8 +105,10 @@ class FakeUpstream:
         return defer.succeed(result)
 
 
+
 def a_records(name, addrs, ttl=300):
     return [dns.RRHeader(name, dns.A, dns.IN, ttl, dns.Record_A(a, ttl=ttl)) for a in addrs]
+
 
 
 def soa(zone=b"example.test", ttl=30):
@@ -98,10 +117,12 @@ def soa(zone=b"example.test", ttl=30):
                                        minimum=ttl, ttl=ttl))
 
 
+
 def upstream_message(rcode, authority=()):
     m = dns.Message(answer=1, rCode=rcode)
     m.authority = list(authority)
     return m
+
 
 
 def standard_table():
@@ -117,11 +138,13 @@ def standard_table():
     }
 
 
+
 def make_proxy(config=None, table=None, **kw):
     clock = task.Clock()
     upstream = FakeUpstream(standard_table() if table is None else table)
     proxy = DnsResolverProxy(config or StackConfig(), reactor=clock, upstream=upstream, **kw)
     return proxy, clock, upstream
+
 
 
 def ask(proxy, wire, stream=False):
@@ -132,7 +155,6 @@ def ask(proxy, wire, stream=False):
     return out[0]
 
 
-# -- local names -----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", GATEWAY_NAMES)
 def test_local_names_answer_the_gateway(name):
@@ -143,10 +165,12 @@ def test_local_names_answer_the_gateway(name):
     assert not upstream.queries
 
 
+
 def test_local_names_follow_the_configured_gateway():
     proxy, _, _ = make_proxy(StackConfig(subnet="192.168.77.0/24", gateway="192.168.77.254",
                                          guest="192.168.77.2"))
     assert addresses(decode(ask(proxy, query("host.docker.internal")))) == ["192.168.77.254"]
+
 
 
 @pytest.mark.parametrize("qtype", [dns.AAAA, dns.MX, dns.TXT, 65])
@@ -159,11 +183,13 @@ def test_other_types_of_local_names_are_noerror_without_answer(qtype):
     assert not upstream.queries
 
 
+
 def test_unknown_name_in_the_local_zone_is_nxdomain_without_upstream():
     proxy, _, upstream = make_proxy()
     m = decode(ask(proxy, query("nothing.arcbox.internal")))
     assert m.rCode == dns.ENAME and m.auth and not m.answers
     assert not upstream.queries
+
 
 
 def test_dns_records_option():
@@ -180,6 +206,7 @@ def test_dns_records_option():
     assert not upstream.queries
 
 
+
 def test_dns_records_from_the_command_line():
     from arcbox_net.cli import Options
     options = Options()
@@ -188,6 +215,7 @@ def test_dns_records_from_the_command_line():
     proxy, _, _ = make_proxy(options.config)
     assert addresses(decode(ask(proxy, query("api.test")))) == ["10.0.2.9"]
     assert proxy.upstream.servers == [("127.0.0.1", 5300)] and proxy.upstream.timeout == 2.5
+
 
 
 def test_names_are_case_insensitive_and_the_question_keeps_its_case():
@@ -199,12 +227,14 @@ def test_names_are_case_insensitive_and_the_question_keeps_its_case():
         assert m.queries[0].name.name == name.encode()
 
 
+
 def test_reverse_lookup_of_the_gateway():
     proxy, _, upstream = make_proxy()
     m = decode(ask(proxy, query("1.2.0.10.in-addr.arpa", dns.PTR)))
     assert m.rCode == dns.OK
     assert [r.payload.name.name for r in m.answers] == [b"host.arcbox.internal"]
     assert not upstream.queries
+
 
 
 def test_reply_keeps_id_question_and_flags():
@@ -220,7 +250,6 @@ def test_reply_keeps_id_question_and_flags():
     assert m.id == 7 and m.recDes == 0
 
 
-# -- upstream --------------------------------------------------------------------
 
 def test_upstream_answer_is_forwarded_and_cached():
     proxy, clock, upstream = make_proxy()
@@ -237,11 +266,13 @@ def test_upstream_answer_is_forwarded_and_cached():
     assert len(upstream.queries) == 2
 
 
+
 def test_upstream_nxdomain_reaches_the_guest_as_nxdomain():
     proxy, _, _ = make_proxy()
     m = decode(ask(proxy, query("missing.example.test")))
     assert m.rCode == dns.ENAME and m.answers == []
     assert [r.type for r in m.authority] == [dns.SOA]
+
 
 
 def test_upstream_nodata_reaches_the_guest_as_noerror_without_answer():
@@ -251,12 +282,14 @@ def test_upstream_nodata_reaches_the_guest_as_noerror_without_answer():
     assert [r.type for r in m.authority] == [dns.SOA]
 
 
+
 @pytest.mark.parametrize("name, rcode", [("refused.example.test", dns.EREFUSED),
                                          ("broken.example.test", dns.ESERVER),
                                          ("unknown.example.test", dns.ESERVER)])
 def test_upstream_errors_are_not_turned_into_nxdomain(name, rcode):
     proxy, _, _ = make_proxy()
     assert decode(ask(proxy, query(name))).rCode == rcode
+
 
 
 def test_upstream_timeout_is_servfail_within_dns_timeout():
@@ -275,83 +308,6 @@ def test_upstream_timeout_is_servfail_within_dns_timeout():
     assert proxy.pending == 0 and not clock.getDelayedCalls()
 
 
-class _FakeUdpPort:
-    def __init__(self, protocol, reactor):
-        self.protocol, self.reactor, self.written = protocol, reactor, []
-        self.closed = False
-
-    def write(self, data, addr):
-        self.written.append((data, addr))
-        self.reactor.sent.append((data, addr, self.protocol))
-
-    def stopListening(self):
-        self.closed = True
-
-
-class UdpClock(task.Clock):
-    """A Clock with a fake listenUDP, enough for a real client.Resolver."""
-
-    def __init__(self):
-        super().__init__()
-        self.sent = []
-        self.ports = []
-
-    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
-        p = _FakeUdpPort(protocol, self)
-        self.ports.append(p)
-        protocol.makeConnection(p)
-        return p
-
-
-def test_real_client_resolver_retries_then_servfails_within_dns_timeout():
-    clock = UdpClock()
-    config = StackConfig(dns_upstreams=["127.0.0.1:5353"], dns_timeout=5.0)
-    proxy = DnsResolverProxy(config, reactor=clock)
-    out = []
-    proxy.answer(query("lost.example.test")).addCallback(out.append)
-    clock.pump([0.01] * 400)
-    assert out == [] and len(clock.sent) >= 2          # retransmitted
-    assert {addr for _, addr, _ in clock.sent} == {("127.0.0.1", 5353)}
-    clock.pump([0.01] * 100)                            # 5 s: dns_timeout
-    assert decode(out[0]).rCode == dns.ESERVER
-    proxy.stop()
-    assert not [c for c in clock.getDelayedCalls() if c.active()]
-    assert all(p.closed for p in clock.ports)
-
-
-def test_real_client_resolver_passes_nxdomain_and_answers_through():
-    clock = UdpClock()
-    proxy = DnsResolverProxy(StackConfig(dns_upstreams=["127.0.0.1:5353"]), reactor=clock)
-
-    def answer_last(rcode, answers=(), authority=()):
-        data, addr, protocol = clock.sent[-1]
-        q = decode(data)
-        r = dns.Message(id=q.id, answer=1, rCode=rcode)
-        r.queries = q.queries
-        r.answers, r.authority = list(answers), list(authority)
-        protocol.datagramReceived(r.toStr(), addr)
-
-    out = []
-    proxy.answer(query("gone.example.test")).addCallback(out.append)
-    answer_last(dns.ENAME, authority=[soa()])
-    m = decode(out.pop())
-    assert m.rCode == dns.ENAME and [r.type for r in m.authority] == [dns.SOA]
-    proxy.answer(query("there.example.test", dns.AAAA)).addCallback(out.append)
-    answer_last(dns.OK, authority=[soa()])
-    m = decode(out.pop())
-    assert m.rCode == dns.OK and m.answers == []
-    proxy.answer(query("up.example.test")).addCallback(out.append)
-    answer_last(dns.OK, answers=a_records(b"up.example.test", ["192.0.2.99"], ttl=5))
-    assert addresses(decode(out.pop())) == ["192.0.2.99"]
-    proxy.stop()
-
-
-def test_retry_schedule_adds_up_to_the_timeout():
-    for total in (0.3, 1, 2.5, 5, 30):
-        schedule = retry_schedule(total)
-        assert abs(sum(schedule) - total) < 1e-9 and all(t > 0 for t in schedule)
-    assert retry_schedule(5) == (1.0, 2.0, 2.0)
-
 
 def test_missing_or_empty_resolv_conf_still_serves_local_names(tmp_path):
     for path in (tmp_path / "missing", tmp_path / "empty"):
@@ -364,6 +320,7 @@ def test_missing_or_empty_resolv_conf_still_serves_local_names(tmp_path):
         assert proxy.upstream.resolver.resolv == str(path)
         proxy.stop()
         assert not [c for c in clock.getDelayedCalls() if c.active()]
+
 
 
 def test_resolv_conf_is_the_default_upstream_and_is_reread(tmp_path):
@@ -381,7 +338,6 @@ def test_resolv_conf_is_the_default_upstream_and_is_reread(tmp_path):
     proxy.stop()
 
 
-# -- wire: truncation and EDNS -------------------------------------------------------
 
 def test_udp_reply_without_edns_fits_512_with_tc():
     proxy, _, _ = make_proxy()
@@ -391,6 +347,7 @@ def test_udp_reply_without_edns_fits_512_with_tc():
     assert 0 < len(m.answers) < 40 and set(addresses(m)) <= set(BIG)
     assert not opt_records(m)
     assert proxy.counters["dns-truncated"] == 1
+
 
 
 def test_udp_reply_respects_the_edns_size_and_carries_opt():
@@ -406,11 +363,13 @@ def test_udp_reply_respects_the_edns_size_and_carries_opt():
     assert opt.cls >= 1232 and (opt.ttl >> 16) & 0xFF == 0   # our size, version 0
 
 
+
 def test_edns_size_below_512_counts_as_512_and_mtu_caps_it():
     proxy, _, _ = make_proxy(StackConfig(mtu=576))
     assert len(ask(proxy, query("big.example.test", edns_size=100))) <= 512
     wire = ask(proxy, query("big.example.test", edns_size=4096))
     assert len(wire) <= 576 - 28 and decode(wire).trunc
+
 
 
 def test_opt_only_when_the_query_had_one():
@@ -422,6 +381,7 @@ def test_opt_only_when_the_query_had_one():
     assert m.rCode == dns.ENAME and len(opt_records(m)) == 1
 
 
+
 def test_unknown_edns_version_gets_badvers():
     proxy, _, upstream = make_proxy()
     m = decode(ask(proxy, query("www.example.test", edns_size=1232, edns_version=1)))
@@ -430,11 +390,13 @@ def test_unknown_edns_version_gets_badvers():
     assert not upstream.queries
 
 
+
 def test_tcp_gets_the_full_answer():
     proxy, _, _ = make_proxy()
     wire = ask(proxy, query("big.example.test"), stream=True)
     m = decode(wire)
     assert not m.trunc and sorted(addresses(m)) == sorted(BIG) and len(wire) > 512
+
 
 
 def test_tcp_protocol_speaks_length_prefixed_dns():
@@ -462,22 +424,10 @@ def test_tcp_protocol_speaks_length_prefixed_dns():
     assert proxy.connections == []
 
 
-def test_encode_reply_drops_additional_before_setting_tc():
-    m = dns.Message(id=1, answer=1)
-    m.queries = [dns.Query(b"x.test", dns.A)]
-    m.answers = a_records(b"x.test", ["192.0.2.1"])
-    m.additional = a_records(b"extra.test", BIG)
-    wire, truncated = encode_reply(m, 512)
-    r = decode(wire)
-    assert not truncated and not r.trunc and addresses(r) == ["192.0.2.1"] and not r.additional
-
-
-# -- malformed input ---------------------------------------------------------------
 
 def _compression_loop():
     header = struct.pack("!6H", 1, 0x0100, 1, 0, 0, 0)
     return header + b"\xc0\x0c" + struct.pack("!HH", 1, 1)
-
 
 MALFORMED = {
     "empty": (b"", "dns-short"),
@@ -496,6 +446,7 @@ MALFORMED = {
 }
 
 
+
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_queries_are_dropped_and_counted(case):
     payload, reason = MALFORMED[case]
@@ -503,6 +454,7 @@ def test_malformed_queries_are_dropped_and_counted(case):
     assert ask(proxy, payload) is None
     assert proxy.drops[reason] == 1 and sum(proxy.drops.values()) == 1
     assert not upstream.queries
+
 
 
 def test_random_garbage_never_raises():
@@ -522,102 +474,13 @@ def test_random_garbage_never_raises():
     assert proxy.pending == 0
 
 
+
 def test_other_opcodes_and_classes():
     proxy, _, upstream = make_proxy()
     assert decode(ask(proxy, query("a.test", opcode=dns.OP_STATUS))).rCode == dns.ENOTIMP
     assert decode(ask(proxy, query("version.bind", dns.TXT, cls=dns.CH))).rCode == dns.EREFUSED
     assert decode(ask(proxy, query("example.test", dns.AXFR))).rCode == dns.EREFUSED
     assert not upstream.queries
-
-
-# -- the handler on the dispatcher ------------------------------------------------------
-
-class FakeLink:
-    description = "fake"
-    mtu = 1500
-
-    def __init__(self):
-        self.frames = []
-
-    def send_frame(self, frame):
-        self.frames.append(b"".join(frame) if isinstance(frame, list) else bytes(frame))
-
-
-def make_handler(config=None, table=None):
-    config = config or StackConfig()
-    link = FakeLink()
-    dispatcher = FrameDispatcher(config, link)
-    egress = Egress(config)
-    reactor = MemoryReactorClock()
-    handler = DnsHandler(dispatcher, config, egress, reactor=reactor,
-                         upstream=FakeUpstream(standard_table() if table is None else table))
-    dispatcher.register(handler)
-    return handler, dispatcher, link, egress, reactor
-
-
-def test_handler_answers_udp_from_the_queried_address():
-    handler, dispatcher, link, _, _ = make_handler()
-    dispatcher.frames_received([fb.udp(40000, 53, query("host.arcbox.internal", qid=5))])
-    (frame,) = link.frames
-    eth = fb.parse(frame)
-    assert eth.dst == fb.GUEST_MAC and eth.src == fb.GATEWAY_MAC
-    ip = eth.data
-    assert ip.src == fb.ip4(GATEWAY) and ip.dst == fb.ip4(fb.GUEST_IP)
-    udp = ip.data
-    assert udp.sport == 53 and udp.dport == 40000
-    # checksums as a kernel would check them
-    assert bytes(dpkt.ethernet.Ethernet(frame)) == frame
-    m = decode(udp.data)
-    assert m.id == 5 and addresses(m) == [GATEWAY]
-
-
-def test_handler_only_serves_stack_addresses():
-    handler, dispatcher, link, _, _ = make_handler()
-    dispatcher.frames_received([fb.udp(40000, 53, query("host.arcbox.internal"),
-                                       dst="192.0.2.53")])
-    assert link.frames == [] and handler.counters["dns-queries"] == 0
-
-
-def test_handler_counts_malformed_in_stack_stats():
-    handler, dispatcher, link, _, _ = make_handler()
-    dispatcher.frames_received([fb.udp(40000, 53, b"\x00\x01junk"),
-                                fb.udp(40000, 53, struct.pack("!6H", 1, 0x0100, 0, 0, 0, 0))])
-    assert link.frames == []
-    assert handler.drops == {"dns-short": 1, "dns-malformed": 1}
-    assert dispatcher.drops["handler-error"] == 0
-
-
-def test_handler_start_registers_tcp_for_the_nat_and_stop_closes():
-    handler, dispatcher, _, egress, reactor = make_handler()
-    handler.start()
-    ((port, factory, _, interface),) = reactor.tcpServers
-    assert port == 0 and interface == "127.0.0.1" and factory is handler.proxy
-    host_port = handler.tcp_port.getHost().port
-    assert egress.local_services[(fb.ip4(GATEWAY), 53)] == ("127.0.0.1", host_port)
-    handler.stop()
-    assert handler.tcp_port is None
-
-
-def test_slow_upstream_does_not_hold_other_queries():
-    handler, dispatcher, link, _, reactor = make_handler(StackConfig(dns_timeout=2))
-    dispatcher.frames_received([fb.udp(40001, 53, query("slow.example.test", qid=1)),
-                                fb.udp(40002, 53, query("host.arcbox.internal", qid=2))])
-    assert [decode(fb.parse(f).data.data.data).id for f in link.frames] == [2]
-    reactor.advance(2)
-    replies = [decode(fb.parse(f).data.data.data) for f in link.frames]
-    assert [(r.id, r.rCode) for r in replies] == [(2, dns.OK), (1, dns.ESERVER)]
-
-
-def test_network_stack_wires_dns_in():
-    from arcbox_net.stack import NetworkStack
-    stack = NetworkStack(FakeLink(), StackConfig(dns_upstreams=["127.0.0.1:5300"]),
-                         reactor=MemoryReactorClock())
-    assert stack.dns in stack.parts
-    stack.dispatcher.frames_received([fb.udp(40000, 53, b"\x01")])
-    assert stack.stats()["drops"]["dns-short"] == 1
-
-
-# -- real guests -------------------------------------------------------------------
 
 UPSTREAM_SERVER = r"""
 import sys
@@ -656,6 +519,7 @@ reactor.run()
 """
 
 
+
 @pytest.fixture
 def upstream():
     """A twisted.names authority for example.test on 127.0.0.1 (UDP and TCP); its port."""
@@ -674,6 +538,7 @@ def upstream():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
 
 
 @pytest.fixture
@@ -702,6 +567,7 @@ def silent_upstream():
         sock.close()
 
 
+
 def require_dig():
     require_root()
     if shutil.which("dig") is None:
@@ -710,24 +576,30 @@ def require_dig():
         pytest.skip("dig (dnsutils) is not installed")
 
 
+
 def dig(ns, *args, timeout=60):
     return in_ns(ns, "dig", f"@{GATEWAY}", "+tries=1", "+time=5", *args, timeout=timeout).stdout
+
 
 
 def status(out):
     return re.search(r"status: (\w+)", out).group(1)
 
 
+
 def flags(out):
     return re.search(r";; flags: ([a-z ]*);", out).group(1).split()
+
 
 
 def answer_count(out):
     return int(re.search(r"ANSWER: (\d+)", out).group(1))
 
 
+
 def answer_addresses(out):
     return re.findall(r"\sIN\s+A\s+(\d+\.\d+\.\d+\.\d+)", out)
+
 
 
 def start_guest_stack(stack_factory, netns, port, *extra, configure=True):
@@ -735,6 +607,7 @@ def start_guest_stack(stack_factory, netns, port, *extra, configure=True):
     if configure:
         args.insert(2, "--configure")
     return stack_factory(*args)
+
 
 
 @pytest.mark.realguest
@@ -758,6 +631,7 @@ def test_guest_dig_local_upstream_and_nxdomain(netns, stack_factory, upstream):
     assert "Traceback" not in stack.log()
 
 
+
 @pytest.mark.realguest
 def test_guest_large_answer_is_truncated_over_udp(netns, stack_factory, upstream):
     require_dig()
@@ -773,6 +647,7 @@ def test_guest_large_answer_is_truncated_over_udp(netns, stack_factory, upstream
     assert "tc" not in flags(out) and sorted(answer_addresses(out)) == sorted(BIG)
 
 
+
 @pytest.mark.realguest
 def test_guest_large_answer_in_full_over_tcp(netns, stack_factory, upstream):
     require_dig()
@@ -781,6 +656,7 @@ def test_guest_large_answer_in_full_over_tcp(netns, stack_factory, upstream):
     assert "tc" not in flags(out) and sorted(answer_addresses(out)) == sorted(BIG)
     out = dig(netns, "+noedns", "big.example.test")     # TC, then dig retries over TCP
     assert sorted(answer_addresses(out)) == sorted(BIG)
+
 
 
 @pytest.mark.realguest
@@ -803,6 +679,7 @@ def test_guest_gets_servfail_when_upstream_never_answers(netns, stack_factory, s
     assert status(out) == "SERVFAIL", out + err
     assert received, "the query never reached the upstream"
     assert "Traceback" not in stack.log()
+
 
 
 @pytest.mark.realguest

@@ -2,44 +2,34 @@
 dpkt and tshark read back (tshark without a single warning)."""
 
 import json
+
 import os
+
 import shutil
+
 import socket
-import stat
+
+
 import subprocess
+
 import sys
 
 import dpkt
-import pytest
-from twisted.internet.testing import MemoryReactorClock
 
-import framebuild as fb
-from arcbox_net.config import StackConfig
-from arcbox_net.dispatch import FrameDispatcher
-from arcbox_net.pcap import PcapCapture
-from arcbox_net.stack import NetworkStack
-from conftest import HERE, in_ns, udhcpc
+import pytest
+
+
+
+
+
+
+
+from conftest import GUEST_CLIENT, in_ns, udhcpc
+
 from hostside import HostServer, sink_then_reply
 
+CLIENT = GUEST_CLIENT
 
-CLIENT = os.path.join(HERE, "guest", "tcpclient.py")
-
-
-class FakeLink:
-    description = "fake"
-    mtu = 1500
-
-    def __init__(self):
-        self.frames = []
-
-    def start(self, sink):
-        pass
-
-    def stop(self):
-        pass
-
-    def send_frame(self, frame):
-        self.frames.append(b"".join(frame) if isinstance(frame, list) else bytes(frame))
 
 
 def read_pcap(path):
@@ -49,101 +39,10 @@ def read_pcap(path):
         assert reader.snaplen == 65535
         return [bytes(buf) for _, buf in reader]
 
-
-def test_capture_writes_frames_readable_while_open(tmp_path):
-    path = tmp_path / "c.pcap"
-    cap = PcapCapture(path)
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    cap.write(fb.arp_request())
-    cap.write([b"\x02" * 14, memoryview(b"gathered"), bytearray(b"!")])
-    assert read_pcap(path) == [fb.arp_request(), b"\x02" * 14 + b"gathered!"]  # flushed
-    cap.close()
-    cap.write(b"after close is ignored")
-    assert cap.stats() == {"path": str(path), "frames": 2, "bytes": 42 + 23, "active": False}
-
-
-def test_frames_longer_than_the_snaplen_are_truncated_with_their_length(tmp_path):
-    path = tmp_path / "c.pcap"
-    cap = PcapCapture(path, snaplen=100)
-    cap.write(b"\x01" * 300)
-    cap.close()
-    with open(path, "rb") as f:
-        data = f.read()
-    hdr = dpkt.pcap.LEPktHdr(data[24:40]) if data[:4] == b"\xd4\xc3\xb2\xa1" \
-        else dpkt.pcap.PktHdr(data[24:40])
-    assert (hdr.caplen, hdr.len) == (100, 300)
-    assert len(data) == 24 + 16 + 100
-
-
-def test_write_error_stops_the_capture_not_the_datapath(tmp_path):
-    cap = PcapCapture(tmp_path / "c.pcap")
-
-    class Full:
-        def write(self, data):
-            raise OSError(28, "No space left on device")
-
-        def flush(self):
-            pass
-
-        def close(self):
-            pass
-
-    cap._file = Full()
-    cap.write(fb.arp_request())  # logged, capture closed, nothing raised
-    assert not cap.active
-    cap.write(fb.arp_request())
-
-
-def test_capture_that_cannot_start_raises(tmp_path):
-    with pytest.raises(OSError):
-        PcapCapture(tmp_path / "no" / "such" / "dir.pcap")
-    if os.path.exists("/dev/full"):
-        with pytest.raises(OSError):
-            PcapCapture("/dev/full")  # the header's flush fails at once
-
-
-def test_dispatcher_captures_both_directions():
-    link = FakeLink()
-    dispatcher = FrameDispatcher(StackConfig(), link)
-    seen = []
-
-    class Capture:
-        def write(self, frame):
-            seen.append(b"".join(frame) if isinstance(frame, list) else bytes(frame))
-
-    dispatcher.capture = Capture()
-    dispatcher.frames_received([b"short"])
-    dispatcher.send_frame([b"a" * 14, b"b"])
-    assert seen == [b"short", b"a" * 14 + b"b"]
-
-
-def test_network_stack_start_and_stop_capture(tmp_path):
-    link = FakeLink()
-    stack = NetworkStack(link, StackConfig(dns_upstreams=["127.0.0.1:9"]),
-                         reactor=MemoryReactorClock())
-    path = tmp_path / "stack.pcap"
-    stack.start_capture(path)
-    with pytest.raises(RuntimeError, match="already running"):
-        stack.start_capture(tmp_path / "second.pcap")
-    stack.dispatcher.frames_received([fb.arp_request()])
-    assert len(link.frames) == 1  # the ARP reply
-    assert stack.stop_capture()["frames"] == 2
-    assert stack.stop_capture() is None
-    frames = read_pcap(path)
-    assert frames == [fb.arp_request(), link.frames[0]]
-    stack.dispatcher.frames_received([fb.arp_request()])  # not captured any more
-    assert len(read_pcap(path)) == 2
-    stack.start_capture(tmp_path / "again.pcap")  # a new capture after a stop
-    stack.dispatcher.frames_received([fb.arp_request()])
-    stack.stop_capture()
-    assert len(read_pcap(tmp_path / "again.pcap")) == 2
-
-
-# -- a real guest, read back by tshark -------------------------------------------
-
 FIELDS = ["frame.number", "eth.src", "eth.dst", "arp.opcode", "dhcp.option.dhcp", "ip.src",
           "ip.dst", "icmp.type", "tcp.srcport", "tcp.dstport", "tcp.flags.syn",
           "tcp.flags.ack", "dns.flags.response", "dns.qry.name", "dns.a"]
+
 
 
 def tshark_fields(path):
@@ -160,6 +59,7 @@ def tshark_fields(path):
     for line in result.stdout.splitlines():
         rows.append(dict(zip(FIELDS, line.split("|"))))
     return rows
+
 
 
 def test_pcap_of_dhcp_arp_icmp_dns_tcp_read_by_tshark(netns, stack_factory, tmp_path):
@@ -215,8 +115,9 @@ def test_pcap_of_dhcp_arp_icmp_dns_tcp_read_by_tshark(netns, stack_factory, tmp_
     assert len(tshark_fields(path)) >= len(rows)
 
 
+
 def test_control_api_starts_and_stops_a_capture(netns, stack_factory, tmp_path):
-    from test_forward_api import api
+    from .test_forward_api import api
     sock = tmp_path / "api.sock"
     pcap = tmp_path / "api.pcap"
     stack_factory("--netns", netns, "--configure", "--deny", "0.0.0.0/0", "--allow",
