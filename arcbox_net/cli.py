@@ -112,9 +112,12 @@ class Options(usage.Options):
             raise usage.UsageError(f"--static-lease takes MAC=ADDRESS, not {spec!r}")
         self["static_leases"].append((mac, address))
 
+    # The docstrings of opt_* methods are twistd's help texts, printed with
+    # their whitespace as it is: long ones are joined literals, not indented lines.
+
     def opt_map(self, spec):
-        """VIRTUAL=HOST: traffic to guest-visible VIRTUAL goes to host address HOST
-        (e.g. 203.0.113.10=127.0.0.2); repeatable."""
+        ("VIRTUAL=HOST: traffic to guest-visible VIRTUAL goes to host address HOST "
+         "(e.g. 203.0.113.10=127.0.0.2); repeatable.")
         if "=" not in spec:
             raise usage.UsageError(f"--map takes VIRTUAL=HOST, not {spec!r}")
         self["maps"].append(spec)
@@ -124,19 +127,19 @@ class Options(usage.Options):
         self["allow"].append(cidr)
 
     def opt_deny(self, cidr):
-        """Keep the guest from this CIDR (most specific rule wins; 169.254.0.0/16
-        is denied by default); repeatable."""
+        ("Keep the guest from this CIDR (most specific rule wins; 169.254.0.0/16 "
+         "is denied by default); repeatable.")
         self["deny"].append(cidr)
 
     def opt_forward(self, spec):
-        """PROTO:[BIND_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT: forward a host port into the
-        guest (PROTO tcp or udp; BIND_ADDR default 127.0.0.1; GUEST_ADDR default the
-        leased guest address); repeatable."""
+        ("PROTO:[BIND_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT: forward a host port into the "
+         "guest (PROTO tcp or udp; BIND_ADDR default 127.0.0.1; GUEST_ADDR default the "
+         "leased guest address); repeatable.")
         self["forwards"].append(spec)
 
     def opt_dns_upstream(self, spec):
-        """ADDR[:PORT] of an upstream DNS server (default: the host's
-        /etc/resolv.conf); repeatable."""
+        ("ADDR[:PORT] of an upstream DNS server (default: the host's "
+         "/etc/resolv.conf); repeatable.")
         self["dns_upstreams"].append(spec)
 
     def opt_dns_record(self, spec):
