@@ -7,7 +7,9 @@ round trip through the stack wakes the reactor twice, so that wrapper is paid
 on the latency path for nothing this program uses. ``LeanEPollReactor`` is
 otherwise Twisted's reactor: the same poller, timers, threads and
 ``_doReadOrWrite``, which already turns a reader's exception into a logged
-disconnect.
+disconnect. Those private parts (``_poller``, ``_selectables``,
+``_doReadOrWrite``, ``doIteration = doPoll``) and the ``doPoll`` copied here are
+checked against the installed Twisted by tests/unit/test_twisted_internals.py.
 
 Adaptive polling (``busy_poll``; off unless given, twistd gives 200 us): before
 blocking in ``epoll_wait``, keep polling without a timeout for a window that
