@@ -33,13 +33,15 @@ if ! $micro; then
 fi
 
 # The project's venv with arcbox-net (editable, from this tree) and every dependency
-# pyproject.toml names today; scripts/setup.sh makes or completes it.
+# pyproject.toml names today, the fast extra (numpy) included: the bench measures with
+# it. scripts/setup.sh makes or completes it.
 venv_ok() {
   [ -x .venv/bin/twistd ] && .venv/bin/python -c '
 import importlib.metadata, re, tomllib
 import arcbox_net
 with open("pyproject.toml", "rb") as f:
-    for req in tomllib.load(f)["project"]["dependencies"]:
+    project = tomllib.load(f)["project"]
+    for req in project["dependencies"] + project["optional-dependencies"]["fast"]:
         importlib.metadata.version(re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0])
 ' 2>/dev/null
 }

@@ -74,10 +74,13 @@ def netns():
 class StackProcess:
     """``twistd -n arcbox-net ...`` as a child process, ready when it says so."""
 
-    def __init__(self, args, tmp_path, pass_fds=(), prefix=(), twistd_args=()):
+    def __init__(self, args, tmp_path, pass_fds=(), prefix=(), twistd_args=(), twistd=TWISTD,
+                 cwd=None):
         self.args = list(args)
         self.prefix = list(prefix)
         self.twistd_args = list(twistd_args)
+        self.twistd = twistd  # another venv's twistd runs the stack installed there
+        self.cwd = cwd
         self.log_path = tmp_path / f"stack-{next(_names)}.log"
         self.proc = None
         self._pass_fds = tuple(pass_fds)
@@ -85,11 +88,12 @@ class StackProcess:
     def start(self, timeout=15):
         ready_r, ready_w = os.pipe()
         log = open(self.log_path, "w")
-        cmd = [*self.prefix, TWISTD, "-n", "--pidfile=", *self.twistd_args, "arcbox-net",
+        cmd = [*self.prefix, self.twistd, "-n", "--pidfile=", *self.twistd_args, "arcbox-net",
                *self.args,
                "--ready-fd", str(ready_w)]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     pass_fds=(ready_w, *self._pass_fds), start_new_session=True)
+                                     pass_fds=(ready_w, *self._pass_fds), start_new_session=True,
+                                     cwd=self.cwd)
         os.close(ready_w)
         log.close()
         try:
