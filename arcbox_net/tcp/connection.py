@@ -14,17 +14,29 @@ Inputs, by who drives them:
 - the guest: ``segment_received`` for every segment of this 4-tuple, then
   ``flush`` once at the end of the batch of frames (a batch is one read
   wakeup of the link);
-- the host side: ``accept``/``refuse`` (the host connect succeeded or
-  failed), ``send`` (bytes read from the host socket), ``close`` (host EOF),
-  ``abort`` (host reset), ``set_receive_open`` (host transport paused or
-  resumed); after ``send`` the adapter calls ``flush`` too;
+- the host side: ``accept`` (the host connect succeeded), ``send`` (bytes
+  read from the host socket), ``close`` (host EOF), ``reset`` (the one way
+  to end a connection at once: with an RST to the guest for a refused
+  connect, a host reset or a host socket gone; without one to drop it
+  silently), ``set_receive_open`` (host transport paused or resumed); after
+  ``send`` the adapter calls ``flush`` too;
 - the clock: ``on_timer`` once ``next_deadline`` has passed.
+
+Whatever the guest sends is legal input: nonsense (a stray or stale ACK, a
+duplicate FIN, a segment outside the window, a SYN in a synchronized state)
+gets the answer RFC 9293 gives it (an ACK, a challenge ACK, an RST, or a
+silent drop) and never raises. The host-side inputs are the caller's
+promises: ``accept`` twice, ``close`` twice, ``send`` after ``close`` or
+``reset`` once CLOSED raise ``IllegalTransition`` (a bug in the adapter, as
+h11's LocalProtocolError is one in its user). ``flush``, ``on_timer`` and
+``set_receive_open`` are fine in any state.
 
 Outputs are queued and collected by the adapter after each input:
 ``take_segments`` (to encode and send to the guest, in order),
 ``take_received`` (guest bytes to write to the host, in order) and
 ``take_events`` (Established, GuestEndOfData, GuestReset, Refused, TimedOut,
-Closed). Collect received data before events: data always precedes the
+Closed; each comes from the transition that produces it, see below).
+Collect received data before events: data always precedes the
 GuestEndOfData of the FIN that follows it.
 
 States
@@ -33,7 +45,7 @@ States
 
     passive open (guest connects out):
       HELD --accept--> SYN_RECEIVED --ACK of our SYN--> ESTABLISHED
-      HELD --refuse--> CLOSED (RST)
+      HELD --reset--> CLOSED (RST|ACK for a refused connect)
     active open (port forwarding, we connect to the guest):
       SYN_SENT --SYN-ACK--> ESTABLISHED        (RST: Refused; silence: TimedOut)
     guest closes first:
@@ -41,7 +53,7 @@ States
     host closes first:
       ESTABLISHED --close--> FIN_WAIT_1 --ACK--> FIN_WAIT_2 --guest FIN--> TIME_WAIT
       FIN_WAIT_1 --guest FIN--> CLOSING --ACK--> TIME_WAIT --time_wait--> CLOSED
-    anything --RST in window / abort / give-up--> CLOSED
+    anything --reset / RST in window / give-up--> CLOSED
 
 HELD exists so that the guest's SYN is answered only once the host connect
 has succeeded (a refused host connect becomes an RST, a timeout silence),
@@ -50,9 +62,14 @@ HELD nothing is sent and segments are ignored; the adapter absorbs the
 guest's SYN retransmits meanwhile. ``close()`` before the handshake is over
 is remembered and takes effect on entering ESTABLISHED.
 
-Every state change goes through ``_transition`` and the ``_TRANSITIONS``
-table below; entry actions (events, the TIME-WAIT timer) live there too.
-Closed is emitted exactly once, on entering CLOSED, whatever the path.
+The ``_ROWS`` table below is the whole machine: (state, input) -> (next
+state, event). ``_transition`` is the only code that changes ``state`` or
+queues an event: it applies the row, queues its event, and runs the entry
+actions of the new state (the TIME-WAIT timer; on CLOSED the cleanup and
+Closed, exactly once whatever the path, as CLOSED has no way out). An input
+without a row raises IllegalTransition. Every abrupt end (adapter reset,
+guest RST, give-up) goes through ``_reset``, which also sends the RST when
+one is wanted and the state has one to send.
 
 Guest to host (receiving)
 -------------------------
@@ -76,13 +93,17 @@ resume we offer the full window again and send a window update at once.
 
 Host to guest (sending)
 -----------------------
-``send`` appends to one bytearray that starts at ``snd_una``: acknowledged
-bytes are deleted from its front, bytes in flight and unsent bytes follow.
-``flush`` sends what ``min(guest window, max_in_flight)`` allows, in
-segments of the send MSS with PSH on the last one. Small writes made between
-two flushes therefore travel as full segments; a window-limited short tail
-is held back while data is in flight (sender-side silly window avoidance).
-The FIN goes after the last byte, on the last data segment when it can.
+``send`` appends to the send buffer (``sendbuf.SendBuffer``, the host's
+read chunks from ``snd_una`` on): acknowledged bytes are dropped from its
+front, bytes in flight and unsent bytes follow, and segments are sliced from
+it without a copy where they lie in one chunk. ``send`` never refuses bytes;
+bounding the buffer is the adapter's business (it pauses the host reader
+above ``send_buffer_limit``). ``flush`` sends what the guest's window allows,
+in segments of the send MSS (or of ``segment_size`` with GSO) with PSH on
+the last one. Small writes made between two flushes therefore travel as full
+segments; a window-limited short tail is held back while data is in flight
+(sender-side silly window avoidance). The FIN goes after the last byte, on
+the last data segment when it can.
 
 There is no congestion control: the path to the guest is a local virtual
 link whose only real limit is the guest's receive window (which we obey).
@@ -106,8 +127,9 @@ meaningful at a time:
   that keeps its window shut is probed forever;
 - TIME-WAIT: ``time_wait`` seconds (bounded; the guest is on a local link).
 
-There is no delayed-ACK timer: ``flush`` at the end of each batch is the ACK
-clock, which coalesces as well and adds no latency.
+There is no delayed ACK: ``flush`` at the end of each batch is the ACK
+clock, which coalesces as well and adds no latency (a delayed-ACK timer was
+tried and measured to save nothing here, see docs/performance.md).
 
 Sequence numbers are 32-bit and wrap; all comparisons go through seq_diff.
 """
@@ -163,28 +185,6 @@ CLOSING = TcpState.CLOSING
 TIME_WAIT = TcpState.TIME_WAIT
 CLOSED = TcpState.CLOSED
 
-# The whole state machine. Inputs: "accept" (host connect done), "syn-ack"
-# (guest answered our SYN), "syn-acked" (guest ACKed our SYN-ACK),
-# "host-close", "guest-fin", "fin-acked", "timer" (TIME-WAIT over), and
-# "reset" (RST accepted, abort, refuse, give-up), valid in every state.
-_TRANSITIONS = {
-    HELD: {"accept": SYN_RECEIVED},
-    SYN_SENT: {"syn-ack": ESTABLISHED},
-    SYN_RECEIVED: {"syn-acked": ESTABLISHED},
-    ESTABLISHED: {"guest-fin": CLOSE_WAIT, "host-close": FIN_WAIT_1},
-    CLOSE_WAIT: {"host-close": LAST_ACK},
-    LAST_ACK: {"fin-acked": CLOSED},
-    FIN_WAIT_1: {"fin-acked": FIN_WAIT_2, "guest-fin": CLOSING},
-    FIN_WAIT_2: {"guest-fin": TIME_WAIT},
-    CLOSING: {"fin-acked": TIME_WAIT},
-    TIME_WAIT: {"timer": CLOSED},
-    CLOSED: {},
-}
-for _moves in _TRANSITIONS.values():
-    if _moves is not _TRANSITIONS[CLOSED]:
-        _moves["reset"] = CLOSED
-del _moves
-
 # Both sequence spaces are known: guest segments are checked against our window.
 _SYNCHRONIZED = frozenset({SYN_RECEIVED, ESTABLISHED, CLOSE_WAIT, LAST_ACK, FIN_WAIT_1,
                            FIN_WAIT_2, CLOSING, TIME_WAIT})
@@ -205,7 +205,9 @@ class TcpParams:
 
     mss_limit: int = 1460
     receive_window: int = 262144
-    send_buffer_limit: int = 1048576  # for the adapter: pause the host reader above it
+    #: Not enforced here (``send`` always queues): the adapter pauses the host
+    #: reader while ``send_buffered`` is above it and resumes below half.
+    send_buffer_limit: int = 1048576
     window_scale: int = 7
     rto_initial: float = 1.0
     rto_min: float = 0.2
@@ -213,11 +215,6 @@ class TcpParams:
     max_retransmits: int = 12
     syn_retries: int = 6
     time_wait: float = 2.0
-    #: Hold the ACK of a little in-order data this long, so that the host's
-    #: answer can carry it (one frame instead of two per request/response).
-    #: 0 disables. Two full segments or anything unusual are ACKed at once.
-    delayed_ack: float = 0.0
-    max_in_flight: int | None = None
     #: Largest payload per emitted segment when the link segments for us (GSO):
     #: segments carry up to this many bytes and the link cuts them to the MSS.
     #: None: one MSS per segment.
@@ -271,6 +268,78 @@ class Closed:
     """The connection is over; the adapter may forget it."""
 
 
+class IllegalTransition(Exception):
+    """The caller drove the connection with an input its state does not allow.
+
+    A bug in the adapter (accept twice, close after close, send after close,
+    reset when already closed), never the guest's doing: whatever a guest
+    sends is legal input and gets the answer RFC 9293 gives it.
+    """
+
+    def __init__(self, state, what):
+        super().__init__(f"{what!r} is not allowed in {state.name}")
+        self.state = state
+        self.input = what
+
+
+# Events are values: one instance each is enough (no allocation per event).
+_ESTABLISHED = Established()
+_END_OF_DATA = GuestEndOfData()
+_GUEST_RST = GuestReset("rst")
+_GIVE_UP = GuestReset("timeout")
+_REFUSED = Refused()
+_TIMED_OUT = TimedOut()
+_CLOSED = Closed()
+
+# The whole state machine: (state, input) -> (next state, event to emit).
+# Entering CLOSED emits Closed as well; see _transition for the entry actions.
+# Inputs:
+#   accept        the host connect succeeded            (adapter)
+#   host-close    host EOF; before ESTABLISHED it is     (adapter)
+#                 remembered and replayed on entering ESTABLISHED
+#   reset         reset or drop the connection           (adapter)
+#   syn-ack       the guest answered our SYN
+#   syn-acked     the guest acknowledged our SYN-ACK
+#   guest-fin     the guest's FIN, in order
+#   fin-acked     the guest acknowledged our FIN
+#   guest-rst     an acceptable RST from the guest
+#   give-up       retransmissions exhausted
+#   time-wait-over
+# Anything else raises IllegalTransition.
+_ROWS = (
+    # state        input             next state    event
+    (HELD,         "accept",         SYN_RECEIVED, None),
+    (HELD,         "host-close",     HELD,         None),
+    (SYN_SENT,     "syn-ack",        ESTABLISHED,  _ESTABLISHED),
+    (SYN_SENT,     "host-close",     SYN_SENT,     None),
+    (SYN_SENT,     "guest-rst",      CLOSED,       _REFUSED),
+    (SYN_SENT,     "give-up",        CLOSED,       _TIMED_OUT),
+    (SYN_RECEIVED, "syn-acked",      ESTABLISHED,  _ESTABLISHED),
+    (SYN_RECEIVED, "host-close",     SYN_RECEIVED, None),
+    (ESTABLISHED,  "guest-fin",      CLOSE_WAIT,   _END_OF_DATA),
+    (ESTABLISHED,  "host-close",     FIN_WAIT_1,   None),
+    (CLOSE_WAIT,   "host-close",     LAST_ACK,     None),
+    (LAST_ACK,     "fin-acked",      CLOSED,       None),
+    (FIN_WAIT_1,   "fin-acked",      FIN_WAIT_2,   None),
+    (FIN_WAIT_1,   "guest-fin",      CLOSING,      _END_OF_DATA),
+    (FIN_WAIT_2,   "guest-fin",      TIME_WAIT,    _END_OF_DATA),
+    (CLOSING,      "fin-acked",      TIME_WAIT,    None),
+    (TIME_WAIT,    "time-wait-over", CLOSED,       None),
+    (TIME_WAIT,    "guest-rst",      CLOSED,       None),   # both sides are done already
+) + tuple(
+    (state, what, CLOSED, event)
+    for state in (SYN_RECEIVED, ESTABLISHED, CLOSE_WAIT, LAST_ACK, FIN_WAIT_1, FIN_WAIT_2,
+                  CLOSING)
+    for what, event in (("guest-rst", _GUEST_RST), ("give-up", _GIVE_UP))
+) + tuple((state, "reset", CLOSED, None) for state in TcpState if state is not CLOSED)
+
+_TRANSITIONS = {state: {} for state in TcpState}
+for _state, _what, _next, _event in _ROWS:
+    assert _what not in _TRANSITIONS[_state], (_state, _what)
+    _TRANSITIONS[_state][_what] = (_next, _event)
+del _state, _what, _next, _event
+
+
 class TcpConnection:
     """One guest TCP connection; see the module docstring."""
 
@@ -285,7 +354,7 @@ class TcpConnection:
         "irs", "rcv_nxt", "rcv_shift", "_rcv_adv", "_receive_open", "_ack_owed",
         "_ooo", "_ooo_fin", "_guest_wscale",
         # timers
-        "_timer", "_delack", "_ack_urgent", "_acked_to", "_rto", "_cur_rto", "_srtt", "_rttvar", "_rtt_seq", "_rtt_time",
+        "_timer", "_rto", "_cur_rto", "_srtt", "_rttvar", "_rtt_seq", "_rtt_time",
         "_retries",
         # outputs
         "_out", "_received", "_events",
@@ -320,9 +389,6 @@ class TcpConnection:
         self._rcv_adv = 0
         self._receive_open = True
         self._ack_owed = False
-        self._ack_urgent = False   # the owed ACK may not wait (see delayed_ack)
-        self._delack = None        # deadline of a delayed ACK
-        self._acked_to = 0         # rcv_nxt as of our last ACK
         self._ooo = []  # [seq, bytes], sorted, non-overlapping
         self._ooo_fin = None
         self._guest_wscale = None
@@ -349,7 +415,6 @@ class TcpConnection:
         self = cls(syn.dst_port, syn.src_port, now, iss, params, HELD)
         self.irs = syn.seq & MASK
         self.rcv_nxt = (self.irs + 1) & MASK
-        self._acked_to = self.rcv_nxt  # our SYN-ACK will acknowledge the SYN
         self._wl1 = self.irs
         self.snd_wnd = syn.window  # never scaled in a SYN
         self._negotiate(syn.mss, syn.wscale)
@@ -364,39 +429,39 @@ class TcpConnection:
 
     def accept(self, now):
         """The host connect succeeded: answer the held SYN."""
-        if self._transition("accept", now):
-            self._send_syn(now)
-
-    def refuse(self):
-        """The host connect failed: RST the held SYN, as the host would have."""
-        if self.state is HELD:
-            self._out.append(TcpSegment(self.local_port, self.guest_port, 0, self.rcv_nxt,
-                                        RST | ACK, 0))
-            self._transition("reset", None)
+        self._transition("accept", now)
+        self._send_syn(now)
 
     # -- host side
 
     def send(self, data):
-        """Queue host bytes for the guest; they leave on the next ``flush``."""
-        if self.state in _ACCEPTS_SEND and not self._fin_queued:
-            self._sendbuf.append(data)
+        """Queue host bytes for the guest; they leave on the next ``flush``.
+
+        Only before ``close`` and while the connection is open: host bytes
+        that could never reach the guest are a bug of the caller, not a drop.
+        """
+        if self._fin_queued or self.state not in _ACCEPTS_SEND:
+            raise IllegalTransition(self.state, "send")
+        self._sendbuf.append(data)
 
     def close(self, now):
-        """Host EOF: FIN after everything already queued."""
-        if self.state in _ACCEPTS_SEND and not self._fin_queued:
-            self._fin_queued = True
-            if self._transition("host-close", now):
-                self._push(now)
+        """Host EOF: FIN after everything already queued (once)."""
+        if self._fin_queued:
+            raise IllegalTransition(self.state, "host-close")
+        self._transition("host-close", now)
+        self._fin_queued = True
+        if self.state in _SENDING:
+            self._push(now)
 
-    def abort(self):
-        """Host reset: RST the guest and forget everything."""
-        st = self.state
-        if st is HELD:
-            self.refuse()
-        elif st is not CLOSED:
-            if st in _SYNCHRONIZED and st is not TIME_WAIT:
-                self._emit(RST | ACK, self.snd_nxt)
-            self._transition("reset", None)
+    def reset(self, rst=True):
+        """End the connection now, from the host side.
+
+        ``rst``: tell the guest with an RST, as the host would have (host
+        connect refused, host reset, host socket gone). False drops the
+        connection without a word (replaced by a new SYN, ICMP sent
+        instead, stack shutting down). Not allowed once CLOSED.
+        """
+        self._reset("reset", rst)
 
     def set_receive_open(self, is_open, now):
         """Host transport paused (False) or resumed (True)."""
@@ -416,30 +481,16 @@ class TcpConnection:
             self._push(now)
         if self._ack_owed:
             if st in _ACKING:
-                delay = self.params.delayed_ack
-                if (delay and not self._ack_urgent and not self._ooo
-                        and seq_diff(self.rcv_nxt, self._acked_to) < 2 * self.params.mss_limit):
-                    if self._delack is None:
-                        self._delack = now + delay
-                    return
                 self._emit(ACK, self.snd_nxt)
             else:
                 self._ack_owed = False
-                self._ack_urgent = False
 
     def next_deadline(self):
-        delack = self._delack
-        timer = self._timer
-        if delack is None:
-            return timer
-        return delack if timer is None or delack < timer else timer
+        """When ``on_timer`` is due, or None."""
+        return self._timer
 
     def on_timer(self, now):
-        delack = self._delack
-        if delack is not None and now >= delack:
-            self._delack = None
-            if self._ack_owed and self.state in _ACKING:
-                self._emit(ACK, self.snd_nxt)
+        """The deadline passed (a late or stale call is harmless)."""
         deadline = self._timer
         if deadline is None or now < deadline:
             return
@@ -447,17 +498,12 @@ class TcpConnection:
         st = self.state
         p = self.params
         if st is TIME_WAIT:
-            self._transition("timer", now)
+            self._transition("time-wait-over", now)
             return
         if st is SYN_SENT or st is SYN_RECEIVED:
             self._retries += 1
             if self._retries > p.syn_retries:
-                if st is SYN_SENT:
-                    self._events.append(TimedOut())
-                else:
-                    self._emit(RST | ACK, self.snd_nxt)
-                    self._events.append(GuestReset("timeout"))
-                self._transition("reset", now)
+                self._reset("give-up", True)
                 return
             self._cur_rto = min(self._cur_rto * 2, p.rto_max)
             self._send_syn(now)
@@ -472,9 +518,7 @@ class TcpConnection:
             return
         self._retries += 1
         if self._retries > p.max_retransmits:
-            self._emit(RST | ACK, self.snd_nxt)
-            self._events.append(GuestReset("timeout"))
-            self._transition("reset", now)
+            self._reset("give-up", True)
             return
         if probing:
             self._probe()
@@ -524,13 +568,22 @@ class TcpConnection:
     # -- the state machine
 
     def _transition(self, what, now):
-        """Apply input ``what`` if the table has a move for it; run entry actions."""
-        new = _TRANSITIONS[self.state].get(what)
-        if new is None:
-            return False
+        """Apply input ``what``: the table's move, its event, the entry actions.
+
+        The only place ``state`` changes and events are queued. An input the
+        table has no move for raises IllegalTransition before anything changes.
+        """
+        old = self.state
+        move = _TRANSITIONS[old].get(what)
+        if move is None:
+            raise IllegalTransition(old, what)
+        new, event = move
+        if event is not None:
+            self._events.append(event)
+        if new is old:
+            return  # host-close before ESTABLISHED: remembered in _fin_queued
         self.state = new
         if new is ESTABLISHED:
-            self._events.append(Established())
             if self._fin_queued:  # close() came during the handshake
                 self._transition("host-close", now)
         elif new is TIME_WAIT:
@@ -539,8 +592,25 @@ class TcpConnection:
             self._timer = None
             self._sendbuf.clear()
             self._ooo = []
-            self._events.append(Closed())  # once: CLOSED has no way out
-        return True
+            self._events.append(_CLOSED)  # once: CLOSED has no way out
+
+    def _reset(self, what, rst):
+        """The one way to CLOSED other than the orderly close, RST or not.
+
+        ``what`` is "reset" (the adapter), "guest-rst" or "give-up"; the
+        table picks the event. The RST, when asked for, is the one the state
+        allows: the RFC 793 answer to the held SYN in HELD, RST|ACK at
+        snd_nxt once synchronized, nothing in SYN_SENT (the guest has said
+        nothing to reset) or TIME_WAIT (both sides are done).
+        """
+        st = self.state
+        self._transition(what, None)
+        if rst:
+            if st is HELD:
+                self._out.append(TcpSegment(self.local_port, self.guest_port, 0, self.rcv_nxt,
+                                            RST | ACK, 0))
+            elif st is not TIME_WAIT and st in _SYNCHRONIZED:
+                self._emit(RST | ACK, self.snd_nxt)
 
     # -- segment arrival
 
@@ -561,8 +631,7 @@ class TcpConnection:
             return
         if flags & RST:
             if flags & ACK:
-                self._events.append(Refused())
-                self._transition("reset", now)
+                self._reset("guest-rst", False)  # Refused
             return
         if flags & SYN and flags & ACK:
             self.irs = seg.seq & MASK
@@ -580,9 +649,7 @@ class TcpConnection:
         rcv_nxt = self.rcv_nxt
         if flags & RST:
             if seq == rcv_nxt or (seq_lt(rcv_nxt, seq) and seq_lt(seq, self._rcv_adv)):
-                if self.state is not TIME_WAIT:
-                    self._events.append(GuestReset("rst"))
-                self._transition("reset", now)
+                self._reset("guest-rst", False)
             return
         if flags & SYN:
             if self.state is SYN_RECEIVED and seq == self.irs and not flags & ACK:
@@ -596,13 +663,11 @@ class TcpConnection:
         if n or fin:
             if seq_le((seq + n + (1 if fin else 0)) & MASK, rcv_nxt):
                 self._ack_owed = True  # all old: our ACK was lost
-                self._ack_urgent = True
                 if fin and self.state is TIME_WAIT:
                     self._timer = now + self.params.time_wait
                 return
             if seq != rcv_nxt and not seq_lt(seq, self._rcv_adv):
                 self._ack_owed = True  # beyond the window
-                self._ack_urgent = True
                 return
         elif seq != rcv_nxt and not (seq_lt(rcv_nxt, seq) and seq_lt(seq, self._rcv_adv)):
             return  # a stale pure ACK: dropped, never answered
@@ -622,7 +687,6 @@ class TcpConnection:
                 self._receive(seg.payload, seq, n, fin, now)
             else:
                 self._ack_owed = True
-                self._ack_urgent = True
 
     def _handshake_done(self, seg, now, window):
         """Our SYN is acknowledged (either direction of open)."""
@@ -645,7 +709,6 @@ class TcpConnection:
         if acked > seq_diff(self.snd_nxt, una):
             if seg.payload or seg.flags & FIN:
                 self._ack_owed = True  # acks what we never sent
-                self._ack_urgent = True
             return False
         wnd = seg.window << self.snd_shift
         fin_acked = False
@@ -693,8 +756,10 @@ class TcpConnection:
             self._wl2 = ack
         if self.snd_wnd == 0:
             self._retries = 0  # the guest is alive: keep probing
-        if fin_acked and self._transition("fin-acked", now) and self.state is CLOSED:
-            return False
+        if fin_acked:
+            self._transition("fin-acked", now)
+            if self.state is CLOSED:
+                return False
         if self._timer is None and (self.snd_nxt != self.snd_una or self._has_unsent()):
             self._timer = now + self._cur_rto
         return True
@@ -713,11 +778,8 @@ class TcpConnection:
             payload = payload[:n]
             fin = 0
             self._ack_owed = True
-            self._ack_urgent = True
         if seq == rcv_nxt:
-            if not self._ack_owed:
-                self._ack_owed = True
-                self._ack_urgent = bool(fin) or not n
+            self._ack_owed = True
             if n:
                 self._received.append(payload)
                 self.rcv_nxt = (rcv_nxt + n) & MASK
@@ -779,8 +841,6 @@ class TcpConnection:
         self._ooo = []
         self._ooo_fin = None
         self._ack_owed = True
-        self._ack_urgent = True
-        self._events.append(GuestEndOfData())
         self._transition("guest-fin", now)
 
     # -- sending
@@ -804,9 +864,6 @@ class TcpConnection:
         end = len(buf)
         if pos < end:
             limit = self.snd_wnd
-            cap = self.params.max_in_flight
-            if cap is not None and cap < limit:
-                limit = cap
             stop = end if end <= limit else limit
             mss = self.send_mss
             chunk = self._chunk()
@@ -836,9 +893,6 @@ class TcpConnection:
                         stop += 1
                     self.snd_nxt = (una + stop) & MASK
                     self._ack_owed = False  # the data carries it
-                    self._ack_urgent = False
-                    self._delack = None
-                    self._acked_to = ack
         if pos == end and self._fin_queued and not self._fin_sent:
             # A FIN needs no window room: receivers take it at the right edge.
             if self._rtt_seq is None:
@@ -907,9 +961,6 @@ class TcpConnection:
         """Queue one segment; with ACK it carries rcv_nxt and our current window."""
         if flags & ACK:
             self._ack_owed = False
-            self._ack_urgent = False
-            self._delack = None
-            self._acked_to = self.rcv_nxt
             self._out.append(TcpSegment(self.local_port, self.guest_port, seq, self.rcv_nxt,
                                         flags, self._window_field(), payload))
         else:

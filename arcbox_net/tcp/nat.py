@@ -49,8 +49,8 @@ from ..wire import icmp, ipv4, tcp
 from ..link.tap import (VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV4,
                         VNET_HDR as _VNET_HDR)
 from ..wire.tcp import ACK, FIN, RST, SYN
-from .connection import (Closed, Established, GuestEndOfData, GuestReset, Refused,
-                         TcpConnection, TcpParams, TcpState, TimedOut)
+from .connection import (Closed, Established, GuestEndOfData, GuestReset, IllegalTransition,
+                         Refused, TcpConnection, TcpParams, TcpState, TimedOut)
 
 _PURE_SYN_MASK = SYN | ACK | RST | FIN
 #: Bytes per host read (Twisted's bufferSize): eight 64 KiB GSO frames. With
@@ -58,11 +58,6 @@ _PURE_SYN_MASK = SYN | ACK | RST | FIN
 #: page faults; 512 KiB beat 256 KiB in alternating iperf3 runs (host->guest,
 #: MTU 1500, 5 s): one stream 9.6-13.3 vs 7.8-9.1 Gbit/s, four 8.4-11.1 vs 7.4-7.8.
 HOST_READ_SIZE = 512 * 1024
-#: How long a request's ACK may wait for the host's answer to carry it. Off:
-#: measured here it saved nothing on 1-byte request/response (the pure ACK
-#: costs little next to the wakeups), and it risks stalls against a guest's
-#: Nagle. TcpParams.delayed_ack keeps the mechanism for links where it pays.
-DELAYED_ACK = 0.0
 # Offload frames: where the TCP header and its checksum field start.
 _L3_START = 14 + ipv4.HEADER_LEN
 _TCP_CSUM_OFFSET = 16
@@ -91,7 +86,7 @@ class TcpNat:
         #: emit up to 64 KiB per segment as one GSO frame with a partial checksum.
         self.offload = bool(getattr(dispatcher.link, "offloads", False))
         if params is None:
-            params = TcpParams(mss_limit=config.mtu - 40, delayed_ack=DELAYED_ACK,
+            params = TcpParams(mss_limit=config.mtu - 40,
                                segment_size=_GSO_SEGMENT if self.offload else None)
         self.params = params
         self.connections = {}
@@ -128,7 +123,12 @@ class TcpNat:
             else:
                 self._reset_unmatched(key, seg)
             return
-        splice.conn.segment_received(seg, self.reactor.seconds())
+        try:
+            splice.conn.segment_received(seg, self.reactor.seconds())
+        except IllegalTransition as e:
+            # Our bug, never the guest's doing: drop the segment, keep the stack up.
+            self.drops["tcp-illegal-input"] += 1
+            self.log.error("TCP {conn!r}: segment dropped: {error}", conn=splice.conn, error=e)
         if not splice.dirty:
             splice.dirty = True
             self._dirty.append(splice)
@@ -321,17 +321,16 @@ class TcpSplice(Protocol):
             return None
         if failure.check(neterror.ConnectionRefusedError):
             nat.counters["tcp-refused"] += 1
-            self.conn.refuse()
-            self.pump()
+            self.conn.reset()  # the RST|ACK the host would have sent
         else:
             code = _icmp_code_for(failure)
             nat.counters["tcp-connect-failed"] += 1
             if code is None:
-                self.conn.refuse()
-                self.pump()
+                self.conn.reset()
             else:
                 nat.send_icmp_error(self.key, self.quote, code)
-        self._finish()
+                self.conn.reset(rst=False)  # the ICMP error says it all
+        self.pump()  # Closed: _finish
         return None
 
     # -- host transport (IProtocol / IHalfCloseableProtocol)
@@ -372,11 +371,13 @@ class TcpSplice(Protocol):
         if self.conn.is_closed:
             self._finish()
             return
-        if reason.check(neterror.ConnectionDone) or self._host_eof:
+        if self._host_eof:
+            pass  # readConnectionLost has closed our side already
+        elif reason.check(neterror.ConnectionDone):
             self.conn.close(self.nat.reactor.seconds())
         else:
             self.nat.counters["tcp-host-reset"] += 1
-            self.conn.abort()
+            self.conn.reset()
         self.pump()
         self._host_closed = True
 
@@ -409,9 +410,11 @@ class TcpSplice(Protocol):
             if transport is not None and not self._host_closed:
                 _write_host(transport, received)
             else:
-                # The host socket is gone: as a real host would, reset.
-                conn.abort()
-                segments += conn.take_segments()
+                # The host socket is gone: as a real host would, reset
+                # (unless a guest RST later in the batch ended it already).
+                if not conn.is_closed:
+                    conn.reset()
+                    segments += conn.take_segments()
         mss = conn.send_mss
         for seg in segments:
             nat.emit(self.key, seg, mss)
@@ -500,6 +503,9 @@ class TcpSplice(Protocol):
 
     def abort_all(self):
         """Drop this connection without telling the guest (replaced or shutting down)."""
+        conn = self.conn
+        if conn is not None and not conn.is_closed:
+            conn.reset(rst=False)
         self._reset_host()
         self._finish()
 

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from arcbox_net.tcp.connection import (
-    Closed, Established, GuestEndOfData, GuestReset, Refused, TcpConnection, TcpParams,
-    TcpState, TimedOut, seq_diff, seq_le, seq_lt)
+    Closed, Established, GuestEndOfData, GuestReset, IllegalTransition, Refused, TcpConnection,
+    TcpParams, TcpState, TimedOut, seq_diff, seq_le, seq_lt)
 from arcbox_net.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
 
 M = 0xFFFFFFFF
@@ -96,16 +96,31 @@ def test_passive_handshake():
     assert c.next_deadline() is None
 
 
-def test_refuse():
+def test_reset_while_held_answers_the_syn_with_rst():
+    """A refused host connect: the RST|ACK the host itself would have sent."""
     c = held()
-    c.refuse()
+    c.reset()
     rst = only(c.take_segments())
     assert rst.flags == RST | ACK and (rst.seq, rst.ack) == (0, 5001)
     assert c.state is S.CLOSED and c.is_closed
     assert c.take_events() == [Closed()]
-    c.refuse()
-    c.abort()
+    for again in (c.reset, lambda: c.reset(rst=False)):
+        with pytest.raises(IllegalTransition):
+            again()
     assert c.take_segments() == [] and c.take_events() == []
+
+
+def test_reset_without_rst_drops_silently():
+    c = held()
+    c.reset(rst=False)
+    assert c.take_segments() == [] and c.take_events() == [Closed()] and c.is_closed
+    c, g = established()
+    c.send(b"x")
+    c.flush(0.0)
+    c.take_segments()
+    c.reset(rst=False)
+    assert c.take_segments() == [] and c.take_events() == [Closed()]
+    assert c.next_deadline() is None and c.send_buffered == 0
 
 
 @pytest.mark.parametrize("bad", [dict(window_scale=15), dict(receive_window=100),
@@ -245,13 +260,6 @@ def test_send_is_segmented_by_mss_and_limited_by_window():
     segs = c.take_segments()
     assert [g.off_of(s) for s in segs] == [5000, 6000, 7000]
     assert all(seq_le(s.seq + len(s.payload), c.snd_una + 5500) for s in segs)
-
-
-def test_max_in_flight_caps_unacked_bytes():
-    c, g = established(TcpParams(max_in_flight=3000), mss=1000)
-    c.send(b"x" * 10000)
-    c.flush(0.0)
-    assert sum(len(s.payload) for s in c.take_segments()) == 3000
 
 
 def test_send_buffered_accounting():
@@ -493,7 +501,8 @@ def test_close_during_handshake_takes_effect_when_established():
     c = held()
     c.send(b"early")
     c.close(0.0)
-    c.close(0.0)
+    with pytest.raises(IllegalTransition):
+        c.close(0.0)  # remembered once is enough: twice is the caller's bug
     c.accept(0.0)
     c.take_segments()
     Guest(c, 5000).send()
@@ -507,17 +516,19 @@ def test_closed_is_emitted_once_whatever_the_path():
     c, g = established()
     c.close(0.0)
     g.send(flags=ACK | RST, ack_off=1)
-    c.abort()
-    c.close(0.0)
+    with pytest.raises(IllegalTransition):
+        c.reset()
+    with pytest.raises(IllegalTransition):
+        c.close(0.0)
     c.on_timer(100.0)
     events = c.take_events()
     assert events.count(Closed()) == 1 and events == [GuestReset("rst"), Closed()]
 
 
-def test_abort_sends_rst():
+def test_reset_sends_rst():
     c, g = established()
     c.send(b"x")
-    c.abort()
+    c.reset()
     rst = only(c.take_segments())
     assert rst.flags & RST and rst.seq == c.snd_nxt
     assert c.take_events() == [Closed()]
@@ -691,22 +702,36 @@ def test_receive_closed_decays_window_without_shrinking(wscale):
     assert g.ack_of(update) == received
 
 
-# -- methods are safe in any state
+# -- after the end: the guest and the clock are harmless, host inputs are bugs
 
-def test_calls_after_close_are_ignored():
+def test_guest_and_timer_inputs_after_close_are_ignored():
     c, g = established()
-    c.abort()
+    c.reset()
     c.take_segments()
-    c.send(b"late")
-    c.close(1.0)
-    c.close(1.0)
+    c.take_events()
     c.flush(1.0)
     c.on_timer(99.0)
     c.set_receive_open(False, 1.0)
     c.set_receive_open(True, 1.0)
     g.send(payload=b"x")
-    c.accept(1.0)
-    assert c.take_segments() == [] and c.send_buffered == 0
+    g.send(flags=ACK | FIN)
+    g.send(flags=RST)
+    c.flush(1.0)
+    assert c.take_segments() == [] and c.take_events() == [] and c.send_buffered == 0
+
+
+def test_host_inputs_after_close_raise_and_change_nothing():
+    c, g = established()
+    c.reset()
+    c.take_segments()
+    c.take_events()
+    for call in (lambda: c.send(b"late"), lambda: c.close(1.0), lambda: c.accept(1.0),
+                 c.reset, lambda: c.reset(rst=False)):
+        with pytest.raises(IllegalTransition) as info:
+            call()
+        assert info.value.state is S.CLOSED
+    assert c.state is S.CLOSED and c.take_segments() == [] and c.take_events() == []
+    assert c.send_buffered == 0 and c.next_deadline() is None
 
 
 def test_reset_for():
@@ -864,6 +889,7 @@ def simulate(seed, up=200_000, down=200_000, loss=0.05, iss=None, giss=None,
     received = bytearray()
     events = conn.take_events()
     fed = 0
+    closed = False
     now = 0.0
     for _ in range(100_000):
         now += 0.001
@@ -873,8 +899,9 @@ def simulate(seed, up=200_000, down=200_000, loss=0.05, iss=None, giss=None,
             n = rng.randint(1, 30_000)
             conn.send(memoryview(to_guest_data)[fed:fed + n])
             fed = min(down, fed + n)
-        elif fed == down and (not host_closes_last or GuestEndOfData() in events):
+        elif fed == down and not closed and (not host_closes_last or GuestEndOfData() in events):
             conn.close(now)
+            closed = True
         if toggle_receive and rng.random() < 0.01:
             conn.set_receive_open(rng.random() < 0.6, now)
         conn.flush(now)
@@ -915,8 +942,7 @@ def test_random_with_flow_control_both_ways(seed):
     """Our receive side paused at random; the guest's reader stalls (zero windows)."""
     simulate(100 + seed, loss=0.03, toggle_receive=True, guest_buffer=40_000,
              host_closes_last=seed % 2 == 0,
-             params=TcpParams(time_wait=0.5, receive_window=30_000, max_in_flight=20_000,
-                              window_scale=2))
+             params=TcpParams(time_wait=0.5, receive_window=30_000, window_scale=2))
 
 
 # -- fuzz
@@ -931,7 +957,7 @@ def _in_state(state, rng):
     if state is S.HELD:
         return c, giss
     if state is S.CLOSED:
-        c.refuse()
+        c.reset()
         return c, giss
     c.accept(0.0)
     if state is S.SYN_RECEIVED:
@@ -970,8 +996,26 @@ def _random_segment(rng, c, giss):
                       rng.choice([None, 0, 1, 536, 65535]), rng.choice([None, 0, 3, 14]))
 
 
+def _host_input(c, call):
+    """A host-side call: allowed, or it raises IllegalTransition and changes nothing."""
+    before = (c.state, c.send_buffered, c.snd_nxt, c.next_deadline())
+    try:
+        call()
+    except IllegalTransition as e:
+        assert e.state is c.state
+        assert (c.state, c.send_buffered, c.snd_nxt, c.next_deadline()) == before
+        assert c.take_segments() == [] and c.take_events() == []
+        return False
+    return True
+
+
 @pytest.mark.parametrize("state", list(TcpState), ids=lambda s: s.name)
-def test_fuzz_never_raises(state):
+def test_fuzz_guest_input_never_raises(state):
+    """Random guest segments, timers and host calls in every state.
+
+    The guest and the clock can never cause an IllegalTransition; host calls
+    the state does not allow raise without side effects.
+    """
     rng = random.Random(state.name)
     now = 0.0
     c, giss = _in_state(state, rng)
@@ -979,6 +1023,8 @@ def test_fuzz_never_raises(state):
         if i % 40 == 0:
             c, giss = _in_state(state, rng)
         c.segment_received(_random_segment(rng, c, giss), now)
+        segs = c.take_segments()
+        events = c.take_events()
         r = rng.random()
         if r < 0.3:
             c.flush(now)
@@ -986,56 +1032,39 @@ def test_fuzz_never_raises(state):
             now = max(now, c.next_deadline() or now)
             c.on_timer(now)
         elif r < 0.45:
-            c.send(b"s" * rng.randint(0, 5000))
+            _host_input(c, lambda: c.send(b"s" * rng.randint(0, 5000)))
         elif r < 0.47:
             c.set_receive_open(rng.random() < 0.5, now)
         elif r < 0.48:
-            c.close(now)
+            _host_input(c, lambda: c.close(now))
         elif r < 0.485:
-            c.abort()
+            _host_input(c, lambda: c.reset(rst=rng.random() < 0.7))
         now += rng.random() * 0.05
-        for s in c.take_segments():
+        for s in segs + c.take_segments():
             assert 0 <= s.seq <= M and 0 <= s.ack <= M and 0 <= s.window <= 65535
             assert len(s.payload) <= max(c.send_mss, 1)
             assert s.src_port == LP and s.dst_port == GP
         c.take_received()
-        assert c.take_events().count(Closed()) <= 1
+        assert (events + c.take_events()).count(Closed()) <= 1
         assert c.send_buffered >= 0
         assert 0 <= seq_diff(c.snd_nxt, c.snd_una) <= c.send_buffered + 1 or \
             c.state in (S.HELD, S.SYN_SENT, S.SYN_RECEIVED, S.CLOSED)
 
 
-# -- delayed ACK (the answer carries the ACK of a request)
+# -- no delayed ACK: every batch that owes an ACK ends with it
 
-DELAYED = TcpParams(delayed_ack=0.001)
-
-
-def test_small_request_ack_waits_for_the_answer():
-    c, g = established(DELAYED)
+def test_small_request_is_acked_at_the_end_of_its_batch():
+    c, g = established()
     g.send(payload=b"GET /", now=1.0)
     c.flush(1.0)
-    assert c.take_segments() == [] and c.next_deadline() == pytest.approx(1.001)
-    assert c.take_received() == [b"GET /"]
-    c.send(b"200 OK")
-    c.flush(1.0005)
     seg = only(c.take_segments())
-    assert seg.payload == b"200 OK" and g.ack_of(seg) == 5  # the answer carries the ACK
-    assert c.next_deadline() != pytest.approx(1.001)  # the delayed ACK is off
-
-
-def test_delayed_ack_goes_out_on_its_timer_when_no_answer_comes():
-    c, g = established(DELAYED)
-    g.send(payload=b"x" * 10, now=1.0)
-    c.flush(1.0)
-    assert c.take_segments() == []
-    c.on_timer(1.001)
-    seg = only(c.take_segments())
-    assert seg.flags == ACK and g.ack_of(seg) == 10 and not seg.payload
+    assert seg.flags == ACK and g.ack_of(seg) == 5 and not seg.payload
+    assert c.take_received() == [b"GET /"] and c.next_deadline() is None
 
 
 @pytest.mark.parametrize("what", ["two-segments", "fin", "out-of-order"])
 def test_bulk_fin_and_out_of_order_are_acked_at_once(what):
-    c, g = established(DELAYED)
+    c, g = established()
     if what == "two-segments":
         g.send(payload=b"a" * 1460, now=1.0)
         g.send(off=1460, payload=b"b" * 1460, now=1.0)
@@ -1045,3 +1074,100 @@ def test_bulk_fin_and_out_of_order_are_acked_at_once(what):
         g.send(off=100, payload=b"later", now=1.0)
     c.flush(1.0)
     assert [s for s in c.take_segments() if s.flags & ACK and not s.payload]
+
+
+# -- the table: host inputs are checked, guest nonsense is answered
+
+_HOST_OPEN = {S.HELD, S.SYN_SENT, S.SYN_RECEIVED, S.ESTABLISHED, S.CLOSE_WAIT}
+_HOST_CALLS = {
+    "accept": (lambda c: c.accept(0.0), lambda state: state is S.HELD),
+    "send": (lambda c: c.send(b"more"), lambda state: state in _HOST_OPEN),
+    "close": (lambda c: c.close(0.0), lambda state: state in _HOST_OPEN),
+    "reset": (lambda c: c.reset(), lambda state: state is not S.CLOSED),
+    "drop": (lambda c: c.reset(rst=False), lambda state: state is not S.CLOSED),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_HOST_CALLS))
+@pytest.mark.parametrize("state", list(TcpState), ids=lambda s: s.name)
+def test_host_inputs_are_allowed_exactly_where_the_table_has_them(state, call):
+    c, _giss = _in_state(state, random.Random(7))
+    c.take_segments()
+    c.take_events()
+    do, allowed = _HOST_CALLS[call]
+    assert _host_input(c, lambda: do(c)) == allowed(state)
+
+
+@pytest.mark.parametrize("state", [S.ESTABLISHED, S.CLOSE_WAIT, S.LAST_ACK, S.FIN_WAIT_1,
+                                   S.FIN_WAIT_2, S.CLOSING, S.TIME_WAIT],
+                         ids=lambda s: s.name)
+@pytest.mark.parametrize("kind, answer", [
+    ("ack-of-unsent", None),      # pure: dropped (never answered, no ACK war)
+    ("stale-ack", None),          # pure, far behind: dropped
+    ("old-data", "ack"),          # our ACK was lost: say it again
+    ("duplicate-fin", "ack"),
+    ("beyond-window", "ack"),
+    ("data-without-ack", None),   # RFC 9293 3.10.7.4: no ACK bit, drop
+    ("syn", "ack"),               # challenge ACK (RFC 5961 section 4)
+    ("rst-outside-window", None),
+])
+def test_guest_nonsense_is_answered_as_tcp_says_never_illegal(state, kind, answer):
+    c, giss = _in_state(state, random.Random(3))
+    c.flush(0.0)
+    c.take_segments()
+    c.take_events()
+    c.take_received()
+    before = (c.state, c.rcv_nxt, c.snd_una, c.snd_nxt, c.send_buffered)
+    rcv, nxt = c.rcv_nxt, c.snd_nxt
+    seg = {
+        "ack-of-unsent": TcpSegment(GP, LP, rcv, (nxt + 1000) & M, ACK, 65535),
+        "stale-ack": TcpSegment(GP, LP, (rcv - 100_000) & M, c.snd_una, ACK, 65535),
+        "old-data": TcpSegment(GP, LP, (rcv - 10) & M, c.snd_una, ACK, 65535, b"x" * 10),
+        "duplicate-fin": TcpSegment(GP, LP, (rcv - 1) & M, c.snd_una, ACK | FIN, 65535),
+        "beyond-window": TcpSegment(GP, LP, (rcv + 10 ** 6) & M, c.snd_una, ACK, 65535,
+                                    b"y" * 100),
+        "data-without-ack": TcpSegment(GP, LP, rcv, 0, PSH, 65535, b"z" * 100),
+        "syn": TcpSegment(GP, LP, rcv, 0, SYN, 65535, mss=1460),
+        "rst-outside-window": TcpSegment(GP, LP, (rcv + 10 ** 6) & M, 0, RST, 0),
+    }[kind]
+    c.segment_received(seg, 1.0)
+    c.flush(1.0)
+    segs = c.take_segments()
+    if answer is None:
+        assert segs == []
+    else:
+        ack = only(segs)
+        assert ack.flags == ACK and not ack.payload and (ack.seq, ack.ack) == (nxt, rcv)
+    assert (c.state, c.rcv_nxt, c.snd_una, c.snd_nxt, c.send_buffered) == before
+    assert c.take_received() == [] and c.take_events() == []
+
+
+@pytest.mark.parametrize("state", [S.HELD, S.CLOSED], ids=lambda s: s.name)
+def test_guest_segments_in_held_and_closed_are_ignored(state):
+    c, giss = _in_state(state, random.Random(5))
+    c.take_segments()
+    c.take_events()
+    for flags in (SYN, ACK, ACK | FIN, RST, RST | ACK, SYN | ACK, PSH | ACK):
+        c.segment_received(TcpSegment(GP, LP, (giss + 1) & M, c.iss + 1, flags, 65535,
+                                      b"d" if flags & PSH else b""), 0.5)
+    c.flush(0.5)
+    assert c.state is state and c.take_segments() == [] and c.take_events() == []
+
+
+def test_duplicate_fin_in_time_wait_restarts_its_timer():
+    c, giss = _in_state(S.TIME_WAIT, random.Random(3))
+    assert c.next_deadline() == pytest.approx(TcpParams().time_wait)
+    c.segment_received(TcpSegment(GP, LP, (c.rcv_nxt - 1) & M, c.snd_una, ACK | FIN, 65535),
+                       1.0)
+    assert c.next_deadline() == pytest.approx(1.0 + TcpParams().time_wait)
+    assert c.state is S.TIME_WAIT
+
+
+def test_every_row_of_the_table_is_one_move():
+    """The table is complete where the adapter may call and closed under CLOSED."""
+    from arcbox_net.tcp.connection import _ROWS, _TRANSITIONS
+    assert _TRANSITIONS[S.CLOSED] == {}
+    assert all("reset" in _TRANSITIONS[s] for s in TcpState if s is not S.CLOSED)
+    assert len(_ROWS) == sum(len(moves) for moves in _TRANSITIONS.values())
+    # Events come from rows only; Closed comes from entering CLOSED, never from a row.
+    assert all(not isinstance(event, Closed) for *_x, event in _ROWS)

@@ -169,3 +169,59 @@ def test_data_both_ways_and_one_ack_per_batch(nat):
     splice.dataReceived(b"reply" * 10)
     data = nat_sent(nat).data.data
     assert data.data == b"reply" * 10 and data.seq == isn + 1
+
+
+def established(nat):
+    """A guest connection through its handshake: (splice, host transport, our ISN)."""
+    guest(nat, syn())
+    transport = connect_succeeds(nat)
+    isn = nat_sent(nat).data.data.seq
+    guest(nat, fb.tcp(40000, 80, seq=1001, ack=isn + 1, flags=dpkt.tcp.TH_ACK, dst=REMOTE))
+    splice = next(iter(nat.connections.values()))
+    assert splice.conn.state.name == "ESTABLISHED"
+    return splice, transport, isn
+
+
+def test_host_reset_resets_the_guest_and_forgets(nat):
+    splice, _transport, isn = established(nat)
+    splice.connectionLost(Failure(error.ConnectionLost()))
+    t = nat_sent(nat).data.data
+    assert t.flags == dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK and t.seq == isn + 1
+    assert nat.connections == {} and nat.counters["tcp-host-reset"] == 1
+
+
+def test_host_eof_then_connection_done_sends_one_fin(nat):
+    """readConnectionLost closes our side; the connectionLost after it must not again."""
+    splice, _transport, isn = established(nat)
+    splice.readConnectionLost()
+    fin = nat_sent(nat).data.data
+    assert fin.flags & dpkt.tcp.TH_FIN and fin.seq == isn + 1
+    splice.connectionLost(Failure(error.ConnectionDone()))
+    assert nat.dispatcher.link.sent == [] and splice.conn.state.name == "FIN_WAIT_1"
+
+
+def test_stop_drops_connections_without_a_word_to_the_guest(nat):
+    splice, transport, _isn = established(nat)
+    nat.stop()
+    assert nat.dispatcher.link.sent == [] and splice.conn.is_closed
+    assert nat.connections == {} and transport.disconnecting
+
+
+def test_an_illegal_transition_is_a_counted_drop_not_a_crash(nat, monkeypatch):
+    """Fault injection: the state machine raising (our bug) never reaches the dispatcher."""
+    from arcbox_net.tcp.connection import IllegalTransition, TcpConnection, TcpState
+    splice, transport, isn = established(nat)
+
+    def broken(self, seg, now):
+        raise IllegalTransition(self.state, "guest-fin")
+
+    with monkeypatch.context() as m:
+        m.setattr(TcpConnection, "segment_received", broken)
+        assert guest(nat, fb.tcp(40000, 80, seq=1001, ack=isn + 1, flags=dpkt.tcp.TH_ACK,
+                                 dst=REMOTE, payload=b"lost")) == []
+    assert nat.drops["tcp-illegal-input"] == 1
+    assert splice.conn.state is TcpState.ESTABLISHED
+    # The connection carries on: the guest's retransmission goes through.
+    [ack] = guest(nat, fb.tcp(40000, 80, seq=1001, ack=isn + 1, flags=dpkt.tcp.TH_ACK,
+                              dst=REMOTE, payload=b"lost"))
+    assert ack.data.data.ack == 1005 and transport.value() == b"lost"
