@@ -1,8 +1,9 @@
 """Where guest traffic may go: address mapping and the egress policy.
 
 Shared by the TCP, UDP and ICMP NAT. ``Egress.route(dst)`` turns the address
-the guest used into the host address to connect to, or None when the policy
-denies it. The policy is applied to the host address (after mapping): that
+the guest used into ``(verdict, host)``: ``("ok", host address to connect
+to)``, ``("denied", host address)`` when the policy forbids it, or
+``("no-route", None)`` when there is no host address for it. The policy is applied to the host address (after mapping): that
 is the address traffic really reaches, so ``--deny 0.0.0.0/0 --allow
 127.0.0.0/8`` keeps every packet on this machine whatever the guest tries.
 """
