@@ -18,8 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from .forward import ForwardError, ForwardSpec
-from .config import ConfigError
+from .forward import ForwardError
+from .config import ConfigError, ForwardSpec
 
 MAX_BODY = 64 * 1024
 

@@ -115,7 +115,6 @@ def _records(value):
 
 
 def _forwards(value):
-    from .forward import ForwardSpec
     if isinstance(value, (str, ForwardSpec)):
         value = [value]
     return tuple(v if isinstance(v, ForwardSpec) else ForwardSpec.parse(v) for v in value)
@@ -129,6 +128,99 @@ def _names(value):
 
 MIN_MTU = 576
 MAX_MTU = 65520
+
+
+FORWARD_PROTOCOLS = ("tcp", "udp")
+
+
+def _port(text, what, lowest=1):
+    try:
+        port = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {text!r} is not a port number") from None
+    if not lowest <= port < 65536:
+        raise ConfigError(f"{what} {port} is out of range {lowest}..65535")
+    return port
+
+
+def _addr(text, what):
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not an IPv4 address") from None
+
+
+def _looks_like_address(text):
+    return "." in text
+
+
+@attrs.frozen
+class ForwardSpec:
+    """PROTO:[BIND_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT as a value."""
+
+    protocol: str
+    host_port: int
+    guest_port: int
+    bind: ipaddress.IPv4Address = ipaddress.IPv4Address("127.0.0.1")
+    #: None means the leased guest address.
+    guest: ipaddress.IPv4Address | None = None
+
+    @classmethod
+    def parse(cls, text):
+        parts = text.strip().split(":")
+        if len(parts) < 3:
+            raise ConfigError(f"forward {text!r} is not PROTO:[BIND_ADDR:]HOST_PORT:GUEST_PORT")
+        protocol, rest = parts[0].lower(), parts[1:]
+        if protocol not in FORWARD_PROTOCOLS:
+            raise ConfigError(f"forward {text!r}: protocol must be tcp or udp")
+        bind = "127.0.0.1"
+        guest = None
+        if len(rest) == 4:
+            bind, host_port, guest, guest_port = rest
+        elif len(rest) == 3:
+            if _looks_like_address(rest[0]):
+                bind, host_port, guest_port = rest
+            else:
+                host_port, guest, guest_port = rest
+        elif len(rest) == 2:
+            host_port, guest_port = rest
+        else:
+            raise ConfigError(f"forward {text!r} is not PROTO:[BIND_ADDR:]HOST_PORT:GUEST_PORT")
+        return cls(protocol=protocol, host_port=_port(host_port, "host port", lowest=0),
+                   guest_port=_port(guest_port, "guest port"), bind=_addr(bind, "bind address"),
+                   guest=None if guest is None else _addr(guest, "guest address"))
+
+    @classmethod
+    def from_json(cls, data):
+        """The API's form: {"protocol", "listen": "ADDR:PORT", "guest": "[ADDR:]PORT"}."""
+        if not isinstance(data, dict):
+            raise ConfigError("a forward is a JSON object")
+        unknown = set(data) - {"protocol", "listen", "guest"}
+        if unknown:
+            raise ConfigError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        missing = {"protocol", "listen", "guest"} - set(data)
+        if missing:
+            raise ConfigError(f"missing field(s): {', '.join(sorted(missing))}")
+        protocol, listen, guest = data["protocol"], data["listen"], data["guest"]
+        if not all(isinstance(v, (str, int)) for v in (protocol, listen, guest)) \
+                or isinstance(protocol, int):
+            raise ConfigError("protocol, listen and guest are strings")
+        protocol = protocol.lower()
+        if protocol not in FORWARD_PROTOCOLS:
+            raise ConfigError("protocol must be tcp or udp")
+        listen = str(listen)
+        bind, sep, host_port = listen.rpartition(":")
+        if not sep:
+            bind, host_port = "127.0.0.1", listen
+        guest = str(guest)
+        guest_addr, sep, guest_port = guest.rpartition(":")
+        return cls(protocol=protocol, host_port=_port(host_port, "listen port", lowest=0),
+                   guest_port=_port(guest_port, "guest port"), bind=_addr(bind, "listen address"),
+                   guest=_addr(guest_addr, "guest address") if sep else None)
+
+    def __str__(self):
+        guest = f"{self.guest}:{self.guest_port}" if self.guest else str(self.guest_port)
+        return f"{self.protocol}:{self.bind}:{self.host_port}:{guest}"
 
 
 @attrs.frozen(kw_only=True)

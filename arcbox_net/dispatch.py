@@ -6,24 +6,23 @@ of the interfaces in ``interfaces``; the dispatcher does not know what DHCP or
 TCP are. A frame that cannot be handled is dropped and counted by reason;
 nothing a guest sends can raise out of here.
 
-The dispatcher is also the stack's way out to the guest (``send_ipv4``): it
-knows the gateway and guest MACs and wraps IP packets in Ethernet.
+The way out to the guest is not here: handlers answer through the framer
+(``dispatcher.framer``, framer.py), which the dispatcher tells the guest's MAC
+it learns.
 """
 
-import struct
-import time
-from collections import Counter, deque
+from collections import Counter
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .framer import Framer
 from .interfaces import (IEthernetHandler, IFlushable, IFrameSink, IIPv4Handler,
                          IUDPService)
 from .wire import MalformedFrame, ethernet, ipv4, udp
 from .wire.checksum import ones_sum
 
 _BROADCAST_IP = b"\xff\xff\xff\xff"
-_ARP_REQUEST = struct.Struct("!HHBBH6s4s6s4s")
 
 
 @implementer(IFrameSink)
@@ -33,25 +32,19 @@ class FrameDispatcher:
     def __init__(self, config, link=None):
         self.config = config
         self.link = link
+        #: The one way out to the guest; it also keeps the guest's MAC.
+        self.framer = Framer(config, link)
         self.gateway_mac = config.gateway_mac
-        self.guest_mac = None
         self.owned = {a.packed for a in config.owned_addresses}
         self.subnet_broadcast = config.subnet.broadcast_address.packed
         self.frames_in = 0
-        self.frames_out = 0
         self.drops = Counter()
         self._ethertype_handlers = {}
         self._ip_handlers = {}
         self._udp_services = {}
         self._flushables = []
-        self._ident = 0
-        # IP packets waiting for the guest's MAC (we spoke first: a port
-        # forward to a guest that has not sent anything yet).
-        self._unresolved = deque(maxlen=256)
-        self._last_arp_request = -1.0
         self.on_link_lost = None
-        #: A packet capture (``pcap.PcapCapture``) seeing every frame both ways, or None.
-        self.capture = None
+        self._capture = None
 
     # -- registration
 
@@ -127,9 +120,7 @@ class FrameDispatcher:
         else:
             self.log.info("guest MAC changed from {old} to {mac}",
                           old=ethernet.mac_to_str(self.guest_mac), mac=ethernet.mac_to_str(mac))
-        self.guest_mac = bytes(mac)
-        while self._unresolved:
-            self.send_frame([self.ethernet_header(), *self._unresolved.popleft()])
+        self.framer.resolved(mac)
 
     def _dispatch_ipv4(self, frame):
         ip = ipv4.parse(frame, ethernet.HEADER_LEN)
@@ -155,69 +146,30 @@ class FrameDispatcher:
                                  else "unsupported-ip-protocol")
         handler.handle_ipv4(frame, ip)
 
-    # -- the way out
+    # -- the way out: the framer
 
-    def send_frame(self, frame, vnet=None):
-        """Send one frame; ``vnet`` is offload metadata for links that offload."""
-        if self.link is None:
-            self.drops["no-link"] += 1
-            return
-        self.frames_out += 1
-        if self.capture is not None:
-            self.capture.write(frame)
-        if vnet is None:
-            self.link.send_frame(frame)
-        else:
-            self.link.send_frame(frame, vnet)
+    @property
+    def guest_mac(self):
+        return self.framer.guest_mac
 
-    def ethernet_header(self, dst_mac=None, ethertype=ethernet.ETHERTYPE_IPV4):
-        if dst_mac is None:
-            dst_mac = self.guest_mac or ethernet.BROADCAST
-        return ethernet.header(dst_mac, self.gateway_mac, ethertype)
+    @guest_mac.setter
+    def guest_mac(self, mac):
+        self.framer.guest_mac = mac
 
-    def next_ident(self):
-        self._ident = (self._ident + 1) & 0xFFFF
-        return self._ident
+    @property
+    def frames_out(self):
+        return self.framer.frames_out
 
-    def send_ipv4(self, src, dst, protocol, payload, dst_mac=None, ttl=64):
-        """Wrap an L4 payload (bytes, or a list of buffers) in IPv4 and Ethernet."""
-        if dst_mac is None and self.guest_mac is None:
-            self._hold_until_resolved(src, dst, protocol, payload, ttl)
-            return
-        if isinstance(payload, (bytes, bytearray, memoryview)):
-            length = len(payload)
-            head = self.ethernet_header(dst_mac) + ipv4.build_header(
-                src, dst, protocol, length, ttl=ttl, ident=self.next_ident())
-            self.send_frame(head + payload if length < 2048 else [head, payload])
-        else:
-            length = sum(len(p) for p in payload)
-            head = self.ethernet_header(dst_mac) + ipv4.build_header(
-                src, dst, protocol, length, ttl=ttl, ident=self.next_ident())
-            self.send_frame([head, *payload])
+    @property
+    def capture(self):
+        """A packet capture (``pcap.PcapCapture``) seeing every frame both ways, or None."""
+        return self._capture
 
-    def _hold_until_resolved(self, src, dst, protocol, payload, ttl):
-        """Queue the packet and ask the guest for its MAC (at most once a second)."""
-        if isinstance(payload, (bytes, bytearray, memoryview)):
-            payload = [bytes(payload)]
-        else:
-            payload = [bytes(p) for p in payload]
-        length = sum(len(p) for p in payload)
-        if len(self._unresolved) == self._unresolved.maxlen:
-            self.drops["unresolved-queue-full"] += 1
-        self._unresolved.append([ipv4.build_header(src, dst, protocol, length, ttl=ttl,
-                                                   ident=self.next_ident()), *payload])
-        now = time.monotonic()
-        if now - self._last_arp_request >= 1.0:
-            self._last_arp_request = now
-            self.send_frame(ethernet.header(ethernet.BROADCAST, self.gateway_mac,
-                                            ethernet.ETHERTYPE_ARP)
-                            + _ARP_REQUEST.pack(1, 0x0800, 6, 4, 1, self.gateway_mac,
-                                                self.config.gateway.packed, b"\0" * 6, dst))
-
-    def send_udp(self, src, dst, sport, dport, payload, dst_mac=None):
-        self.send_ipv4(src, dst, ipv4.PROTO_UDP, udp.build(src, dst, sport, dport, payload),
-                       dst_mac=dst_mac)
+    @capture.setter
+    def capture(self, capture):
+        self._capture = capture
+        self.framer.capture = capture
 
     def stats(self):
         return {"frames_in": self.frames_in, "frames_out": self.frames_out,
-                "drops": dict(self.drops)}
+                "drops": dict(self.drops + self.framer.drops)}

@@ -1,10 +1,37 @@
 """The contracts between the stack's parts, in one place.
 
 Links move Ethernet frames; the dispatcher classifies them and hands each to
-the handler registered for its EtherType, IP protocol or UDP port.
+the handler registered for its EtherType, IP protocol or UDP port. Handlers
+answer through the framer (``framer.Framer``), which turns their packets into
+frames from what the link declares in ``LinkCapabilities``.
 """
 
+import attrs
 from zope.interface import Attribute, Interface
+
+
+@attrs.frozen
+class LinkCapabilities:
+    """What a link carries, declared by the link and read by the framer.
+
+    ``max_frame``: the largest plain Ethernet frame (header included, any
+    virtio-net header not), i.e. 14 + the MTU. ``vnet_header_len``: 0 when
+    frames travel bare, else the length of the ``struct virtio_net_hdr``
+    before each one (10, or 12 for virtio 1.x with num_buffers); the link then
+    takes offload metadata with each frame. ``csum_offload``: the peer accepts
+    partial checksums (NEEDS_CSUM). ``gso_tcpv4``: the peer accepts TCPv4 GSO
+    frames up to 64 KiB and cuts them itself.
+    """
+
+    max_frame: int = 1514
+    vnet_header_len: int = 0
+    csum_offload: bool = False
+    gso_tcpv4: bool = False
+
+    @classmethod
+    def plain(cls, mtu):
+        """A link of bare frames of at most ``mtu`` bytes of IP."""
+        return cls(max_frame=14 + mtu)
 
 
 class IFrameSink(Interface):
@@ -27,14 +54,20 @@ class ILink(Interface):
 
     description = Attribute("Human-readable description, e.g. 'tap tap0 in netns x'.")
     mtu = Attribute("The largest IP packet the link carries.")
+    capabilities = Attribute("A LinkCapabilities: frame size, virtio-net header, offloads.")
 
     def start(sink):
         """Begin reading; deliver batches of frames to ``sink`` (an IFrameSink)."""
 
-    def send_frame(frame):
+    def send_frame(frame, vnet_header=None):
         """Queue one frame (bytes, or a sequence of buffers to gather).
 
-        Never drops on EAGAIN/ENOBUFS: the frame waits in the write queue.
+        ``vnet_header``: on a link whose capabilities declare a virtio-net
+        header, that header (offload metadata: partial checksum, GSO) as
+        bytes; None means a complete frame (the link sends an all-zero
+        header). Links without one take no second argument from the framer.
+        EAGAIN never drops: the frame waits in the write queue; only a frame
+        the kernel keeps refusing is dropped and counted.
         """
 
     def stop():

@@ -1,14 +1,18 @@
 """Where guest traffic may go: address mapping and the egress policy.
 
-Shared by the TCP, UDP and ICMP NAT. ``Egress.route(dst)`` turns the address
-the guest used into ``(verdict, host)``: ``("ok", host address to connect
-to)``, ``("denied", host address)`` when the policy forbids it, or
-``("no-route", None)`` when there is no host address for it. The policy is applied to the host address (after mapping): that
-is the address traffic really reaches, so ``--deny 0.0.0.0/0 --allow
-127.0.0.0/8`` keeps every packet on this machine whatever the guest tries.
+Shared by the TCP, UDP and ICMP NAT: ``Egress.route(dst, port)`` is the one
+decision "send this to that host address and port, or refuse it, and with
+which ICMP error a router would answer". The policy is applied to the host
+address (after mapping): that is the address traffic really reaches, so
+``--deny 0.0.0.0/0 --allow 127.0.0.0/8`` keeps every packet on this machine
+whatever the guest tries.
 """
 
 import ipaddress
+
+import attrs
+
+from .wire import icmp
 
 LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
 DEFAULT_DENY = (ipaddress.IPv4Network("169.254.0.0/16"),)
@@ -42,6 +46,22 @@ class EgressPolicy:
         return verdict
 
 
+@attrs.frozen
+class Refusal:
+    """Why guest traffic goes nowhere: ``reason`` names the drop counter
+    (``tcp-denied``, ``udp-no-route``, ...), ``icmp_code`` is the
+    destination-unreachable code the guest is told."""
+
+    reason: str
+    icmp_code: int
+
+
+#: The policy forbids the host address.
+DENIED = Refusal("denied", icmp.CODE_ADMIN_PROHIBITED)
+#: No host address exists for it (the gateway without host loopback).
+NO_ROUTE = Refusal("no-route", icmp.CODE_NET_UNREACH)
+
+
 class Egress:
     """Maps guest-visible destinations to host addresses and applies the policy."""
 
@@ -71,11 +91,18 @@ class Egress:
             return LOOPBACK if self.host_loopback else None
         return ipaddress.IPv4Address(dst)
 
-    def route(self, dst):
-        """(verdict, host_address): verdict is "ok", "denied" or "no-route"."""
+    def route(self, dst, port=0):
+        """Where guest traffic to ``dst`` (4 bytes) and ``port`` goes: a
+        (host address string, port) target, or a Refusal. A local service the
+        stack runs itself wins over mapping and policy (pass the port for TCP
+        and UDP; ICMP has none)."""
+        if port:
+            service = self.local_services.get((dst, port))
+            if service is not None:
+                return service
         host = self.host_address(dst)
         if host is None:
-            return "no-route", None
+            return NO_ROUTE
         if not self.policy.allows(host):
-            return "denied", host
-        return "ok", host
+            return DENIED
+        return str(host), port

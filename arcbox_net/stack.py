@@ -57,7 +57,7 @@ class NetworkStack(service.Service):
         self.tcp.on_event = None
         from .forward import ForwardManager
         self.forwarder = ForwardManager(self, self.config.forward_source)
-        from .forward import UdpForwarder
+        from .protocols.udp_nat import UdpForwarder
         self.udp_forwarder = UdpForwarder(self)
         self._forwards_started = False
         #: multiqueue.QueueWorkers serving the link's other queues, if it has any.
@@ -103,15 +103,21 @@ class NetworkStack(service.Service):
         if not extra:
             self._ready = defer.succeed(None)
             return
-        from .link.tap import VnetTapLink
-        from .multiqueue import QueueWorkers
-        if isinstance(self.link, VnetTapLink):
-            kind = "vnet-offload" if self.link.offloads else "vnet"
+        from .multiqueue.supervisor import QueueWorkers
+        caps = self.link.capabilities
+        if caps.vnet_header_len:
+            kind = "vnet-offload" if caps.gso_tcpv4 else "vnet"
         else:
             kind = "plain"
         self.link.extra_queues = []  # the workers own them from here
-        self.queue_workers = QueueWorkers(self, extra, self.reactor, kind,
-                                          getattr(self.reactor, "busy_poll", 0.0))
+        dispatcher = self.dispatcher
+        self.queue_workers = QueueWorkers(
+            self.config, extra, self.reactor,
+            relay=lambda frame: dispatcher.frames_received([frame]), emit=self.emit,
+            capture=lambda: dispatcher.capture, lost=self._link_lost, link_kind=kind,
+            busy_poll=getattr(self.reactor, "busy_poll", 0.0),
+            options={"events": bool(self._subscribers),
+                     "capture": dispatcher.capture is not None})
         self._ready = self.queue_workers.start()
         self._ready.addCallback(lambda _: self.log.info(
             "{n} queue worker(s) serving", n=len(extra)))
@@ -273,7 +279,8 @@ class NetworkStack(service.Service):
     def stats(self):
         drops = dict(self.dispatcher.drops)
         counters = {}
-        sources = [self.icmp.echo, getattr(self.icmp, "forward", None), self.link]
+        sources = [self.dispatcher.framer, self.icmp.echo, getattr(self.icmp, "forward", None),
+                   self.link]
         for part in self.parts:
             sources += [part, getattr(part, "core", None)]
         for source in dict.fromkeys(s for s in sources if s is not None):

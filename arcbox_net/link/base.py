@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from twisted.internet.interfaces import IReadWriteDescriptor
 
-from ..interfaces import ILink
+from ..interfaces import ILink, LinkCapabilities
 
 _RETRY_LATER = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 _NO_MEMORY = (errno.ENOBUFS, errno.ENOMEM)
@@ -66,6 +66,11 @@ class LinkState:
         #: Frames the link dropped, by reason (merged into the stack's stats).
         self.drops = Counter()
 
+    @property
+    def capabilities(self):
+        """Bare frames of at most the MTU; links with a virtio-net header say more."""
+        return LinkCapabilities.plain(self.mtu)
+
 
 @implementer(ILink, IReadWriteDescriptor)
 class FrameLink(LinkState):
@@ -93,7 +98,9 @@ class FrameLink(LinkState):
         os.set_blocking(self._fd, False)
         self._reactor.addReader(self)
 
-    def send_frame(self, frame):
+    def send_frame(self, frame, vnet_header=None):
+        if vnet_header is not None:
+            raise ValueError(f"{self.description} carries no virtio-net header")
         if self._stopped:
             return
         if self._queue:

@@ -359,7 +359,9 @@ class _StreamLinkBase(LinkState):
         """True while a peer is attached."""
         return self._peer is not None
 
-    def send_frame(self, frame):
+    def send_frame(self, frame, vnet_header=None):
+        if vnet_header is not None:
+            raise ValueError(f"{self.description} carries no virtio-net header")
         if self._stopped:
             return
         peer = self._peer

@@ -17,6 +17,8 @@ import struct
 import subprocess
 import threading
 
+from ..interfaces import LinkCapabilities
+from ..wire import vnet
 from .base import FrameLink
 
 TUNSETIFF = 0x400454CA
@@ -33,14 +35,9 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 
-#: struct virtio_net_hdr (little-endian): flags, gso_type, hdr_len, gso_size,
-#: csum_start, csum_offset. Every frame on an IFF_VNET_HDR fd starts with one.
-VNET_HDR = struct.Struct("<BBHHHH")
-VNET_HDR_LEN = VNET_HDR.size
-VNET_F_NEEDS_CSUM = 1
-VNET_GSO_NONE = 0
-VNET_GSO_TCPV4 = 1
-_ZERO_VNET = bytes(VNET_HDR_LEN)
+#: Every frame on an IFF_VNET_HDR fd starts with a legacy virtio_net_hdr.
+VNET_HDR_LEN = vnet.HEADER_LEN
+_ZERO_VNET = vnet.zero(VNET_HDR_LEN)
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -279,6 +276,11 @@ class VnetTapLink(TapLink):
 
     offloads = True
 
+    @property
+    def capabilities(self):
+        return LinkCapabilities(max_frame=14 + self.mtu, vnet_header_len=VNET_HDR_LEN,
+                                csum_offload=self.offloads, gso_tcpv4=self.offloads)
+
     def _read(self):
         data = os.read(self._fd, self.read_size)
         if len(data) <= VNET_HDR_LEN:
@@ -288,9 +290,9 @@ class VnetTapLink(TapLink):
             return None
         return data[VNET_HDR_LEN:]
 
-    def send_frame(self, frame, vnet=None):
-        head = vnet or _ZERO_VNET
+    def send_frame(self, frame, vnet_header=None):
+        head = vnet_header or _ZERO_VNET
         if isinstance(frame, (bytes, bytearray, memoryview)):
-            super().send_frame([head, frame])
+            FrameLink.send_frame(self, [head, frame])
         else:
-            super().send_frame([head, *frame])
+            FrameLink.send_frame(self, [head, *frame])

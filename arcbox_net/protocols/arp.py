@@ -15,7 +15,7 @@ from ..wire import ethernet
 
 
 class ArpResponder:
-    """Sans-I/O core: ``handle(frame) -> reply frame or None``."""
+    """Sans-I/O core: ``handle(frame) -> (destination MAC, ARP reply) or None``."""
 
     def __init__(self, owned_addresses, mac):
         self.owned = {a if isinstance(a, bytes) else a.packed for a in owned_addresses}
@@ -46,7 +46,7 @@ class ArpResponder:
             hrd=dpkt.arp.ARP_HRD_ETH, pro=dpkt.arp.ARP_PRO_IP, hln=6, pln=4,
             op=dpkt.arp.ARP_OP_REPLY, sha=self.mac, spa=arp.tpa, tha=arp.sha, tpa=arp.spa)
         self.replies += 1
-        return ethernet.header(arp.sha, self.mac, ethernet.ETHERTYPE_ARP) + bytes(reply)
+        return arp.sha, bytes(reply)
 
 
 @implementer(IEthernetHandler)
@@ -54,10 +54,11 @@ class ArpHandler:
     ethertype = ethernet.ETHERTYPE_ARP
 
     def __init__(self, dispatcher):
-        self.dispatcher = dispatcher
+        self.framer = dispatcher.framer
         self.core = ArpResponder(dispatcher.owned, dispatcher.gateway_mac)
 
     def handle_frame(self, frame):
         reply = self.core.handle(frame)
         if reply is not None:
-            self.dispatcher.send_frame(reply)
+            dst_mac, body = reply
+            self.framer.send_ethernet(dst_mac, ethernet.ETHERTYPE_ARP, body)

@@ -312,5 +312,5 @@ class DhcpHandler:
     def handle_datagram(self, frame, ip, src_port, payload):
         reply = self.core.handle(bytes(payload))
         if reply is not None:
-            self.dispatcher.send_udp(self.server_ip, reply.dst_ip, 67, 68, reply.payload,
-                                     dst_mac=reply.dst_mac)
+            self.dispatcher.framer.send_udp(self.server_ip, reply.dst_ip, 67, 68, reply.payload,
+                                            dst_mac=reply.dst_mac)

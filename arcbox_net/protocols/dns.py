@@ -612,7 +612,7 @@ class DnsHandler:
         if not self.running:
             self.drops["dns-reply-after-stop"] += 1
             return
-        self.dispatcher.send_udp(src, dst, 53, port, wire)
+        self.dispatcher.framer.send_udp(src, dst, 53, port, wire)
 
     def _failed(self, failure):
         self.drops["dns-internal-error"] += 1

@@ -59,7 +59,7 @@ class IcmpHandler:
         if ip.dst in self.dispatcher.owned:
             reply = self.echo.handle(ip.payload(frame))
             if reply is not None:
-                self.dispatcher.send_ipv4(ip.dst, ip.src, ipv4.PROTO_ICMP, reply)
+                self.dispatcher.framer.send_ip(ip.dst, ip.src, ipv4.PROTO_ICMP, reply)
             return
         if self.forward is None:
             raise MalformedFrame("icmp-no-route")

@@ -37,8 +37,9 @@ from twisted.logger import Logger
 
 from ..wire import icmp, ipv4
 from ..wire.checksum import ones_sum
-from .udp_nat import (IP_RECVERR, SO_EE_ORIGIN_ICMP, ErrorQueueReader, ExpiryTimer, Flow,
-                      FlowTable, ip_str)
+from ..policy import Refusal
+from .hostflows import (IP_RECVERR, SO_EE_ORIGIN_ICMP, ErrorQueueReader, ExpiryTimer, Flow,
+                        FlowTable, ip_str)
 
 IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12)
 SOL_RAW = getattr(socket, "SOL_RAW", 255)
@@ -319,7 +320,7 @@ class IcmpNat:
 
     def __init__(self, dispatcher, config, egress, reactor, mode="auto", timeout=30.0,
                  max_flows=1024):
-        self.dispatcher = dispatcher
+        self.framer = dispatcher.framer
         self.config = config
         self.egress = egress
         self.reactor = reactor
@@ -391,17 +392,13 @@ class IcmpNat:
             self.drops["icmp-nat-bad-checksum"] += 1
             return
         src, dst = bytes(ip.src), bytes(ip.dst)
-        quote = bytes(frame[ip.payload_offset - ip.header_len:ip.payload_offset + 8])
-        verdict, host = self.egress.route(dst)
-        if verdict == "denied":
-            self.drops["icmp-denied"] += 1
-            self._error_to_guest(dst, src, icmp.TYPE_DEST_UNREACH, icmp.CODE_ADMIN_PROHIBITED,
-                                 quote)
+        quote = ipv4.quote(frame, ip)
+        target = self.egress.route(dst)
+        if isinstance(target, Refusal):
+            self.drops["icmp-" + target.reason] += 1
+            self.framer.send_icmp_error(dst, src, icmp.TYPE_DEST_UNREACH, target.icmp_code, quote)
             return
-        if verdict == "no-route":
-            self.drops["icmp-no-route"] += 1
-            self._error_to_guest(dst, src, icmp.TYPE_DEST_UNREACH, icmp.CODE_NET_UNREACH, quote)
-            return
+        host = target[0]
         backend = self.backend
         if backend is None:
             self.drops["icmp-nat-unavailable"] += 1
@@ -409,7 +406,7 @@ class IcmpNat:
         key = (src, (message[4] << 8) | message[5], dst)
         flow = self.table.get(key)
         if flow is None:
-            flow = EchoFlow(key, str(host))
+            flow = EchoFlow(key, host)
             try:
                 backend.open(flow)
             except OSError as e:
@@ -435,8 +432,8 @@ class IcmpNat:
             return
         self.table.inbound(flow, len(message), self.reactor.seconds())
         self.counters["icmp-echo-replies"] += 1
-        self.dispatcher.send_ipv4(flow.remote_ip, flow.guest_ip, ipv4.PROTO_ICMP,
-                                  with_ident(message, flow.guest_id), ttl=ttl)
+        self.framer.send_ip(flow.remote_ip, flow.guest_ip, ipv4.PROTO_ICMP,
+                            with_ident(message, flow.guest_id), ttl=ttl)
 
     def host_error(self, flow, mtype, code):
         if self.table.get(flow.key) is not flow or not flow.quote:
@@ -444,14 +441,7 @@ class IcmpNat:
         if mtype not in (icmp.TYPE_DEST_UNREACH, icmp.TYPE_TIME_EXCEEDED):
             return
         self.counters["icmp-errors-to-guest"] += 1
-        self._error_to_guest(flow.remote_ip, flow.guest_ip, mtype, code, flow.quote)
-
-    def _error_to_guest(self, src, dst, mtype, code, quote):
-        if mtype == icmp.TYPE_DEST_UNREACH:
-            message = icmp.dest_unreachable(code, quote)
-        else:
-            message = icmp.build(mtype, code, b"\0\0\0\0", quote)
-        self.dispatcher.send_ipv4(src, dst, ipv4.PROTO_ICMP, message)
+        self.framer.send_icmp_error(flow.remote_ip, flow.guest_ip, mtype, code, flow.quote)
 
     def _expired(self, flows):
         for flow in flows:

@@ -42,26 +42,20 @@ It also reads many datagrams per wakeup and logs nothing per flow.
 
 import errno
 import ipaddress
+import random
 import socket
-import struct
-from collections import Counter, OrderedDict
+from collections import Counter
 
-from twisted.internet.interfaces import IHalfCloseableDescriptor, IReadDescriptor
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..interfaces import IIPv4Handler
+from ..policy import Refusal
 from ..wire import MalformedFrame, icmp, ipv4, udp
-from ..wire.checksum import checksum
+from .hostflows import (IP_RECVERR, SO_EE_ORIGIN_ICMP, ErrorQueueReader, ExpiryTimer, Flow,
+                        FlowTable, ip_str)
 
-IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
-MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
-SO_EE_ORIGIN_LOCAL = 1
-SO_EE_ORIGIN_ICMP = 2
-#: struct sock_extended_err: errno, origin, type, code, pad, info, data.
-_EXT_ERR = struct.Struct("=IBBBBII")
-_FRAG_HEADER = struct.Struct("!BBHHHBBH4s4s")
-_MF = 0x2000
 _ICMP_FOR_ERRNO = {
     errno.ECONNREFUSED: icmp.CODE_PORT_UNREACH,
     errno.EHOSTUNREACH: icmp.CODE_HOST_UNREACH,
@@ -69,232 +63,6 @@ _ICMP_FOR_ERRNO = {
     errno.EACCES: icmp.CODE_ADMIN_PROHIBITED,
     errno.EPERM: icmp.CODE_ADMIN_PROHIBITED,
 }
-
-
-def ip_str(raw):
-    return socket.inet_ntoa(raw)
-
-
-# -- the sans-I/O flow table
-
-
-class Flow:
-    """What the table needs of a flow; protocols add their own fields."""
-
-    __slots__ = ("key", "created", "last_active", "established",
-                 "bytes_out", "bytes_in", "packets_out", "packets_in")
-
-    def __init__(self, key):
-        self.key = key
-        self.created = self.last_active = 0.0
-        self.established = False
-        self.bytes_out = self.bytes_in = 0
-        self.packets_out = self.packets_in = 0
-
-
-class FlowTable:
-    """Flows by key, in order of last activity; idle expiry and a size cap.
-
-    ``timeout`` applies until a flow has seen traffic both ways,
-    ``established_timeout`` after (never shorter than ``timeout``).
-    """
-
-    def __init__(self, timeout, established_timeout=None, max_flows=1024):
-        self.timeout = timeout
-        self.established_timeout = max(timeout, established_timeout or timeout)
-        self.max_flows = max_flows
-        self._flows = OrderedDict()   # least recently active first
-
-    def __len__(self):
-        return len(self._flows)
-
-    def __iter__(self):
-        return iter(list(self._flows.values()))
-
-    def get(self, key):
-        return self._flows.get(key)
-
-    def add(self, flow, now):
-        """Insert ``flow``; return the flows evicted to stay within the cap."""
-        evicted = []
-        while self._flows and len(self._flows) >= self.max_flows:
-            evicted.append(self._flows.popitem(last=False)[1])
-        flow.created = flow.last_active = now
-        self._flows[flow.key] = flow
-        return evicted
-
-    def remove(self, flow):
-        if self._flows.get(flow.key) is flow:
-            del self._flows[flow.key]
-
-    def outbound(self, flow, nbytes, now):
-        """Guest -> host traffic."""
-        flow.bytes_out += nbytes
-        flow.packets_out += 1
-        self._touch(flow, now)
-
-    def inbound(self, flow, nbytes, now):
-        """Host -> guest traffic: the flow now counts as established."""
-        flow.bytes_in += nbytes
-        flow.packets_in += 1
-        flow.established = True
-        self._touch(flow, now)
-
-    def _touch(self, flow, now):
-        flow.last_active = now
-        if self._flows.get(flow.key) is flow:
-            self._flows.move_to_end(flow.key)
-
-    def deadline(self, flow):
-        return flow.last_active + (self.established_timeout if flow.established
-                                   else self.timeout)
-
-    def expire(self, now):
-        """Remove and return the flows whose idle timeout has passed."""
-        expired = []
-        for flow in self._flows.values():
-            if flow.last_active + self.timeout > now:
-                break      # this and every later flow were active too recently
-            if now >= self.deadline(flow):
-                expired.append(flow)
-        for flow in expired:
-            del self._flows[flow.key]
-        return expired
-
-    def next_deadline(self):
-        """The earliest expiry time, or None when the table is empty."""
-        best = None
-        for flow in self._flows.values():
-            if best is not None and flow.last_active + self.timeout >= best:
-                break
-            deadline = self.deadline(flow)
-            if best is None or deadline < best:
-                best = deadline
-        return best
-
-
-class ExpiryTimer:
-    """One reactor timer at a table's next deadline; calls ``on_expired(flows)``."""
-
-    def __init__(self, reactor, table, on_expired):
-        self.reactor = reactor
-        self.table = table
-        self.on_expired = on_expired
-        self._call = None
-
-    def schedule(self):
-        deadline = self.table.next_deadline()
-        call = self._call
-        if deadline is None:
-            self.cancel()
-            return
-        if call is not None and call.active():
-            if call.getTime() <= deadline:
-                return   # fires no later than needed; it rescans then
-            call.cancel()
-        self._call = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()),
-                                            self._fire)
-
-    def _fire(self):
-        self._call = None
-        expired = self.table.expire(self.reactor.seconds())
-        if expired:
-            self.on_expired(expired)
-        self.schedule()
-
-    def cancel(self):
-        call, self._call = self._call, None
-        if call is not None and call.active():
-            call.cancel()
-
-
-# -- error queue reading, shared with the ICMP NAT's ping sockets
-
-
-def read_error_queue(sock, limit=32):
-    """Drain ``sock``'s IP_RECVERR queue: a list of (errno, origin, type, code, info)."""
-    out = []
-    for _ in range(limit):
-        try:
-            _data, ancdata, _flags, _addr = sock.recvmsg(512, 512, MSG_ERRQUEUE)
-        except (BlockingIOError, InterruptedError):
-            break
-        except OSError:
-            break
-        for level, ctype, cdata in ancdata:
-            if level == socket.SOL_IP and ctype == IP_RECVERR and len(cdata) >= _EXT_ERR.size:
-                ee_errno, origin, etype, ecode, _pad, info, _d = _EXT_ERR.unpack_from(cdata)
-                out.append((ee_errno, origin, etype, ecode, info))
-    return out
-
-
-@implementer(IReadDescriptor, IHalfCloseableDescriptor)
-class ErrorQueueReader:
-    """A non-blocking socket in the reactor, with IP_RECVERR handled.
-
-    Subclasses implement ``_read_one()`` (one recv; raise BlockingIOError when
-    empty) and ``_errors(list)``, ``_errno(code)``. An EPOLLERR wakeup without
-    data reaches ``readConnectionLost`` (the reactor has then stopped reading
-    us): drain the error queue and start reading again.
-    """
-
-    read_budget = 64
-
-    def __init__(self, reactor, sock):
-        self.reactor = reactor
-        self.sock = sock
-        reactor.addReader(self)
-
-    def fileno(self):
-        sock = self.sock
-        return sock.fileno() if sock is not None else -1
-
-    def logPrefix(self):
-        return type(self).__name__
-
-    def doRead(self):
-        got = False
-        for _ in range(self.read_budget):
-            if self.sock is None:
-                return None
-            try:
-                self._read_one()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                self._pending_error(e.errno)
-            got = True
-        if not got and self.sock is not None:
-            self._drain()      # a wakeup for a queued error only (select reactor)
-        return None
-
-    def readConnectionLost(self, reason):
-        if self.sock is None:
-            return
-        self._drain()
-        self.doRead()
-        if self.sock is not None:
-            self.reactor.addReader(self)
-
-    def connectionLost(self, reason):
-        self.close()
-
-    def _drain(self):
-        errors = read_error_queue(self.sock)
-        if errors:
-            self._errors(errors)
-        return bool(errors)
-
-    def _pending_error(self, code):
-        """recv/send returned a pending socket error: find out what it was."""
-        if not self._drain():
-            self._errno(code)
-
-    def close(self):
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            self.reactor.removeReader(self)
-            sock.close()
 
 
 class HostUdpSocket(ErrorQueueReader):
@@ -381,7 +149,7 @@ class UdpNat:
     ip_protocol = ipv4.PROTO_UDP
 
     def __init__(self, dispatcher, config, egress, reactor, socket_factory=HostUdpSocket):
-        self.dispatcher = dispatcher
+        self.framer = dispatcher.framer
         self.config = config
         self.egress = egress
         self.reactor = reactor
@@ -416,7 +184,7 @@ class UdpNat:
                 return
         now = self.reactor.seconds()
         flow = self.table.get(key)
-        quote = bytes(frame[ip.payload_offset - ip.header_len:ip.payload_offset + 8])
+        quote = ipv4.quote(frame, ip)
         if flow is None:
             flow = self._open(key, quote)
             if flow is None:
@@ -430,18 +198,11 @@ class UdpNat:
         guest_ip, guest_port, remote_ip, remote_port = key
         if remote_port == 0 or guest_port == 0:
             raise MalformedFrame("udp-port-zero")
-        target = self.egress.local_services.get((remote_ip, remote_port))
-        if target is None:
-            verdict, host = self.egress.route(remote_ip)
-            if verdict == "denied":
-                self.drops["udp-denied"] += 1
-                self._icmp_to_guest(remote_ip, guest_ip, quote, icmp.CODE_ADMIN_PROHIBITED)
-                return None
-            if verdict == "no-route":
-                self.drops["udp-no-route"] += 1
-                self._icmp_to_guest(remote_ip, guest_ip, quote, icmp.CODE_NET_UNREACH)
-                return None
-            target = (host, remote_port)
+        target = self.egress.route(remote_ip, remote_port)
+        if isinstance(target, Refusal):
+            self.drops["udp-" + target.reason] += 1
+            self._icmp_to_guest(remote_ip, guest_ip, quote, target.icmp_code)
+            return None
         flow = UdpFlow(key, (str(target[0]), int(target[1])))
         try:
             flow.socket = self.socket_factory(self, flow)
@@ -474,36 +235,26 @@ class UdpNat:
         """The host got an ICMP error for ``flow``: tell the guest as a router would."""
         if not flow.quote:
             return
-        if icmp_type == icmp.TYPE_DEST_UNREACH:
-            if code == icmp.CODE_FRAG_NEEDED:
-                # The host kernel fragments on its side; nothing for the guest to do.
-                self.counters["udp-host-frag-needed"] += 1
-                return
-            message = icmp.dest_unreachable(code, flow.quote)
-        elif icmp_type == icmp.TYPE_TIME_EXCEEDED:
-            message = icmp.build(icmp.TYPE_TIME_EXCEEDED, code, b"\0\0\0\0", flow.quote)
-        else:
+        if icmp_type == icmp.TYPE_DEST_UNREACH and code == icmp.CODE_FRAG_NEEDED:
+            # The host kernel fragments on its side; nothing for the guest to do.
+            self.counters["udp-host-frag-needed"] += 1
+            return
+        if icmp_type not in (icmp.TYPE_DEST_UNREACH, icmp.TYPE_TIME_EXCEEDED):
             self.drops["udp-host-icmp-ignored"] += 1
             return
         self.counters["udp-icmp-to-guest"] += 1
-        self.dispatcher.send_ipv4(flow.remote_ip, flow.guest_ip, ipv4.PROTO_ICMP, message)
+        self.framer.send_icmp_error(flow.remote_ip, flow.guest_ip, icmp_type, code, flow.quote)
 
     # -- the way out
 
     def _icmp_to_guest(self, src, dst, quote, code):
-        self.dispatcher.send_ipv4(src, dst, ipv4.PROTO_ICMP, icmp.dest_unreachable(code, quote))
+        self.framer.send_icmp_error(src, dst, icmp.TYPE_DEST_UNREACH, code, quote)
 
     def send_to_guest(self, flow, data):
-        """Send ``data`` from flow.remote_ip:remote_port to flow.guest_ip:guest_port."""
-        src, dst = flow.remote_ip, flow.guest_ip
-        if ipv4.HEADER_LEN + udp.HEADER_LEN + len(data) <= self.config.mtu:
-            self.dispatcher.send_udp(src, dst, flow.remote_port, flow.guest_port, data)
-            return
-        self.counters["udp-fragmented"] += 1
-        datagram = udp.build(src, dst, flow.remote_port, flow.guest_port, data)
-        for fragment in fragment_ipv4(src, dst, ipv4.PROTO_UDP, datagram, self.config.mtu,
-                                      self.dispatcher.next_ident()):
-            self.dispatcher.send_frame([self.dispatcher.ethernet_header(), *fragment])
+        """Send ``data`` from flow.remote_ip:remote_port to flow.guest_ip:guest_port
+        (the framer fragments it when it is larger than the link's MTU)."""
+        self.framer.send_udp(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
+                             data)
 
     def _expired(self, flows):
         for flow in flows:
@@ -535,19 +286,131 @@ class UdpNat:
         return out
 
 
-def fragment_ipv4(src, dst, protocol, payload, mtu, ident, ttl=64):
-    """Split an L4 payload into IPv4 fragments of at most ``mtu`` bytes.
+class _UdpForwardFlow:
+    """One host client of a UDP forward, as the UDP NAT's sender expects it."""
 
-    Returns a list of (header, chunk) pairs.
+    __slots__ = ("key", "created", "last_active", "established", "bytes_out", "bytes_in",
+                 "packets_out", "packets_in", "client", "port", "guest_ip", "guest_port",
+                 "remote_ip", "remote_port")
+
+    def __init__(self, key, client, port):
+        self.key = key
+        self.client = client
+        self.port = port
+        self.guest_ip, self.guest_port, self.remote_ip, self.remote_port = key
+        self.created = self.last_active = 0.0
+        self.established = False
+        self.bytes_out = self.bytes_in = self.packets_out = self.packets_in = 0
+
+
+class _UdpForwardProtocol(DatagramProtocol):
+    noisy = False
+
+    def __init__(self, forwarder, forward):
+        self.forwarder = forwarder
+        self.forward = forward
+
+    def datagramReceived(self, data, addr):
+        self.forwarder.from_client(self, data, addr)
+
+
+class UdpForwarder:
+    """UDP forwards: each host client gets its own source port toward the guest.
+
+    The guest's replies come back through the UDP NAT, which hands datagrams
+    for these flows here (``UdpNat.inbound``); they leave from the forward's
+    listening socket to the client. Flows idle out like UDP NAT flows.
     """
-    step = (mtu - ipv4.HEADER_LEN) & ~7
-    out = []
-    view = memoryview(payload)
-    for offset in range(0, len(payload), step):
-        chunk = view[offset:offset + step]
-        more = offset + step < len(payload)
-        raw = _FRAG_HEADER.pack(0x45, 0, ipv4.HEADER_LEN + len(chunk), ident & 0xFFFF,
-                                (offset >> 3) | (_MF if more else 0), ttl, protocol, 0, src, dst)
-        csum = checksum(raw)
-        out.append((raw[:10] + csum.to_bytes(2, "big") + raw[12:], bytes(chunk)))
-    return out
+
+    def __init__(self, stack):
+        self.stack = stack
+        self.nat = stack.udp
+        config = stack.config
+        self.table = FlowTable(config.udp_timeout, config.udp_established_timeout,
+                               config.max_udp_flows)
+        self.timer = ExpiryTimer(stack.reactor, self.table, self._expired)
+        self._by_client = {}
+
+    def listen(self, forward):
+        spec = forward.spec
+        return self.stack.reactor.listenUDP(spec.host_port, _UdpForwardProtocol(self, forward),
+                                            interface=str(spec.bind))
+
+    def from_client(self, protocol, data, client):
+        forward = protocol.forward
+        now = self.stack.reactor.seconds()
+        ident = (forward.id, client)
+        flow = self._by_client.get(ident)
+        if flow is None or self.table.get(flow.key) is not flow:
+            flow = self._open(forward, protocol, client, now)
+            if flow is None:
+                return
+        self.table.outbound(flow, len(data), now)
+        self.nat.send_to_guest(flow, data)
+
+    def _open(self, forward, protocol, client, now):
+        from twisted.internet.address import IPv4Address as TwistedAddress
+        guest_ip = forward.guest_address().packed
+        src_ip, preferred = forward.source_for(TwistedAddress("UDP", *client))
+        key = None
+        for port in ([preferred] if preferred else []) + [None] * 64:
+            port = port or random.randint(32768, 60999)
+            candidate = (guest_ip, forward.guest_port, src_ip, port)
+            if candidate not in self.nat.inbound and self.nat.table.get(candidate) is None:
+                key = candidate
+                break
+        if key is None:
+            self.nat.drops["udp-forward-no-port"] += 1
+            return None
+        flow = _UdpForwardFlow(key, client, protocol)
+        for old in self.table.add(flow, now):
+            self.nat.drops["udp-flow-evicted"] += 1
+            self._forget(old)
+        self._by_client[(forward.id, client)] = flow
+        self.nat.inbound[key] = lambda data, flow=flow: self._to_client(flow, data)
+        self.nat.counters["udp-forward-flows"] += 1
+        self.timer.schedule()
+        return flow
+
+    def _to_client(self, flow, data):
+        if self.table.get(flow.key) is not flow:
+            return
+        self.table.inbound(flow, len(data), self.stack.reactor.seconds())
+        transport = flow.port.transport
+        if transport is not None:
+            try:
+                transport.write(data, flow.client)
+            except OSError:
+                self.nat.drops["udp-forward-send-failed"] += 1
+
+    def _expired(self, flows):
+        for flow in flows:
+            self._forget(flow)
+
+    def _forget(self, flow):
+        self.nat.inbound.pop(flow.key, None)
+        for ident, other in list(self._by_client.items()):
+            if other is flow:
+                del self._by_client[ident]
+
+    def stop(self):
+        self.timer.cancel()
+        for flow in self.table:
+            self.table.remove(flow)
+            self._forget(flow)
+
+    def flows(self):
+        now = self.stack.reactor.seconds()
+        out = []
+        for flow in self.table:
+            gip, gport, sip, sport = flow.key
+            out.append({
+                "protocol": "udp", "direction": "inbound",
+                "guest": f"{ipaddress.IPv4Address(gip)}:{gport}",
+                "remote": f"{ipaddress.IPv4Address(sip)}:{sport}",
+                "host": f"{flow.client[0]}:{flow.client[1]}",
+                "state": "established" if flow.established else "unreplied",
+                "bytes_to_guest": flow.bytes_out, "bytes_from_guest": flow.bytes_in,
+                "age": round(now - flow.created, 3),
+            })
+        return out

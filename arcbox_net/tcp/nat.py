@@ -45,24 +45,17 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..interfaces import IFlushable, IIPv4Handler
+from ..policy import NO_ROUTE, Refusal
 from ..wire import icmp, ipv4, tcp
-from ..link.tap import (VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV4,
-                        VNET_HDR as _VNET_HDR)
-from ..wire.tcp import ACK, FIN, RST, SYN
+from ..wire.tcp import CONTROL_FLAGS, SYN
 from .connection import (Closed, Established, GuestEndOfData, GuestReset, IllegalTransition,
                          Refused, TcpConnection, TcpParams, TcpState, TimedOut)
 
-_PURE_SYN_MASK = SYN | ACK | RST | FIN
 #: Bytes per host read (Twisted's bufferSize): eight 64 KiB GSO frames. With
 #: glibc's mmap threshold raised (allocator.py) larger reads stopped costing
 #: page faults; 512 KiB beat 256 KiB in alternating iperf3 runs (host->guest,
 #: MTU 1500, 5 s): one stream 9.6-13.3 vs 7.8-9.1 Gbit/s, four 8.4-11.1 vs 7.4-7.8.
 HOST_READ_SIZE = 512 * 1024
-# Offload frames: where the TCP header and its checksum field start.
-_L3_START = 14 + ipv4.HEADER_LEN
-_TCP_CSUM_OFFSET = 16
-# Largest TCP payload of one GSO frame: the IP total length is 16 bits.
-_GSO_SEGMENT = 65535 - ipv4.HEADER_LEN - tcp.HEADER_LEN
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -79,15 +72,15 @@ class TcpNat:
 
     def __init__(self, dispatcher, config, egress, reactor, params=None):
         self.dispatcher = dispatcher
+        self.framer = dispatcher.framer
         self.config = config
         self.egress = egress
         self.reactor = reactor
-        #: The link segments and checksums for us (TAP with vnet offloads):
-        #: emit up to 64 KiB per segment as one GSO frame with a partial checksum.
-        self.offload = bool(getattr(dispatcher.link, "offloads", False))
         if params is None:
+            # Where the link cuts segments for us (GSO), one emitted segment
+            # carries up to 64 KiB; elsewhere one MSS.
             params = TcpParams(mss_limit=config.mtu - 40,
-                               segment_size=_GSO_SEGMENT if self.offload else None)
+                               segment_size=self.framer.tcp_segment_limit)
         self.params = params
         self.connections = {}
         self._dirty = []
@@ -114,11 +107,11 @@ class TcpNat:
         seg = tcp.parse(frame, ip)
         key = (ip.src, seg.src_port, ip.dst, seg.dst_port)
         splice = self.connections.get(key)
-        if splice is not None and seg.flags & _PURE_SYN_MASK == SYN and splice.replaced_by(seg):
+        if splice is not None and seg.flags & CONTROL_FLAGS == SYN and splice.replaced_by(seg):
             splice.abort_all()
             splice = None
         if splice is None:
-            if seg.flags & _PURE_SYN_MASK == SYN:
+            if seg.flags & CONTROL_FLAGS == SYN:
                 self._open(key, seg, frame, ip)
             else:
                 self._reset_unmatched(key, seg)
@@ -152,23 +145,20 @@ class TcpNat:
 
     def _open(self, key, seg, frame, ip):
         guest_ip, guest_port, remote_ip, remote_port = key
-        quote = bytes(frame[ip.payload_offset - ip.header_len:ip.payload_offset + 8])
+        quote = ipv4.quote(frame, ip)
         if len(self.connections) >= self.config.max_connections:
             self.drops["tcp-connection-limit"] += 1
             self.emit(key, TcpConnection.reset_for(seg))
             return
-        target = self.egress.local_services.get((remote_ip, remote_port))
-        if target is None:
-            verdict, host = self.egress.route(remote_ip)
-            if verdict == "denied":
-                self.drops["tcp-denied"] += 1
-                self.send_icmp_error(key, quote, icmp.CODE_ADMIN_PROHIBITED)
-                return
-            if verdict == "no-route":
-                self.drops["tcp-no-route"] += 1
+        target = self.egress.route(remote_ip, remote_port)
+        if isinstance(target, Refusal):
+            self.drops["tcp-" + target.reason] += 1
+            if target is NO_ROUTE:
+                # The gateway itself refuses, as a host without the port would.
                 self.emit(key, TcpConnection.reset_for(seg))
-                return
-            target = (str(host), remote_port)
+            else:
+                self.send_icmp_error(key, quote, target.icmp_code)
+            return
         conn = TcpConnection.from_guest_syn(seg, self.reactor.seconds(),
                                             random.getrandbits(32), self.params)
         splice = TcpSplice(self, key, conn, quote, target)
@@ -181,43 +171,16 @@ class TcpNat:
     # -- the way out
 
     def emit(self, key, seg, mss=0):
-        """Encode ``seg`` toward the guest; ``mss`` is the GSO segment size."""
+        """Send ``seg`` to the guest; ``mss`` > 0 lets a longer payload leave
+        as one GSO frame cut into segments of that size where the link can."""
         guest_ip, _gport, remote_ip, _rport = key
-        dispatcher = self.dispatcher
         options = tcp.syn_options(seg.mss, seg.wscale) if seg.flags & SYN else b""
-        payload = seg.payload
-        if not self.offload and not options and dispatcher.guest_mac is not None:
-            # Plain frames of at most the MTU, one per segment: the lean path.
-            head = tcp.frame_header(dispatcher.ethernet_header(), remote_ip, guest_ip,
-                                    dispatcher.next_ident(), seg.src_port, seg.dst_port,
-                                    seg.seq, seg.ack, seg.flags, seg.window, payload)
-            dispatcher.send_frame([head, payload] if payload else head)
-            return
-        if not self.offload or dispatcher.guest_mac is None:
-            head, payload = tcp.build(remote_ip, guest_ip, seg.src_port, seg.dst_port, seg.seq,
-                                      seg.ack, seg.flags, seg.window, payload, options)
-            dispatcher.send_ipv4(remote_ip, guest_ip, ipv4.PROTO_TCP,
-                                 [head, payload] if payload else head)
-            return
-        size = len(payload)
-        head = tcp.build_header_partial(remote_ip, guest_ip, seg.src_port, seg.dst_port,
-                                        seg.seq, seg.ack, seg.flags, seg.window, size, options)
-        hlen = len(head)
-        if size > mss > 0:
-            vnet = _VNET_HDR.pack(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, _L3_START + hlen, mss,
-                                  _L3_START, _TCP_CSUM_OFFSET)
-        else:
-            vnet = _VNET_HDR.pack(VNET_F_NEEDS_CSUM, VNET_GSO_NONE, _L3_START + hlen, 0,
-                                  _L3_START, _TCP_CSUM_OFFSET)
-        head = dispatcher.ethernet_header() + ipv4.build_header(
-            remote_ip, guest_ip, ipv4.PROTO_TCP, hlen + size,
-            ident=dispatcher.next_ident()) + head
-        dispatcher.send_frame([head, payload] if size else head, vnet)
+        self.framer.send_tcp(remote_ip, guest_ip, seg.src_port, seg.dst_port, seg.seq, seg.ack,
+                             seg.flags, seg.window, seg.payload, options, mss)
 
     def send_icmp_error(self, key, quote, code):
         guest_ip, _gport, remote_ip, _rport = key
-        self.dispatcher.send_ipv4(remote_ip, guest_ip, ipv4.PROTO_ICMP,
-                                  icmp.dest_unreachable(code, quote))
+        self.framer.send_icmp_error(remote_ip, guest_ip, icmp.TYPE_DEST_UNREACH, code, quote)
 
     def forget(self, splice):
         if self.connections.get(splice.key) is splice:

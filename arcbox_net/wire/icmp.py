@@ -1,4 +1,4 @@
-"""ICMPv4 messages the stack sends: echo replies and destination-unreachable errors."""
+"""ICMPv4 messages the stack sends: echo replies and errors (unreachable, time exceeded)."""
 
 import struct
 
@@ -42,8 +42,17 @@ def echo_reply(request_icmp):
     return build(TYPE_ECHO_REPLY, 0, bytes(request_icmp[4:8]), bytes(request_icmp[8:]))
 
 
-def dest_unreachable(code, original_ip_packet, mtu=0):
-    """Destination unreachable quoting the offending packet's header + 8 bytes."""
-    quoted = bytes(original_ip_packet[:((original_ip_packet[0] & 0x0F) * 4) + 8])
+def error(icmp_type, code, quote, mtu=0):
+    """An ICMP error (destination unreachable, time exceeded) quoting the
+    offending packet's header and first 8 bytes (``ipv4.quote``); ``mtu`` is
+    the next-hop MTU of "fragmentation needed"."""
+    if icmp_type not in (TYPE_DEST_UNREACH, TYPE_TIME_EXCEEDED):
+        raise ValueError(f"ICMP type {icmp_type} is not an error the stack sends")
+    quoted = bytes(quote[:((quote[0] & 0x0F) * 4) + 8])
     rest = struct.pack("!HH", 0, mtu if code == CODE_FRAG_NEEDED else 0)
-    return build(TYPE_DEST_UNREACH, code, rest, quoted)
+    return build(icmp_type, code, rest, quoted)
+
+
+def dest_unreachable(code, quote, mtu=0):
+    """Destination unreachable quoting the offending packet."""
+    return error(TYPE_DEST_UNREACH, code, quote, mtu)

@@ -58,6 +58,13 @@ def parse(frame, offset):
     return h
 
 
+def quote(frame, ip):
+    """What an ICMP error about this packet quotes: its IP header and the first
+    8 bytes of its payload (RFC 792), as bytes that outlive the frame."""
+    start = ip.payload_offset - ip.header_len
+    return bytes(frame[start:min(ip.payload_offset + 8, ip.payload_end)])
+
+
 def build_header(src, dst, protocol, payload_len, ttl=64, ident=0,
                  dont_fragment=True, tos=0):
     frag = 0x4000 if dont_fragment else 0
@@ -65,3 +72,23 @@ def build_header(src, dst, protocol, payload_len, ttl=64, ident=0,
                        frag, ttl, protocol, 0, src, dst)
     csum = checksum(raw)
     return raw[:10] + csum.to_bytes(2, "big") + raw[12:]
+
+
+def fragment(src, dst, protocol, payload, mtu, ident, ttl=64):
+    """Split an L4 payload into IPv4 fragments of at most ``mtu`` bytes, as a
+    router does for a packet larger than the next link's MTU.
+
+    Returns a list of (header, chunk) pairs; every chunk but the last is a
+    multiple of 8 bytes and carries MF.
+    """
+    step = (mtu - HEADER_LEN) & ~7
+    out = []
+    view = memoryview(payload)
+    for offset in range(0, len(payload), step):
+        chunk = view[offset:offset + step]
+        more = offset + step < len(payload)
+        raw = _HEADER.pack(0x45, 0, HEADER_LEN + len(chunk), ident & 0xFFFF,
+                           (offset >> 3) | (_FLAG_MF if more else 0), ttl, protocol, 0, src, dst)
+        csum = checksum(raw)
+        out.append((raw[:10] + csum.to_bytes(2, "big") + raw[12:], bytes(chunk)))
+    return out

@@ -17,6 +17,9 @@ SYN = 0x02
 RST = 0x04
 PSH = 0x08
 ACK = 0x10
+#: The flags that say what a segment is: ``flags & CONTROL_FLAGS == SYN`` is a
+#: pure SYN (an opening, not a SYN-ACK, RST or FIN).
+CONTROL_FLAGS = SYN | ACK | RST | FIN
 URG = 0x20
 
 OPT_END = 0
@@ -113,13 +116,18 @@ def syn_options(mss=None, wscale=None):
     return out
 
 
+def header(sport, dport, seq, ack, flags, window, options=b""):
+    """TCP header (+options) with the checksum field zero: the framer fills it."""
+    hlen = HEADER_LEN + len(options)
+    return _HEADER.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
+                        (hlen // 4) << 4, flags, window, 0, 0) + options
+
+
 def build(src_ip, dst_ip, sport, dport, seq, ack, flags, window,
           payload=b"", options=b""):
     """TCP header (+options) + payload as bytes, checksum filled in."""
-    hlen = HEADER_LEN + len(options)
-    head = _HEADER.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                        (hlen // 4) << 4, flags, window, 0, 0) + options
-    length = hlen + len(payload)
+    head = header(sport, dport, seq, ack, flags, window, options)
+    length = len(head) + len(payload)
     partial = pseudo_header_sum(src_ip, dst_ip, PROTO_TCP, length)
     if payload:
         partial = ones_sum(payload, partial)

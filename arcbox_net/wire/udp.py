@@ -21,6 +21,11 @@ def parse(frame, ip):
     return sport, dport, off + HEADER_LEN, off + length
 
 
+def header(sport, dport, payload_len):
+    """UDP header with the checksum field zero: the framer fills it."""
+    return _HEADER.pack(sport, dport, HEADER_LEN + payload_len, 0)
+
+
 def build(src, dst, sport, dport, payload):
     """UDP header plus payload, with the checksum filled in."""
     length = HEADER_LEN + len(payload)

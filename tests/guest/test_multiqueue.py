@@ -236,10 +236,11 @@ def test_an_embedded_stack_with_queues_reports_every_connection(netns):
 @pytest_twisted.inlineCallbacks
 def test_a_worker_that_cannot_start_fails_whenready_and_stops_the_stack(netns, monkeypatch):
     from twisted.internet import reactor
-    from arcbox_net import NetworkStack, multiqueue
+    from arcbox_net import NetworkStack
     from arcbox_net.link import open_link
+    from arcbox_net.multiqueue import supervisor
 
-    monkeypatch.setattr(multiqueue.sys, "executable", "/bin/false")
+    monkeypatch.setattr(supervisor.sys, "executable", "/bin/false")
     config = StackConfig(deny=("0.0.0.0/0",), allow=("127.0.0.0/8",))
     link = open_link(config, netns=netns, configure=True, queues=2, reactor=reactor)
     stack = NetworkStack(link, config, reactor=reactor)

@@ -27,7 +27,8 @@ from conftest import in_ns
 
 
 
-from arcbox_net.protocols.udp_nat import (Flow, HostUdpSocket, UdpFlow)
+from arcbox_net.protocols.hostflows import Flow
+from arcbox_net.protocols.udp_nat import HostUdpSocket, UdpFlow
 
 
 SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8"]

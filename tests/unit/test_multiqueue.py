@@ -22,8 +22,8 @@ import pytest
 
 from arcbox_net import StackConfig
 
-from arcbox_net.multiqueue import (RELAY, SNAPSHOT, MessageReader, QueueDispatcher,
-                                   encode)
+from arcbox_net.multiqueue.messages import RELAY, SNAPSHOT, MessageReader, encode
+from arcbox_net.multiqueue.worker import QueueDispatcher
 
 
 from framebuild import GATEWAY_IP, GUEST_IP, arp_request, ip4, tcp, udp

@@ -124,7 +124,7 @@ def test_dispatcher_captures_both_directions():
 
     dispatcher.capture = Capture()
     dispatcher.frames_received([b"short"])
-    dispatcher.send_frame([b"a" * 14, b"b"])
+    dispatcher.framer.send_frame([b"a" * 14, b"b"])
     assert seen == [b"short", b"a" * 14 + b"b"]
 
 

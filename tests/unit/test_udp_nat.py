@@ -26,8 +26,9 @@ from arcbox_net.dispatch import FrameDispatcher
 
 from arcbox_net.policy import Egress
 
-from arcbox_net.protocols.udp_nat import (Flow, FlowTable, UdpNat,
-                                          fragment_ipv4)
+from arcbox_net.protocols.hostflows import Flow, FlowTable
+from arcbox_net.protocols.udp_nat import UdpNat
+from arcbox_net.wire.ipv4 import fragment
 
 from arcbox_net.wire.checksum import ones_sum
 
@@ -328,6 +329,6 @@ def test_replies_bigger_than_the_mtu_are_fragmented():
 
 
 
-def test_fragment_ipv4_sizes():
-    frags = fragment_ipv4(b"\1\2\3\4", b"\5\6\7\x08", 17, b"z" * 1481, 1500, 9)
+def test_ipv4_fragment_sizes():
+    frags = fragment(b"\1\2\3\4", b"\5\6\7\x08", 17, b"z" * 1481, 1500, 9)
     assert [len(c) for _h, c in frags] == [1480, 1]

@@ -1,0 +1,228 @@
+"""The one way out to the guest: IP packets in, frames for the link out.
+
+Theory of operation
+-------------------
+Protocol code never builds a frame and never looks at the link. It describes
+an IP packet -- source, destination, IP protocol, the L4 header with its
+checksum field zero (TCP and UDP; the framer fills it in) or a finished L4
+message (ICMP), the payload, and for TCP the segment size the guest accepts
+-- and hands it to the ``Framer``. From the link's declared ``capabilities``
+(``interfaces.LinkCapabilities``) the framer decides what goes on the wire:
+
+- Checksums: on a link with checksum offload a TCP segment carries only the
+  pseudo-header sum and a virtio-net header marked NEEDS_CSUM (the guest's
+  kernel finishes the sum); everything else carries its full checksum.
+- Size: a TCP segment longer than its segment size leaves, on a link with
+  TCPv4 GSO, as one GSO frame (``gso_size`` = the segment size, ``hdr_len`` =
+  the headers each segment repeats); TCP asks ``tcp_segment_limit`` how much
+  one emitted segment may carry, so it never exceeds what the link takes.
+  A UDP or ICMP packet larger than the link's MTU leaves as IPv4 fragments,
+  as a router would send it.
+- Ethernet: frames go to the guest's MAC. Until the guest has spoken, IP
+  packets wait in a bounded queue (with full checksums and no virtio-net
+  metadata, so they stay valid on any link) and the gateway asks for the
+  guest's MAC with ARP at most once a second.
+
+The address family is a header builder and a pseudo-header sum: IPv6 is one
+more pair of those, not a second framer. Every frame, whatever its source,
+passes ``send_frame``: one place counts frames out and feeds the capture.
+"""
+
+import time
+from collections import Counter, deque
+
+from .interfaces import LinkCapabilities
+from .wire import ethernet, icmp, ipv4, tcp, udp, vnet
+from .wire.checksum import fold, ones_sum, pseudo_header_sum
+
+#: Largest TCP payload of one GSO frame: the IPv4 total length is 16 bits.
+GSO_TCP_SEGMENT = 65535 - ipv4.HEADER_LEN - tcp.HEADER_LEN
+#: Where the L4 checksum field sits in the header of each protocol whose sum
+#: covers a pseudo-header (ICMPv4's does not: its messages come finished).
+_CSUM_FIELD = {ipv4.PROTO_TCP: 16, ipv4.PROTO_UDP: 6}
+_FRAGMENTED = {ipv4.PROTO_UDP: "udp-fragmented", ipv4.PROTO_ICMP: "icmp-fragmented"}
+_L3_START = ethernet.HEADER_LEN
+_TCP_CSUM_START = _L3_START + ipv4.HEADER_LEN
+_ARP_REQUEST_BODY = bytes.fromhex("0001080006040001")
+
+
+def _gather(payload):
+    """(list of buffers, total length) of a payload given as one or many buffers."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return ([payload] if len(payload) else []), len(payload)
+    parts = [p for p in payload if len(p)]
+    return parts, sum(len(p) for p in parts)
+
+
+class Framer:
+    """Turns IP packet descriptions into frames for one link."""
+
+    #: Packets held while the guest's MAC is unknown, at most.
+    unresolved_limit = 256
+
+    def __init__(self, config, link=None, clock=time.monotonic):
+        self.gateway_mac = config.gateway_mac
+        self._gateway_ip = config.gateway.packed
+        self._default_mtu = config.mtu
+        self.clock = clock
+        #: The guest's MAC, learned by the dispatcher from the guest's frames.
+        self.guest_mac = None
+        self.frames_out = 0
+        self.drops = Counter()
+        self.counters = Counter()
+        #: A packet capture seeing every frame sent, or None.
+        self.capture = None
+        self._ident = 0
+        self._unresolved = deque(maxlen=self.unresolved_limit)
+        self._last_arp_request = -1.0
+        self.attach(link)
+
+    def attach(self, link):
+        """Frame for ``link`` from now on, by what it declares it carries."""
+        self.link = link
+        caps = getattr(link, "capabilities", None)
+        if caps is None:
+            caps = LinkCapabilities(max_frame=ethernet.HEADER_LEN + self._default_mtu)
+        self.capabilities = caps
+        self.mtu = caps.max_frame - ethernet.HEADER_LEN
+        self._vnet_len = caps.vnet_header_len
+        self._csum_offload = caps.csum_offload and self._vnet_len > 0
+        self._gso_tcpv4 = caps.gso_tcpv4 and self._csum_offload
+        #: TCP payload one emitted segment may carry: None for one MSS.
+        self.tcp_segment_limit = GSO_TCP_SEGMENT if self._gso_tcpv4 else None
+
+    # -- frames
+
+    def send_frame(self, frame, vnet_header=None):
+        """Send one whole frame (bytes, or a list of buffers to gather)."""
+        if self.link is None:
+            self.drops["no-link"] += 1
+            return
+        self.frames_out += 1
+        if self.capture is not None:
+            self.capture.write(frame)
+        if vnet_header is None:
+            self.link.send_frame(frame)
+        else:
+            self.link.send_frame(frame, vnet_header)
+
+    def ethernet_header(self, dst_mac=None, ethertype=ethernet.ETHERTYPE_IPV4):
+        if dst_mac is None:
+            dst_mac = self.guest_mac or ethernet.BROADCAST
+        return ethernet.header(dst_mac, self.gateway_mac, ethertype)
+
+    def send_ethernet(self, dst_mac, ethertype, body):
+        """A frame of another EtherType (ARP) from the gateway to ``dst_mac``."""
+        self.send_frame(ethernet.header(dst_mac, self.gateway_mac, ethertype) + body)
+
+    def seed_ident(self, value):
+        """Start IP identifiers at ``value`` (processes sharing a link differ)."""
+        self._ident = value & 0xFFFF
+
+    def next_ident(self):
+        self._ident = (self._ident + 1) & 0xFFFF
+        return self._ident
+
+    # -- IP packets
+
+    def send_ip(self, src, dst, protocol, l4, payload=b"", ttl=64, dst_mac=None):
+        """Send an IP packet: ``l4`` is the L4 header (checksum field zero for
+        TCP and UDP, filled in here) or a whole ICMP message; ``payload`` one
+        buffer or a list of them. Larger than the MTU: fragmented."""
+        parts, size = _gather(payload)
+        length = len(l4) + size
+        field = _CSUM_FIELD.get(protocol)
+        if field is not None:
+            total = ones_sum(l4, pseudo_header_sum(src, dst, protocol, length))
+            for part in parts:
+                total = fold(total + ones_sum(part))
+            csum = ~total & 0xFFFF
+            if protocol == ipv4.PROTO_UDP and csum == 0:
+                csum = 0xFFFF
+            l4 = bytes(l4[:field]) + csum.to_bytes(2, "big") + bytes(l4[field + 2:])
+        if ipv4.HEADER_LEN + length > self.mtu and protocol != ipv4.PROTO_TCP:
+            self._send_fragments(src, dst, protocol, b"".join([l4, *parts]), ttl, dst_mac)
+            return
+        if dst_mac is None and self.guest_mac is None:
+            self._hold(ipv4.build_header(src, dst, protocol, length, ttl=ttl,
+                                         ident=self.next_ident()), l4, parts)
+            return
+        head = self.ethernet_header(dst_mac) + ipv4.build_header(
+            src, dst, protocol, length, ttl=ttl, ident=self.next_ident()) + l4
+        if not parts:
+            self.send_frame(head)
+        elif size < 2048 and len(parts) == 1:
+            self.send_frame(head + parts[0])
+        else:
+            self.send_frame([head, *parts])
+
+    def _send_fragments(self, src, dst, protocol, datagram, ttl, dst_mac):
+        self.counters[_FRAGMENTED.get(protocol, "ipv4-fragmented")] += 1
+        fragments = ipv4.fragment(src, dst, protocol, datagram, self.mtu, self.next_ident(), ttl)
+        for header, chunk in fragments:
+            if dst_mac is None and self.guest_mac is None:
+                self._hold(header, chunk, [])
+            else:
+                self.send_frame([self.ethernet_header(dst_mac), header, chunk])
+
+    def send_udp(self, src, dst, sport, dport, payload, dst_mac=None):
+        self.send_ip(src, dst, ipv4.PROTO_UDP, udp.header(sport, dport, len(payload)), payload,
+                     dst_mac=dst_mac)
+
+    def send_icmp_error(self, src, dst, icmp_type, code, quote, mtu=0):
+        """An ICMP error from ``src`` quoting the guest's packet (``quote``)."""
+        self.send_ip(src, dst, ipv4.PROTO_ICMP, icmp.error(icmp_type, code, quote, mtu))
+
+    def send_tcp(self, src, dst, sport, dport, seq, ack, flags, window, payload=b"",
+                 options=b"", segment_size=0):
+        """One TCP segment; ``segment_size`` > 0 lets a longer payload leave as
+        one GSO frame that the guest's kernel cuts into segments of that size.
+
+        The per-segment path: one struct pack for a plain option-less segment,
+        no copy of the payload (it is gathered into the write).
+        """
+        guest_mac = self.guest_mac
+        if guest_mac is None or (options and not self._csum_offload):
+            head = tcp.header(sport, dport, seq, ack, flags, window, options)
+            self.send_ip(src, dst, ipv4.PROTO_TCP, head, payload)
+            return
+        size = len(payload)
+        if not self._csum_offload:
+            head = tcp.frame_header(self.ethernet_header(), src, dst, self.next_ident(),
+                                    sport, dport, seq, ack, flags, window, payload)
+            self.send_frame([head, payload] if size else head)
+            return
+        head = tcp.build_header_partial(src, dst, sport, dport, seq, ack, flags, window, size,
+                                        options)
+        hlen = len(head)
+        if size > segment_size > 0 and self._gso_tcpv4:
+            meta = vnet.build(self._vnet_len, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4,
+                              _TCP_CSUM_START + hlen, segment_size, _TCP_CSUM_START, 16)
+        else:
+            meta = vnet.build(self._vnet_len, vnet.F_NEEDS_CSUM, vnet.GSO_NONE,
+                              _TCP_CSUM_START + hlen, 0, _TCP_CSUM_START, 16)
+        head = self.ethernet_header() + ipv4.build_header(
+            src, dst, ipv4.PROTO_TCP, hlen + size, ident=self.next_ident()) + head
+        self.send_frame([head, payload] if size else head, meta)
+
+    # -- the guest's MAC
+
+    def _hold(self, ip_header, l4, parts):
+        """Queue a packet until the guest's MAC is known and ask for it (at
+        most once a second)."""
+        if len(self._unresolved) == self._unresolved.maxlen:
+            self.drops["unresolved-queue-full"] += 1
+        self._unresolved.append([ip_header, bytes(l4), *(bytes(p) for p in parts)])
+        now = self.clock()
+        if now - self._last_arp_request >= 1.0:
+            self._last_arp_request = now
+            dst_ip = ip_header[16:20]
+            self.send_ethernet(ethernet.BROADCAST, ethernet.ETHERTYPE_ARP,
+                               _ARP_REQUEST_BODY + self.gateway_mac + self._gateway_ip
+                               + bytes(6) + dst_ip)
+
+    def resolved(self, mac):
+        """The guest's MAC is ``mac``: send what waited for it."""
+        self.guest_mac = bytes(mac)
+        while self._unresolved:
+            self.send_frame([self.ethernet_header(), *self._unresolved.popleft()])
