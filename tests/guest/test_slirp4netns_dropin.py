@@ -1,0 +1,478 @@
+"""arcbox-net-slirp4netns as rootlesskit runs it, unprivileged, beside the real slirp4netns.
+
+Every test runs Debian's rootlesskit as an unprivileged user the test makes
+(subuid/subgid, /dev/net/tun mode 0666 as on stock Debian) with
+``--net=slirp4netns --slirp4netns-binary=BINARY --port-driver=slirp4netns``,
+once with ``arcbox-net-slirp4netns`` and once with the real ``slirp4netns``:
+the checks are slirp4netns's behaviour, so both must pass them.
+
+All of it runs inside a fresh network namespace (``ip netns exec``) that has
+only lo: the "host" of these tests, whose 127.0.0.1 holds the file server,
+the upstream DNS server (its /etc/netns resolv.conf names 127.0.0.1, which
+both stacks read) and the published port. Nothing can leave the machine,
+whatever a stack does with --disable-host-loopback; arcbox-net also runs with
+``--deny 0.0.0.0/0 --allow 127.0.0.0/8``.
+
+The user cannot run this venv's interpreter (it may live under /root), so
+the test makes a venv from Debian's /usr/bin/python3 holding copies of
+arcbox-net's runtime dependencies and this tree's arcbox_net, and installs
+the console script there from .venv/bin/arcbox-net-slirp4netns with its
+shebang pointed at that interpreter.
+"""
+
+import contextlib
+import grp
+import hashlib
+import json
+import os
+import pathlib
+import pwd
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from importlib import metadata
+
+import pytest
+from conftest import REPO, namespace, require_root, run
+from hostside import HostServer
+
+USER = "arcbox-s4nn"
+PUBLISHED = 18080
+NAME = "dropin.test"
+#: The test DNS server's answer (TEST-NET-2: only ever an answer, never a destination).
+ANSWER = "198.51.100.7"
+PAYLOAD = os.urandom(3 << 20)
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "arcbox-net-slirp4netns")
+SAFE_OPTS = "--deny 0.0.0.0/0 --allow 127.0.0.0/8"
+CLONE_NEWNET = 0x40000000
+
+CHILD = r'''
+import fcntl, hashlib, json, socket, struct, sys
+file_port, name, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+out = {}
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    try:
+        res = fcntl.ioctl(s, 0x8915, struct.pack("16s16x", b"tap0"))
+        out["address"] = socket.inet_ntoa(res[20:24])
+    except OSError as e:
+        out["address"] = str(e)
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 80))
+srv.listen(4)
+if mode == "checks":
+    try:
+        c = socket.create_connection(("10.0.2.2", file_port), timeout=20)
+        h, n = hashlib.sha256(), 0
+        while True:
+            data = c.recv(1 << 16)
+            if not data:
+                break
+            h.update(data)
+            n += len(data)
+        out["fetch"] = [h.hexdigest(), n]
+    except OSError as e:
+        out["fetch_error"] = [type(e).__name__, e.errno, str(e)]
+    q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    q += struct.pack("!HH", 1, 1)
+    d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    d.settimeout(10)
+    try:
+        d.sendto(q, ("10.0.2.3", 53))
+        r = d.recv(4096)
+        rid, flags, qd, an = struct.unpack_from("!HHHH", r)
+        pos, answers = len(q), []
+        for _ in range(an):
+            pos += 2 if r[pos] & 0xC0 == 0xC0 else r.index(b"\0", pos) + 1 - pos
+            rtype, _, _, rdlen = struct.unpack_from("!HHIH", r, pos)
+            pos += 10
+            if rtype == 1:
+                answers.append(socket.inet_ntoa(r[pos:pos + 4]))
+            pos += rdlen
+        out["dns"] = {"rcode": flags & 15, "answers": answers}
+    except OSError as e:
+        out["dns"] = {"error": str(e)}
+print("READY " + json.dumps(out), flush=True)
+srv.settimeout(60)
+conn, _ = srv.accept()
+got = conn.recv(100)
+conn.sendall(b"child:" + got)
+conn.close()
+print("SERVED " + json.dumps({"got": got.decode()}), flush=True)
+'''
+
+
+def _need(tool):
+    if shutil.which(tool) is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{tool} is missing; scripts/setup.sh should have installed it")
+        pytest.skip(f"{tool} is not installed")
+
+
+def _ensure_subids(path, user):
+    with open(path) as f:
+        lines = f.read().splitlines()
+    if any(line.split(":")[0] == user for line in lines):
+        return None
+    ends = [int(a) + int(b) for _, a, b in (line.split(":") for line in lines if line.count(":") == 2)]
+    start = max([100000, *ends])
+    with open(path, "a") as f:
+        f.write(f"{user}:{start}:65536\n")
+    return f"{user}:{start}:65536"
+
+
+def _user_venv(dest):
+    """A venv of /usr/bin/python3 the user can run, with arcbox-net in it."""
+    run(["/usr/bin/python3", "-m", "venv", "--without-pip", dest])
+    site = run([f"{dest}/bin/python", "-c",
+                "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    seen = {}
+
+    def walk(name):
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            return
+        try:
+            seen[key] = dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            return
+        for req in dist.requires or []:
+            if "extra ==" not in req:
+                walk(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
+    walk("arcbox-net")
+    ours = sysconfig.get_paths()["purelib"]
+    tops = {f.parts[0] for dist in seen.values() for f in dist.files or []}
+    for top in sorted(tops):
+        src = os.path.join(ours, top)
+        if top in ("..", "__pycache__") or top.endswith(".pth") or not os.path.exists(src):
+            continue
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(site, top), dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, site)
+    shutil.copytree(os.path.join(REPO, "arcbox_net"), os.path.join(site, "arcbox_net"),
+                    dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(SCRIPT) as f:
+        body = f.read().split("\n", 1)[1]
+    script = os.path.join(dest, "bin", "arcbox-net-slirp4netns")
+    with open(script, "w") as f:
+        f.write(f"#!{dest}/bin/python\n{body}")
+    os.chmod(script, 0o755)
+    return script
+
+
+@pytest.fixture(scope="module")
+def rootless():
+    """The unprivileged user, its venv and the binaries under test."""
+    require_root()
+    for tool in ("rootlesskit", "newuidmap", "slirp4netns", "runuser"):
+        _need(tool)
+    assert os.path.exists(SCRIPT), f"{SCRIPT} is not installed (pip install -e .)"
+    created = False
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        run(["useradd", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", "/usr/sbin/nologin", USER])
+        created = True
+    added = [(p, _ensure_subids(p, USER)) for p in ("/etc/subuid", "/etc/subgid")]
+    tun_mode = os.stat("/dev/net/tun").st_mode & 0o777
+    os.chmod("/dev/net/tun", 0o666)
+    # Not under pytest's tmp_path: /tmp/pytest-of-root is closed to other users.
+    base = pathlib.Path(tempfile.mkdtemp(prefix="arcbox-s4nn-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    uid, gid = pwd.getpwnam(USER).pw_uid, grp.getgrnam(USER).gr_gid
+    try:
+        script = _user_venv(str(base / "venv"))
+        child = base / "child.py"
+        child.write_text(CHILD)
+        child.chmod(0o644)
+        yield {"arcbox-net": script, "slirp4netns": shutil.which("slirp4netns"),
+               "python": str(base / "venv" / "bin" / "python"), "child": str(child),
+               "base": base, "uid": uid, "gid": gid}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        os.chmod("/dev/net/tun", tun_mode)
+        if created:
+            subprocess.run(["userdel", USER], capture_output=True)
+        for path, line in added:
+            if line is not None:
+                with open(path) as f:
+                    kept = [x for x in f.read().splitlines() if x != line]
+                with open(path, "w") as f:
+                    f.write("".join(x + "\n" for x in kept))
+
+
+def in_netns(ns, fn):
+    """Run ``fn`` in a thread that joined netns ``ns`` (sockets it makes stay there)."""
+    from arcbox_net.link.tap import _setns
+    result = {}
+
+    def work():
+        fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+        try:
+            _setns(fd, CLONE_NEWNET)
+        finally:
+            os.close(fd)
+        try:
+            result["value"] = fn()
+        except Exception as e:
+            result["error"] = e
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+class DnsServer:
+    """Answers A queries for NAME with ANSWER on 127.0.0.1:53, NXDOMAIN otherwise."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 53))
+        self.queries = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            try:
+                end = data.index(b"\0", 12) + 5
+                labels, pos = [], 12
+                while data[pos]:
+                    labels.append(data[pos + 1:pos + 1 + data[pos]].decode().lower())
+                    pos += 1 + data[pos]
+                name = ".".join(labels)
+                self.queries.append(name)
+                qid = struct.unpack_from("!H", data)[0]
+                if name == NAME:
+                    reply = struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + data[12:end]
+                    reply += struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(ANSWER)
+                else:
+                    reply = struct.pack("!HHHHHH", qid, 0x8183, 1, 0, 0, 0) + data[12:end]
+                self.sock.sendto(reply, peer)
+            except (ValueError, IndexError, struct.error):
+                continue
+
+    def close(self):
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def host_namespace():
+    """The tests' "host": a namespace with lo, the servers on its 127.0.0.1,
+    and a resolv.conf naming 127.0.0.1 for whatever runs in it."""
+    with namespace("s4nn") as ns:
+        etc = f"/etc/netns/{ns}"
+        os.makedirs(etc)
+        try:
+            with open(f"{etc}/resolv.conf", "w") as f:
+                f.write("nameserver 127.0.0.1\n")
+            server = in_netns(ns, lambda: HostServer(lambda conn: conn.sendall(PAYLOAD)))
+            dns = in_netns(ns, DnsServer)
+            try:
+                yield ns, server, dns
+            finally:
+                server.close()
+                dns.close()
+        finally:
+            shutil.rmtree(etc, ignore_errors=True)
+
+
+class Rootlesskit:
+    """rootlesskit as the user, in namespace ``ns``, around the child program."""
+
+    def __init__(self, rootless, ns, binary, extra=(), child_args=()):
+        self.state = rootless["base"] / f"state-{os.getpid()}-{time.monotonic_ns()}"
+        self.state.mkdir()
+        os.chown(self.state, rootless["uid"], rootless["gid"])
+        self.log_path = self.state.parent / (self.state.name + ".log")
+        cmd = ["ip", "netns", "exec", ns, "runuser", "-u", USER, "--",
+               "env", f"ARCBOX_NET_SLIRP4NETNS_OPTS={SAFE_OPTS}", "rootlesskit",
+               f"--state-dir={self.state}/rk", "--net=slirp4netns",
+               f"--slirp4netns-binary={rootless[binary]}", "--port-driver=slirp4netns",
+               "-p", f"127.0.0.1:{PUBLISHED}:80/tcp", *extra,
+               rootless["python"], rootless["child"], *child_args]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     start_new_session=True, cwd="/")
+        self.api_socket = f"{self.state}/rk/.s4nn.sock"
+
+    def line(self, prefix, timeout=60):
+        """The child's next stdout line starting with ``prefix``, as JSON."""
+        import select
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                text = self.proc.stdout.readline()
+                if not text:
+                    break
+                if text.startswith(prefix + " "):
+                    return json.loads(text[len(prefix) + 1:])
+            elif self.proc.poll() is not None:
+                break
+        raise AssertionError(f"no {prefix} line from the child; rootlesskit log:\n{self.stderr()}")
+
+    def stderr(self):
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def close(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(5)
+        self.proc.stdout.close()
+        self.log.close()
+
+
+def host_client(ns, message, attempts=40):
+    """Connect to the published port in ``ns``; the reply (retried while the
+    forward accepts and drops before the child listens)."""
+    last = None
+    for _ in range(attempts):
+        sock = in_netns(ns, socket.socket)
+        sock.settimeout(10)
+        try:
+            sock.connect(("127.0.0.1", PUBLISHED))
+            sock.sendall(message)
+            reply = b""
+            while True:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                reply += data
+            if reply:
+                return reply
+            last = "empty reply"
+        except OSError as e:
+            last = e
+        finally:
+            sock.close()
+        time.sleep(0.25)
+    raise AssertionError(f"no reply through the published port: {last}")
+
+
+BINARIES = ["arcbox-net", "slirp4netns"]
+
+
+@pytest.mark.parametrize("binary", BINARIES)
+def test_rootlesskit_child_network(rootless, binary):
+    """The child has .100, fetches from the host's 127.0.0.1 via .2 byte-exact,
+    resolves a name on .3, and a host client reaches its port 80."""
+    with host_namespace() as (ns, server, dns):
+        kit = Rootlesskit(rootless, ns, binary, child_args=[str(server.port), NAME, "checks"])
+        try:
+            ready = kit.line("READY")
+            assert ready["address"] == "10.0.2.100", kit.stderr()
+            assert ready.get("fetch") == [hashlib.sha256(PAYLOAD).hexdigest(), len(PAYLOAD)], \
+                (ready, kit.stderr())
+            assert ready["dns"] == {"rcode": 0, "answers": [ANSWER]}, (ready, kit.stderr())
+            assert NAME in dns.queries
+            assert host_client(ns, b"hello-from-host") == b"child:hello-from-host"
+            assert kit.line("SERVED") == {"got": "hello-from-host"}
+            assert kit.proc.wait(30) == 0, kit.stderr()
+        finally:
+            kit.close()
+
+
+@pytest.mark.parametrize("binary", BINARIES)
+def test_rootlesskit_disable_host_loopback(rootless, binary):
+    """With --disable-host-loopback a connection to 10.0.2.2 fails at once
+    (refused or unreachable, never the file); the published port still works."""
+    with host_namespace() as (ns, server, _dns):
+        kit = Rootlesskit(rootless, ns, binary, extra=["--disable-host-loopback"],
+                          child_args=[str(server.port), NAME, "checks"])
+        try:
+            ready = kit.line("READY")
+            assert ready["address"] == "10.0.2.100"
+            assert "fetch" not in ready, ready
+            kind, errno, _text = ready["fetch_error"]
+            assert kind in ("ConnectionRefusedError", "OSError"), ready
+            assert errno in (111, 101, 113), ready   # ECONNREFUSED, ENETUNREACH, EHOSTUNREACH
+            assert server.results == [], "the host server was reached"
+            assert host_client(ns, b"still-published") == b"child:still-published"
+            assert kit.proc.wait(30) == 0, kit.stderr()
+        finally:
+            kit.close()
+
+
+def api_call(ns, path, request, half_close=True):
+    def call():
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(request)
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while True:
+                data = s.recv(4096)
+                if not data:
+                    return reply
+                reply += data
+    return json.loads(in_netns(ns, call))
+
+
+@pytest.mark.parametrize("binary", BINARIES)
+def test_api_socket_protocol(rootless, binary):
+    """slirp4netns's JSON API as rootlesskit's port driver left it: list,
+    add, remove and the error replies, the same from both binaries."""
+    with host_namespace() as (ns, _server, _dns):
+        kit = Rootlesskit(rootless, ns, binary, child_args=["0", NAME, "wait"])
+        try:
+            kit.line("READY")
+            path = kit.api_socket
+            listed = api_call(ns, path, b'{"execute":"list_hostfwd"}')
+            first = {"id": 1, "proto": "tcp", "host_addr": "127.0.0.1", "host_port": PUBLISHED,
+                     "guest_addr": "10.0.2.100", "guest_port": 80}
+            assert listed["entries"] == [first]
+            if binary == "arcbox-net":  # the issue's form, beside slirp4netns's own
+                assert listed["return"] == {"entries": [first]}
+            add = (b'{"execute":"add_hostfwd","arguments":{"proto":"udp","host_addr":'
+                   b'"127.0.0.1","host_port":18081,"guest_port":53}}')
+            assert api_call(ns, path, add, half_close=False) == {"return": {"id": 2}}
+            second = {"id": 2, "proto": "udp", "host_addr": "127.0.0.1", "host_port": 18081,
+                      "guest_addr": "10.0.2.100", "guest_port": 53}
+            assert api_call(ns, path, b'{"execute":"list_hostfwd"}')["entries"] == [first, second]
+            clash = (b'{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":'
+                     b'"127.0.0.1","host_port":18080,"guest_port":80}}')
+            assert api_call(ns, path, clash)["error"]["desc"].startswith(
+                "bad request: add_hostfwd: ")
+            assert api_call(ns, path, b'{"execute":"remove_hostfwd","arguments":{"id":2}}') \
+                == {"return": {}}
+            for request, desc in [
+                (b'{"execute":"remove_hostfwd","arguments":{"id":7}}',
+                 "bad request: remove_hostfwd: bad arguments.id"),
+                (b'{"execute":"nope"}', "bad request: unknown execute"),
+                (b'{"arguments":{}}', "bad request: no execute found"),
+                (b"[1]", "bad request: json_object() failed"),
+                (b"garbage", "bad request: cannot parse JSON"),
+                (b'{"execute":"add_hostfwd","arguments":{"proto":"sctp","host_port":1,"guest_port":1}}',
+                 "bad request: add_hostfwd: bad arguments.proto"),
+                (b'{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":0,"guest_port":1}}',
+                 "bad request: add_hostfwd: bad arguments.host_port"),
+            ]:
+                assert api_call(ns, path, request) == {"error": {"desc": desc}}, request
+            assert api_call(ns, path, b'{"execute":"list_hostfwd"}')["entries"] == [first]
+            assert host_client(ns, b"via-api") == b"child:via-api"
+        finally:
+            kit.close()
