@@ -42,8 +42,24 @@ GSO_TCP_SEGMENT = 65535 - ipv4.HEADER_LEN - tcp.HEADER_LEN
 _CSUM_FIELD = {ipv4.PROTO_TCP: 16, ipv4.PROTO_UDP: 6}
 _FRAGMENTED = {ipv4.PROTO_UDP: "udp-fragmented", ipv4.PROTO_ICMP: "icmp-fragmented"}
 _L3_START = ethernet.HEADER_LEN
-_TCP_CSUM_START = _L3_START + ipv4.HEADER_LEN
 _ARP_REQUEST_BODY = bytes.fromhex("0001080006040001")
+
+
+class _IPv4:
+    """What the framer needs of an address family: its header, its pseudo-
+    header sum, how it fragments, its EtherType and its TCP GSO type. IPv6 is
+    one more such table (chosen by address length), not a second framer."""
+
+    ethertype = ethernet.ETHERTYPE_IPV4
+    header_len = ipv4.HEADER_LEN
+    gso_tcp = vnet.GSO_TCPV4
+    build_header = staticmethod(ipv4.build_header)
+    pseudo_header_sum = staticmethod(pseudo_header_sum)
+    fragment = staticmethod(ipv4.fragment)
+
+
+#: Families by address length.
+_FAMILIES = {4: _IPv4}
 
 
 def _gather(payload):
@@ -129,26 +145,28 @@ class Framer:
         """Send an IP packet: ``l4`` is the L4 header (checksum field zero for
         TCP and UDP, filled in here) or a whole ICMP message; ``payload`` one
         buffer or a list of them. Larger than the MTU: fragmented."""
+        family = _FAMILIES[len(src)]
         parts, size = _gather(payload)
         length = len(l4) + size
         field = _CSUM_FIELD.get(protocol)
         if field is not None:
-            total = ones_sum(l4, pseudo_header_sum(src, dst, protocol, length))
+            total = ones_sum(l4, family.pseudo_header_sum(src, dst, protocol, length))
             for part in parts:
                 total = fold(total + ones_sum(part))
             csum = ~total & 0xFFFF
             if protocol == ipv4.PROTO_UDP and csum == 0:
                 csum = 0xFFFF
             l4 = bytes(l4[:field]) + csum.to_bytes(2, "big") + bytes(l4[field + 2:])
-        if ipv4.HEADER_LEN + length > self.mtu and protocol != ipv4.PROTO_TCP:
-            self._send_fragments(src, dst, protocol, b"".join([l4, *parts]), ttl, dst_mac)
+        if family.header_len + length > self.mtu and protocol != ipv4.PROTO_TCP:
+            self._send_fragments(family, src, dst, protocol, b"".join([l4, *parts]), ttl,
+                                 dst_mac)
             return
+        ip_header = family.build_header(src, dst, protocol, length, ttl=ttl,
+                                        ident=self.next_ident())
         if dst_mac is None and self.guest_mac is None:
-            self._hold(ipv4.build_header(src, dst, protocol, length, ttl=ttl,
-                                         ident=self.next_ident()), l4, parts)
+            self._hold(family, ip_header, l4, parts)
             return
-        head = self.ethernet_header(dst_mac) + ipv4.build_header(
-            src, dst, protocol, length, ttl=ttl, ident=self.next_ident()) + l4
+        head = self.ethernet_header(dst_mac, family.ethertype) + ip_header + l4
         if not parts:
             self.send_frame(head)
         elif size < 2048 and len(parts) == 1:
@@ -156,14 +174,15 @@ class Framer:
         else:
             self.send_frame([head, *parts])
 
-    def _send_fragments(self, src, dst, protocol, datagram, ttl, dst_mac):
-        self.counters[_FRAGMENTED.get(protocol, "ipv4-fragmented")] += 1
-        fragments = ipv4.fragment(src, dst, protocol, datagram, self.mtu, self.next_ident(), ttl)
+    def _send_fragments(self, family, src, dst, protocol, datagram, ttl, dst_mac):
+        self.counters[_FRAGMENTED.get(protocol, "ip-fragmented")] += 1
+        fragments = family.fragment(src, dst, protocol, datagram, self.mtu, self.next_ident(),
+                                    ttl)
         for header, chunk in fragments:
             if dst_mac is None and self.guest_mac is None:
-                self._hold(header, chunk, [])
+                self._hold(family, header, chunk, [])
             else:
-                self.send_frame([self.ethernet_header(dst_mac), header, chunk])
+                self.send_frame([self.ethernet_header(dst_mac, family.ethertype), header, chunk])
 
     def send_udp(self, src, dst, sport, dport, payload, dst_mac=None):
         self.send_ip(src, dst, ipv4.PROTO_UDP, udp.header(sport, dport, len(payload)), payload,
@@ -181,8 +200,9 @@ class Framer:
         The per-segment path: one struct pack for a plain option-less segment,
         no copy of the payload (it is gathered into the write).
         """
+        family = _FAMILIES[len(src)]
         guest_mac = self.guest_mac
-        if guest_mac is None or (options and not self._csum_offload):
+        if guest_mac is None or (options and not self._csum_offload) or family is not _IPv4:
             head = tcp.header(sport, dport, seq, ack, flags, window, options)
             self.send_ip(src, dst, ipv4.PROTO_TCP, head, payload)
             return
@@ -195,24 +215,26 @@ class Framer:
         head = tcp.build_header_partial(src, dst, sport, dport, seq, ack, flags, window, size,
                                         options)
         hlen = len(head)
+        csum_start = _L3_START + family.header_len
         if size > segment_size > 0 and self._gso_tcpv4:
-            meta = vnet.build(self._vnet_len, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4,
-                              _TCP_CSUM_START + hlen, segment_size, _TCP_CSUM_START, 16)
+            meta = vnet.build(self._vnet_len, vnet.F_NEEDS_CSUM, family.gso_tcp,
+                              csum_start + hlen, segment_size, csum_start, 16)
         else:
             meta = vnet.build(self._vnet_len, vnet.F_NEEDS_CSUM, vnet.GSO_NONE,
-                              _TCP_CSUM_START + hlen, 0, _TCP_CSUM_START, 16)
-        head = self.ethernet_header() + ipv4.build_header(
+                              csum_start + hlen, 0, csum_start, 16)
+        head = self.ethernet_header(None, family.ethertype) + family.build_header(
             src, dst, ipv4.PROTO_TCP, hlen + size, ident=self.next_ident()) + head
         self.send_frame([head, payload] if size else head, meta)
 
     # -- the guest's MAC
 
-    def _hold(self, ip_header, l4, parts):
+    def _hold(self, family, ip_header, l4, parts):
         """Queue a packet until the guest's MAC is known and ask for it (at
         most once a second)."""
         if len(self._unresolved) == self._unresolved.maxlen:
             self.drops["unresolved-queue-full"] += 1
-        self._unresolved.append([ip_header, bytes(l4), *(bytes(p) for p in parts)])
+        self._unresolved.append((family.ethertype,
+                                 [ip_header, bytes(l4), *(bytes(p) for p in parts)]))
         now = self.clock()
         if now - self._last_arp_request >= 1.0:
             self._last_arp_request = now
@@ -225,4 +247,5 @@ class Framer:
         """The guest's MAC is ``mac``: send what waited for it."""
         self.guest_mac = bytes(mac)
         while self._unresolved:
-            self.send_frame([self.ethernet_header(), *self._unresolved.popleft()])
+            ethertype, packet = self._unresolved.popleft()
+            self.send_frame([self.ethernet_header(None, ethertype), *packet])
