@@ -168,9 +168,12 @@ echo "RESULT dns_host=$(lookup host.arcbox.internal)"
 echo "RESULT dns_record=$(lookup {record})"
 dd if=/dev/urandom of=/www/blob bs=65536 count={blocks} 2>/dev/null
 echo "RESULT blob_sha256=$(sha256sum /www/blob | cut -d' ' -f1)"
+# Hashed after the transfer: busybox sha256sum under TCG (~24 MB/s) would bound it.
 echo "MARK down-start"
-echo "RESULT down_sha256=$(wget -q -O - http://10.0.2.1:{web}/down | sha256sum | cut -d' ' -f1)"
+wget -q -O /tmp/down http://10.0.2.1:{web}/down
 echo "MARK down-end"
+echo "RESULT down_sha256=$(sha256sum /tmp/down | cut -d' ' -f1)"
+rm /tmp/down
 # nc -e: cat writes the socket itself, with sendfile (nc's own loop writes 1 KiB at a time).
 nc 10.0.2.1 {sink} -e cat /www/blob
 echo "RESULT up_exit=$?"
