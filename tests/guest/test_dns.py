@@ -8,47 +8,29 @@ on 127.0.0.1: no query ever leaves the machine.
 """
 
 import os
-
 import re
-
 import shutil
-
 import socket
-
 import struct
-
 import subprocess
-
 import sys
-
 import threading
-
 import time
 
-
 import pytest
-
+from conftest import in_ns, require_root, udhcpc
 from twisted.internet import defer, task
-
 from twisted.internet.testing import StringTransport
-
 from twisted.names import dns, error
 
-
 from arcbox_net.config import StackConfig
-
-
-
-from arcbox_net.protocols.dns import (GATEWAY_NAMES, DnsResolverProxy)
-
-from conftest import in_ns, require_root, udhcpc
+from arcbox_net.protocols.dns import GATEWAY_NAMES, DnsResolverProxy
 
 GATEWAY = "10.0.2.1"
 
 BIG = [f"198.51.100.{i}" for i in range(1, 41)]
 
 SAFE_POLICY = ("--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8")
-
 
 
 def query(name, qtype=dns.A, qid=4242, edns_size=None, edns_version=0, rd=1, opcode=dns.OP_QUERY,
@@ -63,22 +45,18 @@ def query(name, qtype=dns.A, qid=4242, edns_size=None, edns_version=0, rd=1, opc
     return wire
 
 
-
 def decode(wire):
     m = dns.Message()
     m.fromStr(wire)
     return m
 
 
-
 def opt_records(m):
     return [r for r in m.additional if r.type == dns.OPT]
 
 
-
 def addresses(m):
     return [r.payload.dottedQuad() for r in m.answers if r.type == dns.A]
-
 
 
 class FakeUpstream:
@@ -105,10 +83,8 @@ class FakeUpstream:
         return defer.succeed(result)
 
 
-
 def a_records(name, addrs, ttl=300):
     return [dns.RRHeader(name, dns.A, dns.IN, ttl, dns.Record_A(a, ttl=ttl)) for a in addrs]
-
 
 
 def soa(zone=b"example.test", ttl=30):
@@ -117,12 +93,10 @@ def soa(zone=b"example.test", ttl=30):
                                        minimum=ttl, ttl=ttl))
 
 
-
 def upstream_message(rcode, authority=()):
     m = dns.Message(answer=1, rCode=rcode)
     m.authority = list(authority)
     return m
-
 
 
 def standard_table():
@@ -138,13 +112,11 @@ def standard_table():
     }
 
 
-
 def make_proxy(config=None, table=None, **kw):
     clock = task.Clock()
     upstream = FakeUpstream(standard_table() if table is None else table)
     proxy = DnsResolverProxy(config or StackConfig(), reactor=clock, upstream=upstream, **kw)
     return proxy, clock, upstream
-
 
 
 def ask(proxy, wire, stream=False):
@@ -153,7 +125,6 @@ def ask(proxy, wire, stream=False):
     proxy.answer(wire, stream=stream).addCallback(out.append)
     assert out, "the proxy did not answer synchronously"
     return out[0]
-
 
 
 @pytest.mark.parametrize("name", GATEWAY_NAMES)
@@ -165,12 +136,10 @@ def test_local_names_answer_the_gateway(name):
     assert not upstream.queries
 
 
-
 def test_local_names_follow_the_configured_gateway():
     proxy, _, _ = make_proxy(StackConfig(subnet="192.168.77.0/24", gateway="192.168.77.254",
                                          guest="192.168.77.2"))
     assert addresses(decode(ask(proxy, query("host.docker.internal")))) == ["192.168.77.254"]
-
 
 
 @pytest.mark.parametrize("qtype", [dns.AAAA, dns.MX, dns.TXT, 65])
@@ -183,13 +152,11 @@ def test_other_types_of_local_names_are_noerror_without_answer(qtype):
     assert not upstream.queries
 
 
-
 def test_unknown_name_in_the_local_zone_is_nxdomain_without_upstream():
     proxy, _, upstream = make_proxy()
     m = decode(ask(proxy, query("nothing.arcbox.internal")))
     assert m.rCode == dns.ENAME and m.auth and not m.answers
     assert not upstream.queries
-
 
 
 def test_dns_records_option():
@@ -206,7 +173,6 @@ def test_dns_records_option():
     assert not upstream.queries
 
 
-
 def test_dns_records_from_the_command_line():
     from arcbox_net.cli import Options
     options = Options()
@@ -215,7 +181,6 @@ def test_dns_records_from_the_command_line():
     proxy, _, _ = make_proxy(options.config)
     assert addresses(decode(ask(proxy, query("api.test")))) == ["10.0.2.9"]
     assert proxy.upstream.servers == [("127.0.0.1", 5300)] and proxy.upstream.timeout == 2.5
-
 
 
 def test_names_are_case_insensitive_and_the_question_keeps_its_case():
@@ -227,14 +192,12 @@ def test_names_are_case_insensitive_and_the_question_keeps_its_case():
         assert m.queries[0].name.name == name.encode()
 
 
-
 def test_reverse_lookup_of_the_gateway():
     proxy, _, upstream = make_proxy()
     m = decode(ask(proxy, query("1.2.0.10.in-addr.arpa", dns.PTR)))
     assert m.rCode == dns.OK
     assert [r.payload.name.name for r in m.answers] == [b"host.arcbox.internal"]
     assert not upstream.queries
-
 
 
 def test_reply_keeps_id_question_and_flags():
@@ -248,7 +211,6 @@ def test_reply_keeps_id_question_and_flags():
     assert ask(proxy, wire)[12:len(wire)] == wire[12:]
     m = decode(ask(proxy, query("www.example.test", qid=7, rd=0)))
     assert m.id == 7 and m.recDes == 0
-
 
 
 def test_upstream_answer_is_forwarded_and_cached():
@@ -266,13 +228,11 @@ def test_upstream_answer_is_forwarded_and_cached():
     assert len(upstream.queries) == 2
 
 
-
 def test_upstream_nxdomain_reaches_the_guest_as_nxdomain():
     proxy, _, _ = make_proxy()
     m = decode(ask(proxy, query("missing.example.test")))
     assert m.rCode == dns.ENAME and m.answers == []
     assert [r.type for r in m.authority] == [dns.SOA]
-
 
 
 def test_upstream_nodata_reaches_the_guest_as_noerror_without_answer():
@@ -282,14 +242,12 @@ def test_upstream_nodata_reaches_the_guest_as_noerror_without_answer():
     assert [r.type for r in m.authority] == [dns.SOA]
 
 
-
 @pytest.mark.parametrize("name, rcode", [("refused.example.test", dns.EREFUSED),
                                          ("broken.example.test", dns.ESERVER),
                                          ("unknown.example.test", dns.ESERVER)])
 def test_upstream_errors_are_not_turned_into_nxdomain(name, rcode):
     proxy, _, _ = make_proxy()
     assert decode(ask(proxy, query(name))).rCode == rcode
-
 
 
 def test_upstream_timeout_is_servfail_within_dns_timeout():
@@ -308,7 +266,6 @@ def test_upstream_timeout_is_servfail_within_dns_timeout():
     assert proxy.pending == 0 and not clock.getDelayedCalls()
 
 
-
 def test_missing_or_empty_resolv_conf_still_serves_local_names(tmp_path):
     for path in (tmp_path / "missing", tmp_path / "empty"):
         if path.name == "empty":
@@ -320,7 +277,6 @@ def test_missing_or_empty_resolv_conf_still_serves_local_names(tmp_path):
         assert proxy.upstream.resolver.resolv == str(path)
         proxy.stop()
         assert not [c for c in clock.getDelayedCalls() if c.active()]
-
 
 
 def test_resolv_conf_is_the_default_upstream_and_is_reread(tmp_path):
@@ -338,7 +294,6 @@ def test_resolv_conf_is_the_default_upstream_and_is_reread(tmp_path):
     proxy.stop()
 
 
-
 def test_udp_reply_without_edns_fits_512_with_tc():
     proxy, _, _ = make_proxy()
     wire = ask(proxy, query("big.example.test"))
@@ -347,7 +302,6 @@ def test_udp_reply_without_edns_fits_512_with_tc():
     assert 0 < len(m.answers) < 40 and set(addresses(m)) <= set(BIG)
     assert not opt_records(m)
     assert proxy.counters["dns-truncated"] == 1
-
 
 
 def test_udp_reply_respects_the_edns_size_and_carries_opt():
@@ -363,13 +317,11 @@ def test_udp_reply_respects_the_edns_size_and_carries_opt():
     assert opt.cls >= 1232 and (opt.ttl >> 16) & 0xFF == 0   # our size, version 0
 
 
-
 def test_edns_size_below_512_counts_as_512_and_mtu_caps_it():
     proxy, _, _ = make_proxy(StackConfig(mtu=576))
     assert len(ask(proxy, query("big.example.test", edns_size=100))) <= 512
     wire = ask(proxy, query("big.example.test", edns_size=4096))
     assert len(wire) <= 576 - 28 and decode(wire).trunc
-
 
 
 def test_opt_only_when_the_query_had_one():
@@ -381,7 +333,6 @@ def test_opt_only_when_the_query_had_one():
     assert m.rCode == dns.ENAME and len(opt_records(m)) == 1
 
 
-
 def test_unknown_edns_version_gets_badvers():
     proxy, _, upstream = make_proxy()
     m = decode(ask(proxy, query("www.example.test", edns_size=1232, edns_version=1)))
@@ -390,13 +341,11 @@ def test_unknown_edns_version_gets_badvers():
     assert not upstream.queries
 
 
-
 def test_tcp_gets_the_full_answer():
     proxy, _, _ = make_proxy()
     wire = ask(proxy, query("big.example.test"), stream=True)
     m = decode(wire)
     assert not m.trunc and sorted(addresses(m)) == sorted(BIG) and len(wire) > 512
-
 
 
 def test_tcp_protocol_speaks_length_prefixed_dns():
@@ -424,7 +373,6 @@ def test_tcp_protocol_speaks_length_prefixed_dns():
     assert proxy.connections == []
 
 
-
 def _compression_loop():
     header = struct.pack("!6H", 1, 0x0100, 1, 0, 0, 0)
     return header + b"\xc0\x0c" + struct.pack("!HH", 1, 1)
@@ -446,7 +394,6 @@ MALFORMED = {
 }
 
 
-
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_queries_are_dropped_and_counted(case):
     payload, reason = MALFORMED[case]
@@ -454,7 +401,6 @@ def test_malformed_queries_are_dropped_and_counted(case):
     assert ask(proxy, payload) is None
     assert proxy.drops[reason] == 1 and sum(proxy.drops.values()) == 1
     assert not upstream.queries
-
 
 
 def test_random_garbage_never_raises():
@@ -472,7 +418,6 @@ def test_random_garbage_never_raises():
         proxy.answer(bytes(data)).addErrback(lambda f: pytest.fail(str(f)))
     clock.advance(60)
     assert proxy.pending == 0
-
 
 
 def test_other_opcodes_and_classes():
@@ -519,7 +464,6 @@ reactor.run()
 """
 
 
-
 @pytest.fixture
 def upstream():
     """A twisted.names authority for example.test on 127.0.0.1 (UDP and TCP); its port."""
@@ -538,7 +482,6 @@ def upstream():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-
 
 
 @pytest.fixture
@@ -567,7 +510,6 @@ def silent_upstream():
         sock.close()
 
 
-
 def require_dig():
     require_root()
     if shutil.which("dig") is None:
@@ -576,30 +518,24 @@ def require_dig():
         pytest.skip("dig (dnsutils) is not installed")
 
 
-
 def dig(ns, *args, timeout=60):
     return in_ns(ns, "dig", f"@{GATEWAY}", "+tries=1", "+time=5", *args, timeout=timeout).stdout
-
 
 
 def status(out):
     return re.search(r"status: (\w+)", out).group(1)
 
 
-
 def flags(out):
     return re.search(r";; flags: ([a-z ]*);", out).group(1).split()
-
 
 
 def answer_count(out):
     return int(re.search(r"ANSWER: (\d+)", out).group(1))
 
 
-
 def answer_addresses(out):
     return re.findall(r"\sIN\s+A\s+(\d+\.\d+\.\d+\.\d+)", out)
-
 
 
 def start_guest_stack(stack_factory, netns, port, *extra, configure=True):
@@ -607,7 +543,6 @@ def start_guest_stack(stack_factory, netns, port, *extra, configure=True):
     if configure:
         args.insert(2, "--configure")
     return stack_factory(*args)
-
 
 
 @pytest.mark.realguest
@@ -631,7 +566,6 @@ def test_guest_dig_local_upstream_and_nxdomain(netns, stack_factory, upstream):
     assert "Traceback" not in stack.log()
 
 
-
 @pytest.mark.realguest
 def test_guest_large_answer_is_truncated_over_udp(netns, stack_factory, upstream):
     require_dig()
@@ -647,7 +581,6 @@ def test_guest_large_answer_is_truncated_over_udp(netns, stack_factory, upstream
     assert "tc" not in flags(out) and sorted(answer_addresses(out)) == sorted(BIG)
 
 
-
 @pytest.mark.realguest
 def test_guest_large_answer_in_full_over_tcp(netns, stack_factory, upstream):
     require_dig()
@@ -656,7 +589,6 @@ def test_guest_large_answer_in_full_over_tcp(netns, stack_factory, upstream):
     assert "tc" not in flags(out) and sorted(answer_addresses(out)) == sorted(BIG)
     out = dig(netns, "+noedns", "big.example.test")     # TC, then dig retries over TCP
     assert sorted(answer_addresses(out)) == sorted(BIG)
-
 
 
 @pytest.mark.realguest
@@ -679,7 +611,6 @@ def test_guest_gets_servfail_when_upstream_never_answers(netns, stack_factory, s
     assert status(out) == "SERVFAIL", out + err
     assert received, "the query never reached the upstream"
     assert "Traceback" not in stack.log()
-
 
 
 @pytest.mark.realguest

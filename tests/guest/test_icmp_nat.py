@@ -6,30 +6,15 @@ and reaches "remote" hosts only through ``--map`` onto loopback.
 """
 
 import re
-
 import socket
 
-
-import pytest
-
-
 import conftest
-
-
-
+import pytest
 from conftest import in_ns
-
-
-
-
-
-
-
 
 SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8"]
 
 MAP = ["--map", "203.0.113.10=127.0.0.2"]
-
 
 
 def _ping(ns, target, count=3, size=None):
@@ -39,14 +24,12 @@ def _ping(ns, target, count=3, size=None):
     return in_ns(ns, *cmd, check=False, timeout=30)
 
 
-
 def _ping_sockets_allowed_here():
     try:
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).close()
         return True
     except OSError:
         return False
-
 
 
 def test_guest_pings_a_loopback_mapped_address(netns, stack_factory):
@@ -68,7 +51,6 @@ def test_guest_pings_a_loopback_mapped_address(netns, stack_factory):
         assert len(lines) == 1 and "using a raw ICMP socket instead" in lines[0], log
 
 
-
 def test_guest_pings_to_a_denied_target_get_no_reply(netns, stack_factory):
     stack_factory("--netns", netns, "--configure", *SAFE, *MAP,
                   "--map", "203.0.113.20=127.0.0.3", "--deny", "127.0.0.3/32")
@@ -79,13 +61,11 @@ def test_guest_pings_to_a_denied_target_get_no_reply(netns, stack_factory):
     assert "From 203.0.113.20" in out            # the admin-prohibited error, not silence
 
 
-
 @pytest.fixture
 def host_netns():
     """A second namespace where the stack itself runs, lo up."""
     with conftest.namespace("abxh") as name:
         yield name
-
 
 
 def test_ping_sockets_where_ping_group_range_allows_them(netns, host_netns, stack_factory):
@@ -98,7 +78,6 @@ def test_ping_sockets_where_ping_group_range_allows_them(netns, host_netns, stac
     assert result.stdout.count("bytes from 203.0.113.10") == 3
     log = stack.log()
     assert "using unprivileged ping sockets" in log and "raw ICMP" not in log, log
-
 
 
 def test_ping_socket_class_against_loopback(host_netns, tmp_path):

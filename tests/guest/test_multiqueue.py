@@ -6,37 +6,22 @@ own TCP stack, with loopback peers.
 """
 
 import functools
-
 import hashlib
-
 import os
-
 import signal
-
 import socket
-
-
 import threading
-
 import time
 
 import dpkt
-
 import pytest
-
 import pytest_twisted
-
+from conftest import guest_tcp_client, in_ns, udhcpc
+from hostside import HostServer, echo
 from twisted.internet import threads
-
 from twisted.internet.task import deferLater
 
 from arcbox_net import StackConfig
-
-
-from conftest import guest_tcp_client, in_ns, udhcpc
-
-
-from hostside import HostServer, echo
 
 from .test_forward_api import api, free_port
 
@@ -48,7 +33,6 @@ from tcpclient import data_chunks  # noqa: E402
 guest_client = functools.partial(guest_tcp_client, timeout=120)
 
 
-
 def wait_for(predicate, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -57,7 +41,6 @@ def wait_for(predicate, timeout=10.0):
             return value
         time.sleep(0.1)
     return predicate()
-
 
 
 def test_guest_connections_spread_over_the_queue_processes(netns, stack_factory, tmp_path):
@@ -100,7 +83,6 @@ def test_guest_connections_spread_over_the_queue_processes(netns, stack_factory,
     assert wait_for(lambda: not _alive(worker), 5), "the worker outlived the stack"
 
 
-
 def _alive(pid):
     """Running (a zombie nobody reaped yet counts as gone)."""
     try:
@@ -108,7 +90,6 @@ def _alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
 
 
 def test_forwarded_connections_survive_idling_onto_a_worker_queue(netns, stack_factory,
@@ -145,7 +126,6 @@ def test_forwarded_connections_survive_idling_onto_a_worker_queue(netns, stack_f
     assert stats, "no frame reached the worker's queue: the relay was never exercised"
 
 
-
 def test_dhcp_ping_and_dns_work_whichever_queue_they_land_on(netns, stack_factory, tmp_path):
     """A guest that configures itself: DHCP, ping and UDP DNS are the main
     process's; a worker relays them if the kernel hashed them to its queue."""
@@ -164,7 +144,6 @@ def test_dhcp_ping_and_dns_work_whichever_queue_they_land_on(netns, stack_factor
     assert wait_for(lambda: api(sock, "GET", "/stats")[1]["queues"][1].get("relayed"), 3)
 
 
-
 def test_a_worker_that_dies_ends_the_stack(netns, stack_factory, tmp_path):
     sock = tmp_path / "api.sock"
     stack = stack_factory("--netns", netns, "--configure", *SAFE, "--queues", "2",
@@ -173,7 +152,6 @@ def test_a_worker_that_dies_ends_the_stack(netns, stack_factory, tmp_path):
     os.kill(worker, signal.SIGKILL)
     stack.proc.wait(15)
     assert "queue worker 1" in stack.log() and "exited" in stack.log()
-
 
 
 def test_workers_leave_with_a_main_process_that_is_killed(netns, stack_factory, tmp_path):
@@ -188,12 +166,12 @@ def test_workers_leave_with_a_main_process_that_is_killed(netns, stack_factory, 
     assert wait_for(lambda: not any(_alive(pid) for pid in workers), 10), workers
 
 
-
 @pytest_twisted.inlineCallbacks
 def test_an_embedded_stack_with_queues_reports_every_connection(netns):
     """The embedding API: whenReady() waits for the workers, subscribe() sees
     connections whichever process serves them, stop ends the workers."""
     from twisted.internet import reactor
+
     from arcbox_net import NetworkStack
     from arcbox_net.link import open_link
 
@@ -232,10 +210,10 @@ def test_an_embedded_stack_with_queues_reports_every_connection(netns):
     assert not _alive(worker.pid)
 
 
-
 @pytest_twisted.inlineCallbacks
 def test_a_worker_that_cannot_start_fails_whenready_and_stops_the_stack(netns, monkeypatch):
     from twisted.internet import reactor
+
     from arcbox_net import NetworkStack
     from arcbox_net.link import open_link
     from arcbox_net.multiqueue import supervisor

@@ -2,34 +2,18 @@
 dpkt and tshark read back (tshark without a single warning)."""
 
 import json
-
 import os
-
 import shutil
-
 import socket
-
-
 import subprocess
-
 import sys
 
 import dpkt
-
 import pytest
-
-
-
-
-
-
-
 from conftest import GUEST_CLIENT, in_ns, udhcpc
-
 from hostside import HostServer, sink_then_reply
 
 CLIENT = GUEST_CLIENT
-
 
 
 def read_pcap(path):
@@ -42,7 +26,6 @@ def read_pcap(path):
 FIELDS = ["frame.number", "eth.src", "eth.dst", "arp.opcode", "dhcp.option.dhcp", "ip.src",
           "ip.dst", "icmp.type", "tcp.srcport", "tcp.dstport", "tcp.flags.syn",
           "tcp.flags.ack", "dns.flags.response", "dns.qry.name", "dns.a"]
-
 
 
 def tshark_fields(path):
@@ -59,7 +42,6 @@ def tshark_fields(path):
     for line in result.stdout.splitlines():
         rows.append(dict(zip(FIELDS, line.split("|"))))
     return rows
-
 
 
 def test_pcap_of_dhcp_arp_icmp_dns_tcp_read_by_tshark(netns, stack_factory, tmp_path):
@@ -113,7 +95,6 @@ def test_pcap_of_dhcp_arp_icmp_dns_tcp_read_by_tshark(netns, stack_factory, tmp_
 
     stack.stop()  # closing the file leaves it as valid as while running
     assert len(tshark_fields(path)) >= len(rows)
-
 
 
 def test_control_api_starts_and_stops_a_capture(netns, stack_factory, tmp_path):

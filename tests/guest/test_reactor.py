@@ -7,19 +7,10 @@ never installed) with pipes as the descriptors; the real-guest tests check what
 
 
 import subprocess
-
 import sys
 
-
-
 import pytest
-
-
-
-
-
 from conftest import TWISTD, in_ns, require_root
-
 
 
 @pytest.mark.realguest
@@ -31,7 +22,6 @@ def test_twistd_serves_on_the_lean_reactor(netns, stack_factory):
     assert "reactor class: arcbox_net.reactor.LeanEPollReactor" in stack.log()
 
 
-
 @pytest.mark.realguest
 def test_a_reactor_chosen_with_r_is_kept(netns, stack_factory):
     require_root()
@@ -39,7 +29,6 @@ def test_a_reactor_chosen_with_r_is_kept(netns, stack_factory):
     out = in_ns(netns, "ping", "-c", "3", "-i", "0.2", "-W", "2", "10.0.2.1").stdout
     assert "3 packets transmitted, 3 received" in out
     assert "reactor class: twisted.internet.epollreactor.EPollReactor" in stack.log()
-
 
 
 def test_busy_poll_with_a_chosen_reactor_is_a_one_line_error():
@@ -50,7 +39,6 @@ def test_busy_poll_with_a_chosen_reactor_is_a_one_line_error():
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["arcbox-net: --busy-poll needs arcbox-net's own reactor; "
                      "drop -r/--reactor"], result.stderr
-
 
 
 def test_importing_the_package_leaves_the_reactor_to_the_program():

@@ -2,46 +2,37 @@
 sockets driven without a running reactor, and socket-file handling."""
 
 import errno
-
 import os
-
 import select
-
 import socket
-
 import stat
-
 import struct
 
 import pytest
-
+from framebuild import DescriptorReactor as _Reactor
+from framebuild import RecordingSink as Sink
 from zope.interface import implementer
-
 from zope.interface.verify import verifyObject
 
-from framebuild import DescriptorReactor as _Reactor, RecordingSink as Sink
-
 from arcbox_net.config import StackConfig
-
 from arcbox_net.interfaces import IFrameSink, ILink
-
 from arcbox_net.link import open_link
-
 from arcbox_net.link.dgram import DgramListenLink
-
 from arcbox_net.link.socket import SocketFrameLink
-
-from arcbox_net.link.stream import (IOV_BATCH, FramingError, StreamDecoder,
-                                    StreamLink, StreamListenLink, encode)
-
+from arcbox_net.link.stream import (
+    IOV_BATCH,
+    FramingError,
+    StreamDecoder,
+    StreamLink,
+    StreamListenLink,
+    encode,
+)
 from arcbox_net.link.unixsock import SocketPathError
-
 
 
 def frame(n, size=60):
     """A recognisable frame: ``n`` repeated, at least an Ethernet header long."""
     return (n.to_bytes(2, "big") * (size // 2 + 1))[:size]
-
 
 
 @implementer(IFrameSink)
@@ -56,7 +47,6 @@ def recv_frames(sock, count, timeout=5):
     return got
 
 
-
 def connected_link(mtu=1500):
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     reactor = _Reactor()
@@ -66,12 +56,10 @@ def connected_link(mtu=1500):
     return link, peer, sink, reactor
 
 
-
 def test_stream_link_provides_ilink():
     link, peer, sink, reactor = connected_link()
     verifyObject(ILink, link)
     assert "stream socket" in link.description
-
 
 
 def test_stream_link_reads_split_frames_and_writes_frames():
@@ -98,7 +86,6 @@ def test_stream_link_reads_split_frames_and_writes_frames():
     assert link.frames_in == 10 and link.frames_out == 2
 
 
-
 class CountingSocket:
     """A socket whose sendmsg calls are counted; the first ``refusals`` of them
     fail with ENOBUFS (the kernel had no memory)."""
@@ -119,7 +106,6 @@ class CountingSocket:
         return getattr(self._sock, name)
 
 
-
 def test_stream_link_gathers_a_turns_frames_into_few_sendmsg_calls():
     link, peer, sink, reactor = connected_link()
     (stream_peer,) = reactor.readers
@@ -135,7 +121,6 @@ def test_stream_link_gathers_a_turns_frames_into_few_sendmsg_calls():
     assert link.frames_out == 100 and link.queued_frames == 0
 
 
-
 def test_stream_link_read_budget_spreads_a_burst_over_wakeups():
     link, peer, sink, reactor = connected_link()
     link.read_budget = 10
@@ -146,7 +131,6 @@ def test_stream_link_read_budget_spreads_a_burst_over_wakeups():
     while len(sink.frames) < 25:
         r.doRead()
     assert sink.frames == [frame(i) for i in range(25)]
-
 
 
 def test_stream_link_write_queue_survives_a_full_socket():
@@ -172,7 +156,6 @@ def test_stream_link_write_queue_survives_a_full_socket():
     assert link.queued_high_water > 0
 
 
-
 def test_stream_link_waits_out_no_buffer_space_on_a_timer():
     link, peer, sink, reactor = connected_link()
     (stream_peer,) = reactor.readers
@@ -188,7 +171,6 @@ def test_stream_link_waits_out_no_buffer_space_on_a_timer():
     assert stream_peer.sock.refusals == 0
 
 
-
 def test_stream_link_peer_eof_is_link_lost_once():
     link, peer, sink, reactor = connected_link()
     (r,) = reactor.readers
@@ -202,7 +184,6 @@ def test_stream_link_peer_eof_is_link_lost_once():
     assert len(sink.lost) == 1
 
 
-
 def test_stream_link_garbage_is_reported_and_closes():
     link, peer, sink, reactor = connected_link()
     (r,) = reactor.readers
@@ -211,7 +192,6 @@ def test_stream_link_garbage_is_reported_and_closes():
     assert sink.frames == [frame(1)]
     assert len(sink.lost) == 1 and isinstance(sink.lost[0], FramingError)
     assert peer.recv(10) == b""  # our end was closed
-
 
 
 def test_stream_link_drops_and_counts_frames_above_the_mtu():
@@ -225,7 +205,6 @@ def test_stream_link_drops_and_counts_frames_above_the_mtu():
     assert not sink.lost  # the stream stays in step
 
 
-
 def listening_link(tmp_path, mtu=1500):
     path = str(tmp_path / "s.sock")
     reactor = _Reactor()
@@ -235,7 +214,6 @@ def listening_link(tmp_path, mtu=1500):
     return link, path, sink, reactor
 
 
-
 def connect_peer(link, path, reactor):
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.connect(path)
@@ -243,10 +221,8 @@ def connect_peer(link, path, reactor):
     return c
 
 
-
 def peer_reader(link, reactor):
     return next(r for r in reactor.readers if r is not link)
-
 
 
 def test_listen_stream_serves_successive_peers_without_losing_the_link(tmp_path):
@@ -275,7 +251,6 @@ def test_listen_stream_serves_successive_peers_without_losing_the_link(tmp_path)
     assert not os.path.exists(path)
 
 
-
 def test_listen_stream_refuses_a_second_peer_while_one_is_served(tmp_path):
     link, path, sink, reactor = listening_link(tmp_path)
     first = connect_peer(link, path, reactor)
@@ -287,7 +262,6 @@ def test_listen_stream_refuses_a_second_peer_while_one_is_served(tmp_path):
     reactor.advance(0)
     assert recv_frames(first, 1) == [frame(1)]
     link.stop()
-
 
 
 @pytest.mark.parametrize("junk", [
@@ -312,7 +286,6 @@ def test_listen_stream_recovers_from_a_bad_peer(tmp_path, junk):
     link.stop()
 
 
-
 def test_listen_stream_drops_unsent_frames_of_a_departed_peer(tmp_path):
     link, path, sink, reactor = listening_link(tmp_path)
     c = connect_peer(link, path, reactor)
@@ -330,7 +303,6 @@ def test_listen_stream_drops_unsent_frames_of_a_departed_peer(tmp_path):
     link.stop()
 
 
-
 def test_listen_stream_replaces_a_stale_socket_file(tmp_path):
     path = str(tmp_path / "s.sock")
     old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -340,7 +312,6 @@ def test_listen_stream_replaces_a_stale_socket_file(tmp_path):
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.connect(path)
     link.stop()
-
 
 
 def test_listen_refuses_a_regular_file_and_a_live_socket(tmp_path):
@@ -359,7 +330,6 @@ def test_listen_refuses_a_regular_file_and_a_live_socket(tmp_path):
     link.stop()
 
 
-
 def test_stop_leaves_a_socket_file_that_is_no_longer_ours(tmp_path):
     link, path, sink, reactor = listening_link(tmp_path)
     os.unlink(path)
@@ -368,7 +338,6 @@ def test_stop_leaves_a_socket_file_that_is_no_longer_ours(tmp_path):
     link.stop()
     assert os.path.exists(path)
     other.close()
-
 
 
 def test_connect_stream(tmp_path):
@@ -395,7 +364,6 @@ def test_connect_stream(tmp_path):
         StreamLink.connect(str(tmp_path / "nothing.sock"), reactor=reactor)
 
 
-
 def test_open_link_detects_the_fd_socket_type():
     config = StackConfig()
     for kind, cls in ((socket.SOCK_STREAM, StreamLink), (socket.SOCK_DGRAM, SocketFrameLink),
@@ -410,7 +378,6 @@ def test_open_link_detects_the_fd_socket_type():
         open_link(config, listen_stream="/x", listen_dgram="/y")
 
 
-
 def dgram_link(tmp_path, mtu=1500):
     path = str(tmp_path / "d.sock")
     reactor = _Reactor()
@@ -420,13 +387,11 @@ def dgram_link(tmp_path, mtu=1500):
     return link, path, sink, reactor
 
 
-
 def dgram_peer(tmp_path, name):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind(str(tmp_path / name))
     s.settimeout(5)
     return s
-
 
 
 def dgram_link_with_full_peer(tmp_path, count):
@@ -444,7 +409,6 @@ def dgram_link_with_full_peer(tmp_path, count):
     return link, sink, reactor, vm, frames
 
 
-
 def receive_all(vm, count, when_empty):
     """Read ``count`` datagrams from ``vm``, calling ``when_empty()`` each time
     none is waiting (the test's turn to drive the link); return them."""
@@ -456,7 +420,6 @@ def receive_all(vm, count, when_empty):
         except BlockingIOError:
             when_empty()
     return got
-
 
 
 def test_listen_dgram_learns_the_peer_and_replies(tmp_path):
@@ -490,7 +453,6 @@ def test_listen_dgram_learns_the_peer_and_replies(tmp_path):
     assert not os.path.exists(path)
 
 
-
 def test_listen_dgram_drops_oversize_frames(tmp_path):
     link, path, sink, reactor = dgram_link(tmp_path, mtu=1500)
     vm = dgram_peer(tmp_path, "vm.sock")
@@ -502,7 +464,6 @@ def test_listen_dgram_drops_oversize_frames(tmp_path):
     assert sink.frames == [frame(3, 1518)]
     assert link.drops["oversize-frame"] == 2
     link.stop()
-
 
 
 def test_listen_dgram_waits_for_room_in_the_peers_queue(tmp_path):
@@ -524,7 +485,6 @@ def test_listen_dgram_waits_for_room_in_the_peers_queue(tmp_path):
     assert receive_all(vm, len(frames), write_what_is_ready) == frames
     assert not reactor.writers and link.queued_frames == 0
     link.stop()
-
 
 
 @pytest.mark.parametrize("how", ["writable", "hang-up"])
@@ -552,7 +512,6 @@ def test_listen_dgram_peer_leaving_while_full_drops_the_queue(tmp_path, how):
     link.stop()
 
 
-
 def test_listen_dgram_retries_later_when_the_peer_cannot_be_watched(tmp_path, monkeypatch):
     """No watcher socket (here: out of fds): a timer retries instead."""
     from arcbox_net.link import dgram as dgram_module
@@ -576,7 +535,6 @@ def test_listen_dgram_retries_later_when_the_peer_cannot_be_watched(tmp_path, mo
 
     assert receive_all(vm, len(frames), write_or_wait) == frames
     link.stop()
-
 
 
 def test_fd_dgram_link_drops_oversize_frames():

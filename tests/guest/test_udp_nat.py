@@ -6,38 +6,23 @@ and reaches "remote" hosts only through ``--map`` onto loopback.
 """
 
 import select
-
 import socket
-
 import sys
-
 import threading
-
 from collections import Counter
 
-
-import pytest
-
-
-
 import framebuild as fb
-
+import pytest
 from conftest import in_ns
-
-
-
 
 from arcbox_net.protocols.hostflows import Flow
 from arcbox_net.protocols.udp_nat import HostUdpSocket, UdpFlow
 
-
 SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8"]
-
 
 
 def flow(name):
     return Flow(name)
-
 
 
 class _Reactor:
@@ -54,7 +39,6 @@ class _Reactor:
         return 0.0
 
 
-
 class _Nat:
     def __init__(self):
         self.reactor = _Reactor()
@@ -69,7 +53,6 @@ class _Nat:
         self.errors.append((icmp_type, code))
 
 
-
 def _free_udp_port(host="127.0.0.1"):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((host, 0))
@@ -78,16 +61,13 @@ def _free_udp_port(host="127.0.0.1"):
     return port
 
 
-
 def _wait_readable(sock, timeout=2.0):
     r, _w, x = select.select([sock], [], [sock], timeout)
     assert r or x, "nothing arrived"
 
 
-
 def _udp_flow(target):
     return UdpFlow((fb.ip4(fb.GUEST_IP), 5000, fb.ip4("203.0.113.10"), target[1]), target)
-
 
 
 def test_host_socket_round_trip_on_loopback():
@@ -113,7 +93,6 @@ def test_host_socket_round_trip_on_loopback():
     assert host not in nat.reactor.readers and host.fileno() == -1
 
 
-
 def test_host_socket_reports_port_unreachable_on_an_error_only_wakeup():
     """epoll reports EPOLLERR alone: the reactor calls readConnectionLost."""
     nat = _Nat()
@@ -133,7 +112,6 @@ def test_host_socket_reports_port_unreachable_on_an_error_only_wakeup():
         assert nat.errors == [(3, 3), (3, 3)] and nat.drops == Counter()
     finally:
         host.close()
-
 
 
 class EchoServer:
@@ -168,7 +146,6 @@ class EchoServer:
             s.close()
 
 
-
 @pytest.fixture
 def echo_server():
     server = EchoServer(["127.0.0.1", "127.0.0.2"])
@@ -201,12 +178,10 @@ except OSError as e:
 """
 
 
-
 def guest_client(ns, host, port, size=100, recverr=False, timeout=5):
     result = in_ns(ns, sys.executable, "-c", GUEST_CLIENT, host, str(port), str(size),
                    "1" if recverr else "0", str(timeout), timeout=30)
     return result.stdout.split()
-
 
 
 def test_guest_udp_echo_through_the_nat_with_socat(netns, stack_factory, echo_server):
@@ -217,7 +192,6 @@ def test_guest_udp_echo_through_the_nat_with_socat(netns, stack_factory, echo_se
                     input=message, timeout=30).stdout
         assert out == message
         assert (host_address, "127.0.0.1", message.encode()) in echo_server.seen
-
 
 
 def test_guest_large_datagram_round_trip(netns, stack_factory, echo_server):
@@ -231,14 +205,12 @@ def test_guest_large_datagram_round_trip(netns, stack_factory, echo_server):
     assert not any(len(data) == 3000 for _l, _p, data in echo_server.seen)
 
 
-
 def test_guest_gets_connection_refused_promptly(netns, stack_factory):
     stack_factory("--netns", netns, "--configure", *SAFE, "--map", "203.0.113.10=127.0.0.2")
     for target, host in (("10.0.2.1", "127.0.0.1"), ("203.0.113.10", "127.0.0.2")):
         out = guest_client(netns, target, _free_udp_port(host))
         assert out[:3] == ["ERR", "ConnectionRefusedError", "111"], out
         assert float(out[3]) < 1.5
-
 
 
 def test_guest_denied_destination_gets_an_icmp_error(netns, stack_factory):

@@ -8,40 +8,27 @@ on 127.0.0.1: no query ever leaves the machine.
 """
 
 
-
-
-
 import struct
 
-
-
-
-
 import dpkt
-
-
+import framebuild as fb
 from twisted.internet import defer, task
-
 from twisted.internet.testing import MemoryReactorClock
-
 from twisted.names import dns, error
 
-import framebuild as fb
-
 from arcbox_net.config import StackConfig
-
 from arcbox_net.dispatch import FrameDispatcher
-
 from arcbox_net.policy import Egress
-
-from arcbox_net.protocols.dns import (DnsHandler, DnsResolverProxy,
-                                      encode_reply, retry_schedule)
-
+from arcbox_net.protocols.dns import (
+    DnsHandler,
+    DnsResolverProxy,
+    encode_reply,
+    retry_schedule,
+)
 
 GATEWAY = "10.0.2.1"
 
 BIG = [f"198.51.100.{i}" for i in range(1, 41)]
-
 
 
 def query(name, qtype=dns.A, qid=4242, edns_size=None, edns_version=0, rd=1, opcode=dns.OP_QUERY,
@@ -56,17 +43,14 @@ def query(name, qtype=dns.A, qid=4242, edns_size=None, edns_version=0, rd=1, opc
     return wire
 
 
-
 def decode(wire):
     m = dns.Message()
     m.fromStr(wire)
     return m
 
 
-
 def addresses(m):
     return [r.payload.dottedQuad() for r in m.answers if r.type == dns.A]
-
 
 
 class FakeUpstream:
@@ -93,10 +77,8 @@ class FakeUpstream:
         return defer.succeed(result)
 
 
-
 def a_records(name, addrs, ttl=300):
     return [dns.RRHeader(name, dns.A, dns.IN, ttl, dns.Record_A(a, ttl=ttl)) for a in addrs]
-
 
 
 def soa(zone=b"example.test", ttl=30):
@@ -105,12 +87,10 @@ def soa(zone=b"example.test", ttl=30):
                                        minimum=ttl, ttl=ttl))
 
 
-
 def upstream_message(rcode, authority=()):
     m = dns.Message(answer=1, rCode=rcode)
     m.authority = list(authority)
     return m
-
 
 
 def standard_table():
@@ -126,7 +106,6 @@ def standard_table():
     }
 
 
-
 class _FakeUdpPort:
     def __init__(self, protocol, reactor):
         self.protocol, self.reactor, self.written = protocol, reactor, []
@@ -138,7 +117,6 @@ class _FakeUdpPort:
 
     def stopListening(self):
         self.closed = True
-
 
 
 class UdpClock(task.Clock):
@@ -156,7 +134,6 @@ class UdpClock(task.Clock):
         return p
 
 
-
 def test_real_client_resolver_retries_then_servfails_within_dns_timeout():
     clock = UdpClock()
     config = StackConfig(dns_upstreams=["127.0.0.1:5353"], dns_timeout=5.0)
@@ -171,7 +148,6 @@ def test_real_client_resolver_retries_then_servfails_within_dns_timeout():
     proxy.stop()
     assert not [c for c in clock.getDelayedCalls() if c.active()]
     assert all(p.closed for p in clock.ports)
-
 
 
 def test_real_client_resolver_passes_nxdomain_and_answers_through():
@@ -201,13 +177,11 @@ def test_real_client_resolver_passes_nxdomain_and_answers_through():
     proxy.stop()
 
 
-
 def test_retry_schedule_adds_up_to_the_timeout():
     for total in (0.3, 1, 2.5, 5, 30):
         schedule = retry_schedule(total)
         assert abs(sum(schedule) - total) < 1e-9 and all(t > 0 for t in schedule)
     assert retry_schedule(5) == (1.0, 2.0, 2.0)
-
 
 
 def test_encode_reply_drops_additional_before_setting_tc():
@@ -218,7 +192,6 @@ def test_encode_reply_drops_additional_before_setting_tc():
     wire, truncated = encode_reply(m, 512)
     r = decode(wire)
     assert not truncated and not r.trunc and addresses(r) == ["192.0.2.1"] and not r.additional
-
 
 
 class FakeLink:
@@ -232,7 +205,6 @@ class FakeLink:
         self.frames.append(b"".join(frame) if isinstance(frame, list) else bytes(frame))
 
 
-
 def make_handler(config=None, table=None):
     config = config or StackConfig()
     link = FakeLink()
@@ -243,7 +215,6 @@ def make_handler(config=None, table=None):
                          upstream=FakeUpstream(standard_table() if table is None else table))
     dispatcher.register(handler)
     return handler, dispatcher, link, egress, reactor
-
 
 
 def test_handler_answers_udp_from_the_queried_address():
@@ -262,13 +233,11 @@ def test_handler_answers_udp_from_the_queried_address():
     assert m.id == 5 and addresses(m) == [GATEWAY]
 
 
-
 def test_handler_only_serves_stack_addresses():
     handler, dispatcher, link, _, _ = make_handler()
     dispatcher.frames_received([fb.udp(40000, 53, query("host.arcbox.internal"),
                                        dst="192.0.2.53")])
     assert link.frames == [] and handler.counters["dns-queries"] == 0
-
 
 
 def test_handler_counts_malformed_in_stack_stats():
@@ -278,7 +247,6 @@ def test_handler_counts_malformed_in_stack_stats():
     assert link.frames == []
     assert handler.drops == {"dns-short": 1, "dns-malformed": 1}
     assert dispatcher.drops["handler-error"] == 0
-
 
 
 def test_handler_start_registers_tcp_for_the_nat_and_stop_closes():
@@ -292,7 +260,6 @@ def test_handler_start_registers_tcp_for_the_nat_and_stop_closes():
     assert handler.tcp_port is None
 
 
-
 def test_slow_upstream_does_not_hold_other_queries():
     handler, dispatcher, link, _, reactor = make_handler(StackConfig(dns_timeout=2))
     dispatcher.frames_received([fb.udp(40001, 53, query("slow.example.test", qid=1)),
@@ -301,7 +268,6 @@ def test_slow_upstream_does_not_hold_other_queries():
     reactor.advance(2)
     replies = [decode(fb.parse(f).data.data.data) for f in link.frames]
     assert [(r.id, r.rCode) for r in replies] == [(2, dns.OK), (1, dns.ESERVER)]
-
 
 
 def test_network_stack_wires_dns_in():

@@ -6,33 +6,24 @@ and reaches "remote" hosts only through ``--map`` onto loopback.
 """
 
 
-
 import dpkt
-
-
+import framebuild as fb
+from framebuild import FakeLink
 from twisted.internet.task import Clock
 
-
-from framebuild import FakeLink
-
-import framebuild as fb
-
-
 from arcbox_net.config import StackConfig
-
 from arcbox_net.dispatch import FrameDispatcher
-
 from arcbox_net.policy import Egress
-
 from arcbox_net.protocols import icmp_nat
-
 from arcbox_net.protocols.icmp import IcmpHandler
-
-from arcbox_net.protocols.icmp_nat import (IcmpNat, RawBackend, echo_fields, parse_raw_packet,
-                                           with_ident)
-
+from arcbox_net.protocols.icmp_nat import (
+    IcmpNat,
+    RawBackend,
+    echo_fields,
+    parse_raw_packet,
+    with_ident,
+)
 from arcbox_net.wire.checksum import ones_sum
-
 
 
 def echo(mtype, ident, seq, payload):
@@ -40,12 +31,10 @@ def echo(mtype, ident, seq, payload):
                                 data=dpkt.icmp.ICMP.Echo(id=ident, seq=seq, data=payload)))
 
 
-
 def ip_packet(src, dst, payload, ttl=64, proto=1):
     pkt = dpkt.ip.IP(src=fb.ip4(src), dst=fb.ip4(dst), p=proto, ttl=ttl, data=payload)
     pkt.len = len(pkt)
     return bytes(pkt)
-
 
 
 def test_with_ident_keeps_sequence_and_payload_and_fixes_the_checksum():
@@ -60,7 +49,6 @@ def test_with_ident_keeps_sequence_and_payload_and_fixes_the_checksum():
     assert ones_sum(with_ident(odd, 65535)) == 0xFFFF
 
 
-
 def test_parse_raw_echo_reply():
     reply = echo(0, 4242, 3, b"abc")
     parsed = parse_raw_packet(ip_packet("127.0.0.2", "127.0.0.1", reply, ttl=61))
@@ -72,7 +60,6 @@ def test_parse_raw_echo_reply():
     assert parse_raw_packet(b"\x45" + b"\0" * 10) is None
 
 
-
 def test_parse_raw_error_quoting_our_echo_request():
     ours = ip_packet("127.0.0.1", "127.0.0.9", echo(8, 4242, 3, b"abcdefgh"))
     error = bytes(dpkt.icmp.ICMP(type=3, code=1, data=dpkt.icmp.ICMP.Unreach(data=ours[:28])))
@@ -81,7 +68,6 @@ def test_parse_raw_error_quoting_our_echo_request():
     udp_quote = ip_packet("127.0.0.1", "127.0.0.9", b"\0" * 8, proto=17)
     error = bytes(dpkt.icmp.ICMP(type=3, code=3, data=dpkt.icmp.ICMP.Unreach(data=udp_quote)))
     assert parse_raw_packet(ip_packet("127.0.0.9", "127.0.0.1", error)) is None
-
 
 
 class FakeBackend:
@@ -107,7 +93,6 @@ class FakeBackend:
         self.stopped = True
 
 
-
 class FakeRawSocket:
     def __init__(self):
         self.sent = []
@@ -118,7 +103,6 @@ class FakeRawSocket:
 
     def close(self):
         self.closed = True
-
 
 
 class Harness:
@@ -144,7 +128,6 @@ class Harness:
         return frame
 
 
-
 def test_echo_to_a_mapped_address_goes_to_its_host_and_the_reply_back():
     h = Harness()
     h.ping("203.0.113.10", ident=7, seq=5, payload=b"hello")
@@ -162,14 +145,12 @@ def test_echo_to_a_mapped_address_goes_to_its_host_and_the_reply_back():
     assert listing["remote"] == "203.0.113.10" and listing["host"] == "127.0.0.2 id 901"
 
 
-
 def test_the_gateway_is_still_answered_locally():
     h = Harness()
     h.ping(fb.GATEWAY_IP)
     assert h.backend.sent == []
     [frame] = h.link.take()
     assert frame.data.src == fb.ip4(fb.GATEWAY_IP) and frame.data.data.type == 0
-
 
 
 def test_a_denied_target_never_gets_an_echo_reply():
@@ -184,7 +165,6 @@ def test_a_denied_target_never_gets_an_echo_reply():
     assert h.nat.drops["icmp-denied"] == 2
 
 
-
 def test_one_flow_per_guest_identifier_and_target():
     h = Harness()
     for seq in range(3):
@@ -195,13 +175,11 @@ def test_one_flow_per_guest_identifier_and_target():
     assert len(flows) == 2 and len(h.nat.table) == 2
 
 
-
 def test_only_echo_requests_are_forwarded():
     h = Harness()
     unreach = dpkt.icmp.ICMP(type=3, code=3, data=dpkt.icmp.ICMP.Unreach(data=b"\0" * 28))
     h.dispatcher.frames_received([fb.ethernet(fb.ipv4(unreach, 1, dst="203.0.113.10"))])
     assert h.backend.sent == [] and h.nat.drops["icmp-nat-not-echo-request"] == 1
-
 
 
 def test_host_errors_reach_the_guest_quoting_its_request():
@@ -213,7 +191,6 @@ def test_host_errors_reach_the_guest_quoting_its_request():
     assert frame.data.src == fb.ip4("203.0.113.10")
     assert (frame.data.data.type, frame.data.data.code) == (3, 1)
     assert bytes(frame.data.data)[8:] == sent[14:14 + 28]
-
 
 
 def test_echo_flows_expire():
@@ -229,7 +206,6 @@ def test_echo_flows_expire():
     assert h.link.take() == []
 
 
-
 def test_stop_closes_flows_and_the_backend():
     h = Harness()
     h.ping("203.0.113.10")
@@ -238,13 +214,11 @@ def test_stop_closes_flows_and_the_backend():
     assert backend.stopped and len(backend.closed) == 1 and h.clock.getDelayedCalls() == []
 
 
-
 def test_without_a_backend_echo_is_dropped_and_counted():
     h = Harness()
     h.nat.backend = None
     h.ping("203.0.113.10")
     assert h.link.take() == [] and h.nat.drops["icmp-nat-unavailable"] == 1
-
 
 
 def test_raw_backend_rewrites_identifiers_both_ways():
@@ -276,7 +250,6 @@ def test_raw_backend_rewrites_identifiers_both_ways():
     assert (frame.data.data.type, frame.data.src) == (11, fb.ip4("203.0.113.10"))
     h.nat.stop()
     assert sock.closed and raw.by_ident == {}
-
 
 
 def test_raw_backend_identifiers_are_unique():

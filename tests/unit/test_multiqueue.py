@@ -6,32 +6,13 @@ own TCP stack, with loopback peers.
 """
 
 
-
-
-
-
-
-
-
 import dpkt
-
 import pytest
-
-
-
-
-from arcbox_net import StackConfig
-
-from arcbox_net.multiqueue.messages import RELAY, SNAPSHOT, MessageReader, encode
-from arcbox_net.multiqueue.worker import QueueDispatcher
-
-
 from framebuild import GATEWAY_IP, GUEST_IP, arp_request, ip4, tcp, udp
 
-
-
-
-
+from arcbox_net import StackConfig
+from arcbox_net.multiqueue.messages import RELAY, SNAPSHOT, MessageReader, encode
+from arcbox_net.multiqueue.worker import QueueDispatcher
 
 
 def test_messages_come_out_whole_however_the_stream_is_cut():
@@ -45,13 +26,11 @@ def test_messages_come_out_whole_however_the_stream_is_cut():
         assert got == messages
 
 
-
 def test_a_length_out_of_range_is_refused():
     with pytest.raises(ValueError):
         MessageReader().feed(b"\x00\x00\x00\x00Y")
     with pytest.raises(ValueError):
         MessageReader().feed(b"\x7f\xff\xff\xffY")
-
 
 
 def test_a_worker_keeps_guest_syns_and_its_connections_and_relays_the_rest():
@@ -71,7 +50,6 @@ def test_a_worker_keeps_guest_syns_and_its_connections_and_relays_the_rest():
     # The two it kept went to its own handlers (none here: dropped and counted).
     assert dispatcher.frames_in == 2 and dispatcher.relayed == 5
     assert dispatcher.drops["no-handler-ip-proto-6"] == 2
-
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,31 +3,17 @@ dpkt and tshark read back (tshark without a single warning)."""
 
 
 import os
-
-
-
 import stat
 
-
-
 import dpkt
-
+import framebuild as fb
 import pytest
-
 from twisted.internet.testing import MemoryReactorClock
 
-import framebuild as fb
-
 from arcbox_net.config import StackConfig
-
 from arcbox_net.dispatch import FrameDispatcher
-
 from arcbox_net.pcap import PcapCapture
-
 from arcbox_net.stack import NetworkStack
-
-
-
 
 
 class FakeLink:
@@ -47,14 +33,12 @@ class FakeLink:
         self.frames.append(b"".join(frame) if isinstance(frame, list) else bytes(frame))
 
 
-
 def read_pcap(path):
     with open(path, "rb") as f:
         reader = dpkt.pcap.Reader(f)
         assert reader.datalink() == dpkt.pcap.DLT_EN10MB
         assert reader.snaplen == 65535
         return [bytes(buf) for _, buf in reader]
-
 
 
 def test_capture_writes_frames_readable_while_open(tmp_path):
@@ -69,7 +53,6 @@ def test_capture_writes_frames_readable_while_open(tmp_path):
     assert cap.stats() == {"path": str(path), "frames": 2, "bytes": 42 + 23, "active": False}
 
 
-
 def test_frames_longer_than_the_snaplen_are_truncated_with_their_length(tmp_path):
     path = tmp_path / "c.pcap"
     cap = PcapCapture(path, snaplen=100)
@@ -81,7 +64,6 @@ def test_frames_longer_than_the_snaplen_are_truncated_with_their_length(tmp_path
         else dpkt.pcap.PktHdr(data[24:40])
     assert (hdr.caplen, hdr.len) == (100, 300)
     assert len(data) == 24 + 16 + 100
-
 
 
 def test_write_error_stops_the_capture_not_the_datapath(tmp_path):
@@ -103,14 +85,12 @@ def test_write_error_stops_the_capture_not_the_datapath(tmp_path):
     cap.write(fb.arp_request())
 
 
-
 def test_capture_that_cannot_start_raises(tmp_path):
     with pytest.raises(OSError):
         PcapCapture(tmp_path / "no" / "such" / "dir.pcap")
     if os.path.exists("/dev/full"):
         with pytest.raises(OSError):
             PcapCapture("/dev/full")  # the header's flush fails at once
-
 
 
 def test_dispatcher_captures_both_directions():
@@ -126,7 +106,6 @@ def test_dispatcher_captures_both_directions():
     dispatcher.frames_received([b"short"])
     dispatcher.framer.send_frame([b"a" * 14, b"b"])
     assert seen == [b"short", b"a" * 14 + b"b"]
-
 
 
 def test_network_stack_start_and_stop_capture(tmp_path):

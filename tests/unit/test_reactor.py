@@ -6,24 +6,15 @@ never installed) with pipes as the descriptors; the real-guest tests check what
 """
 
 import os
-
-
-
 import threading
-
 import time
 
 import pytest
-
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
-from twisted.internet.interfaces import IReadDescriptor
-
-from twisted.logger import globalLogPublisher
-
 from arcbox_net.reactor import _WINDOW_START, LeanEPollReactor, next_window
-
-
 
 
 @implementer(IReadDescriptor)
@@ -59,7 +50,6 @@ class PipeReader:
                 pass
 
 
-
 @pytest.fixture
 def lean():
     reactor = LeanEPollReactor(busy_poll=200e-6)
@@ -83,7 +73,6 @@ def lean():
     reactor._poller.close()
 
 
-
 def test_next_window_doubles_up_to_the_limit_while_waits_are_short():
     limit = 200e-6
     window, seen = 0.0, []
@@ -95,7 +84,6 @@ def test_next_window_doubles_up_to_the_limit_while_waits_are_short():
     assert max(seen) == limit and seen[-1] == limit
 
 
-
 def test_next_window_halves_to_zero_once_waits_are_long():
     window, steps = 200e-6, 0
     while window:
@@ -105,7 +93,6 @@ def test_next_window_halves_to_zero_once_waits_are_long():
     assert steps <= 5
 
 
-
 def test_events_reach_readers_without_a_window(lean):
     reactor, reader = lean
     a, b = reader(), reader()
@@ -113,7 +100,6 @@ def test_events_reach_readers_without_a_window(lean):
     os.write(b.w, b"two")
     reactor.doPoll(0.5)
     assert (a.data, b.data) == (b"one", b"two")
-
 
 
 def test_a_prompt_event_grows_the_window_and_polling_finds_the_next(lean):
@@ -130,7 +116,6 @@ def test_a_prompt_event_grows_the_window_and_polling_finds_the_next(lean):
     assert reactor._window == _WINDOW_START
 
 
-
 def test_a_late_event_shrinks_the_window(lean):
     reactor, reader = lean
     a = reader()
@@ -145,7 +130,6 @@ def test_a_late_event_shrinks_the_window(lean):
     assert reactor._window == 100e-6
 
 
-
 def test_a_timer_deadline_leaves_the_window_alone(lean):
     reactor, reader = lean
     reader()
@@ -154,7 +138,6 @@ def test_a_timer_deadline_leaves_the_window_alone(lean):
     reactor.doPoll(0.01)                 # nothing comes: the timeout ends the wait
     assert time.monotonic() - started >= 0.009
     assert reactor._window == 64e-6
-
 
 
 def test_busy_poll_zero_never_polls(lean):
@@ -166,7 +149,6 @@ def test_busy_poll_zero_never_polls(lean):
     assert a.data == b"x" and reactor._window == 0.0
     with pytest.raises(ValueError):
         reactor.busy_poll = 0.5
-
 
 
 def test_a_failing_reader_is_dropped_and_the_others_still_served(lean):

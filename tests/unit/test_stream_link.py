@@ -2,32 +2,22 @@
 sockets driven without a running reactor, and socket-file handling."""
 
 
-
-
-
-
 import struct
 
 import pytest
 
-
-
-
-
-
-
-
-
-from arcbox_net.link.stream import (MAX_FRAME, FramingError, StreamDecoder,
-                                    WriteQueue, encode)
-
-
+from arcbox_net.link.stream import (
+    MAX_FRAME,
+    FramingError,
+    StreamDecoder,
+    WriteQueue,
+    encode,
+)
 
 
 def frame(n, size=60):
     """A recognisable frame: ``n`` repeated, at least an Ethernet header long."""
     return (n.to_bytes(2, "big") * (size // 2 + 1))[:size]
-
 
 
 def test_frames_split_at_every_byte_boundary():
@@ -38,7 +28,6 @@ def test_frames_split_at_every_byte_boundary():
         got = d.feed(data[:cut]) + d.feed(data[cut:])
         assert got == frames, cut
         assert d.buffered == 0 and d.error is None
-
 
 
 def test_frames_fed_one_byte_at_a_time():
@@ -52,7 +41,6 @@ def test_frames_fed_one_byte_at_a_time():
     assert got == frames
 
 
-
 def test_frames_split_at_every_pair_of_cuts():
     frames = [frame(7, 20), frame(8, 30)]
     data = b"".join(encode(f) for f in frames)
@@ -62,7 +50,6 @@ def test_frames_split_at_every_pair_of_cuts():
             assert d.feed(data[:a]) + d.feed(data[a:b]) + d.feed(data[b:]) == frames
 
 
-
 def test_many_frames_in_one_read():
     frames = [frame(i, 60 + i % 1500) for i in range(2000)]
     d = StreamDecoder()
@@ -70,13 +57,11 @@ def test_many_frames_in_one_read():
     assert d.buffered == 0
 
 
-
 def test_gathered_and_memoryview_input():
     d = StreamDecoder()
     data = encode([b"head" * 4, memoryview(b"-payload")])
     assert d.feed(memoryview(data)) == [b"head" * 4 + b"-payload"]
     assert d.feed(bytearray(encode(frame(5)))) == [frame(5)]
-
 
 
 @pytest.mark.parametrize("length, message", [
@@ -97,14 +82,12 @@ def test_bad_prefix_is_an_error_after_the_good_frames(length, message):
         d.feed(encode(good))
 
 
-
 def test_bad_prefix_split_across_reads():
     d = StreamDecoder()
     assert d.feed(b"\x00\x00") == []
     assert d.error is None
     assert d.feed(b"\x00\x00" + b"junk") == []
     assert "zero-length" in str(d.error)
-
 
 
 def test_largest_allowed_frame_and_bounded_buffer():
@@ -114,7 +97,6 @@ def test_largest_allowed_frame_and_bounded_buffer():
     assert d.feed(data[:1000]) == []
     assert d.buffered == 1000
     assert d.feed(data[1000:]) == [big]
-
 
 
 class ShortWriter:
@@ -132,7 +114,6 @@ class ShortWriter:
         data = b"".join(bytes(b) for b in bufs)[:self.step]
         self.out += data
         return len(data)
-
 
 
 @pytest.mark.parametrize("step", [1, 3, 4, 5, 61, 64, 1000, 1 << 20])
@@ -154,7 +135,6 @@ def test_partial_writes_resume_and_never_drop(step):
                                     for f in frames]
 
 
-
 def test_write_queue_counts_frames_as_they_complete():
     q = WriteQueue()
     q.push(frame(1, 20))
@@ -165,7 +145,6 @@ def test_write_queue_counts_frames_as_they_complete():
     assert q.frames == 1
     q.flush(lambda bufs: sum(len(b) for b in bufs))
     assert q.frames == 0
-
 
 
 def test_write_queue_copies_mutable_buffers_and_skips_empty_frames():

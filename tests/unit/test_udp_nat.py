@@ -6,37 +6,22 @@ and reaches "remote" hosts only through ``--map`` onto loopback.
 """
 
 
-
-
-
-
 import dpkt
-
-
+import framebuild as fb
+from framebuild import FakeLink
 from twisted.internet.task import Clock
 
-from framebuild import FakeLink
-
-import framebuild as fb
-
-
 from arcbox_net.config import StackConfig
-
 from arcbox_net.dispatch import FrameDispatcher
-
 from arcbox_net.policy import Egress
-
 from arcbox_net.protocols.hostflows import Flow, FlowTable
 from arcbox_net.protocols.udp_nat import UdpNat
-from arcbox_net.wire.ipv4 import fragment
-
 from arcbox_net.wire.checksum import ones_sum
-
+from arcbox_net.wire.ipv4 import fragment
 
 
 def flow(name):
     return Flow(name)
-
 
 
 def test_unreplied_flow_expires_after_the_timeout():
@@ -52,7 +37,6 @@ def test_unreplied_flow_expires_after_the_timeout():
     assert len(t) == 0 and t.next_deadline() is None
 
 
-
 def test_a_reply_gives_the_established_timeout():
     t = FlowTable(60, 180, 10)
     f = flow("a")
@@ -63,7 +47,6 @@ def test_a_reply_gives_the_established_timeout():
     assert t.next_deadline() == 181.0
     assert t.expire(120.0) == []
     assert t.expire(181.0) == [f]
-
 
 
 def test_next_deadline_and_expiry_with_mixed_timeouts():
@@ -78,7 +61,6 @@ def test_next_deadline_and_expiry_with_mixed_timeouts():
     assert t.expire(180.0) == [old]
 
 
-
 def test_the_cap_evicts_the_flow_idle_longest():
     t = FlowTable(60, 180, 3)
     a, b, c, d = (flow(n) for n in "abcd")
@@ -90,14 +72,12 @@ def test_the_cap_evicts_the_flow_idle_longest():
     assert len(t) == 3 and t.get("b") is None and t.get("a") is a
 
 
-
 def test_established_timeout_is_never_shorter_than_the_timeout():
     t = FlowTable(300, 180, 10)
     f = flow("a")
     t.add(f, 0.0)
     t.inbound(f, 1, 0.0)
     assert t.next_deadline() == 300.0
-
 
 
 class FakeHostSocket:
@@ -113,7 +93,6 @@ class FakeHostSocket:
 
     def close(self):
         self.closed = True
-
 
 
 class Harness:
@@ -145,13 +124,11 @@ class Harness:
         return self.nat.table.get((fb.ip4(fb.GUEST_IP), sport, fb.ip4(dst), dport))
 
 
-
 def udp_checksum_ok(ip):
     u = ip.data
     raw = bytes(u)
     pseudo = ip.src + ip.dst + bytes((0, 17)) + len(raw).to_bytes(2, "big")
     return ones_sum(pseudo + raw) == 0xFFFF
-
 
 
 def test_gateway_goes_to_host_loopback_and_mapped_addresses_to_their_host():
@@ -161,7 +138,6 @@ def test_gateway_goes_to_host_loopback_and_mapped_addresses_to_their_host():
     assert [s.flow.target for s in h.sockets] == [("127.0.0.1", 5353), ("127.0.0.2", 7)]
     assert [s.sent for s in h.sockets] == [[b"to the gateway"], [b"to a mapped host"]]
     assert h.link.take() == []
-
 
 
 def test_a_flow_keeps_its_socket_and_counts_bytes():
@@ -178,7 +154,6 @@ def test_a_flow_keeps_its_socket_and_counts_bytes():
                        "bytes_from_guest": 33, "bytes_to_guest": 2, "age": 2.0, "idle": 0.0}
 
 
-
 def test_replies_come_from_the_address_and_port_the_guest_used():
     h = Harness()
     h.guest_sends(5000, "203.0.113.10", 7, b"ping")
@@ -190,7 +165,6 @@ def test_replies_come_from_the_address_and_port_the_guest_used():
     assert ip.data.sport == 7 and ip.data.dport == 5000 and ip.data.data == b"pong"
     assert udp_checksum_ok(ip)
     assert h.flow(5000, "203.0.113.10", 7).established
-
 
 
 def test_a_denied_destination_gets_admin_prohibited_quoting_the_datagram():
@@ -207,14 +181,12 @@ def test_a_denied_destination_gets_admin_prohibited_quoting_the_datagram():
     assert h.nat.drops["udp-denied"] == 1
 
 
-
 def test_policy_applies_to_real_addresses_too():
     h = Harness()
     h.guest_sends(5000, "192.0.2.1", 53, b"q")       # TEST-NET-1, denied by 0.0.0.0/0
     assert h.sockets == [] and h.nat.drops["udp-denied"] == 1
     [frame] = h.link.take()
     assert (frame.data.data.type, frame.data.data.code) == (3, 13)
-
 
 
 def test_the_gateway_without_host_loopback_is_net_unreachable():
@@ -225,13 +197,11 @@ def test_the_gateway_without_host_loopback_is_net_unreachable():
     assert h.nat.drops["udp-no-route"] == 1
 
 
-
 def test_local_services_win_over_routing():
     h = Harness(host_loopback=False)
     h.egress.add_local_service(fb.ip4(fb.GATEWAY_IP), 53, "127.0.0.1", 5353)
     h.guest_sends(5000, fb.GATEWAY_IP, 53, b"query")
     assert h.sockets[0].flow.target == ("127.0.0.1", 5353)
-
 
 
 def test_a_host_icmp_error_becomes_the_guest_error():
@@ -248,7 +218,6 @@ def test_a_host_icmp_error_becomes_the_guest_error():
     assert (frame.data.data.type, frame.data.data.code) == (11, 0)
     h.nat.host_icmp_error(h.sockets[0].flow, 3, 4, 1400)    # the host's own PMTU business
     assert h.link.take() == []
-
 
 
 def test_flows_expire_on_one_timer():
@@ -275,7 +244,6 @@ def test_flows_expire_on_one_timer():
     assert len(h.sockets) == 11
 
 
-
 def test_the_flow_cap_evicts_the_oldest_idle_flow():
     h = Harness(max_udp_flows=2)
     h.guest_sends(5000, "203.0.113.10", 7, b"a")
@@ -289,12 +257,10 @@ def test_the_flow_cap_evicts_the_oldest_idle_flow():
     assert h.flow(5001, "203.0.113.10", 7) is None
 
 
-
 def test_port_zero_is_dropped():
     h = Harness()
     h.guest_sends(5000, "203.0.113.10", 0, b"x")
     assert h.sockets == [] and h.dispatcher.drops["udp-port-zero"] == 1
-
 
 
 def test_stop_closes_every_host_socket():
@@ -304,7 +270,6 @@ def test_stop_closes_every_host_socket():
     h.nat.stop()
     assert all(s.closed for s in h.sockets) and len(h.nat.table) == 0
     assert h.clock.getDelayedCalls() == []
-
 
 
 def test_replies_bigger_than_the_mtu_are_fragmented():
@@ -326,7 +291,6 @@ def test_replies_bigger_than_the_mtu_are_fragmented():
     assert [o for o, _p in pieces] == [0, 1480, 2960]
     u = dpkt.udp.UDP(datagram)
     assert u.sport == 7 and u.dport == 5000 and u.data == payload
-
 
 
 def test_ipv4_fragment_sizes():
