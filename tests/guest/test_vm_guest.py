@@ -50,7 +50,10 @@ def vm_image():
     missing = vmguest.missing_tools()
     if missing:
         _fail_or_skip(f"missing {', '.join(missing)} (scripts/setup.sh installs them)")
-    return vmguest.build_image()
+    try:
+        return vmguest.build_image()
+    except vmguest.ImageError as e:  # e.g. no Debian mirror within reach
+        _fail_or_skip(f"cannot build the VM image: {e}")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
