@@ -123,8 +123,15 @@ def cpio_newc(files):
     """An uncompressed newc cpio archive of ``{path: (mode, bytes)}`` (directories: bytes None).
 
     Written here rather than with a cpio tool, so building a VM's archive needs
-    nothing on the host.
+    nothing on the host. Missing parent directories are added: the kernel
+    creates no directory a file's path implies.
     """
+    files = dict(files)
+    for name in list(files):
+        parent = os.path.dirname(name)
+        while parent and parent not in files:
+            files[parent] = (0o755, None)
+            parent = os.path.dirname(parent)
     out = io.BytesIO()
 
     def entry(name, mode, data, ino):
@@ -148,6 +155,26 @@ def cpio_newc(files):
 def _read(path):
     with open(path, "rb") as f:
         return f.read()
+
+
+def host_program(name):
+    """``{path: (mode, bytes)}`` for a host program and the libraries ``ldd`` lists.
+
+    Each lands at the path the dynamic loader will look for it, so e.g. the
+    host's iperf3 runs in the guest as it is.
+    """
+    path = shutil.which(name)
+    if path is None:
+        raise ImageError(f"{name} is not installed on the host")
+    files = {f"bin/{name}": (0o755, _read(path))}
+    out = subprocess.run(["ldd", path], capture_output=True, text=True, timeout=30).stdout
+    for line in out.splitlines():
+        # "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+        found = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+        if found:
+            lib = found.group(1)
+            files[lib.lstrip("/")] = (0o755, _read(os.path.realpath(lib)))
+    return files
 
 
 def _initramfs_files(busybox, modules_dir):
@@ -285,19 +312,23 @@ def parse_results(lines):
 class VirtualMachine:
     """One QEMU guest: the cached image plus a per-VM /test.sh, serial console on a pipe.
 
+    ``files`` (``{path: data}``) and ``programs`` (host programs such as
+    ``"iperf3"``, with their libraries) go into the VM's own archive.
+
     Every console line is kept (and written to ``log_path``); ``on_line`` is
     called with each one from the reader thread, so a test can sample the
     stack's CPU the moment the guest prints a MARK. ``kill()`` (always call it,
     e.g. from a fixture's teardown) ends QEMU whatever state it is in.
     """
 
-    def __init__(self, image, netdev, workdir, script, files=None, mac="52:54:00:12:34:56",
-                 memory=256, pass_fds=(), on_line=None, name="vm"):
+    def __init__(self, image, netdev, workdir, script, files=None, programs=(),
+                 mac="52:54:00:12:34:56", memory=256, pass_fds=(), on_line=None, name="vm"):
         self.image = image
         self.netdev = netdev
         self.workdir = str(workdir)
         self.script = script
         self.files = dict(files or {})
+        self.programs = tuple(programs)
         self.mac = mac
         self.memory = memory
         self.pass_fds = tuple(pass_fds)
@@ -311,6 +342,8 @@ class VirtualMachine:
 
     def _initrd(self):
         extra = {"test.sh": (0o755, self.script.encode())}
+        for program in self.programs:
+            extra.update(host_program(program))
         for path, data in self.files.items():
             extra[path.lstrip("/")] = (0o644, data if isinstance(data, bytes) else data.encode())
         path = os.path.join(self.workdir, f"{self.name}-initrd")

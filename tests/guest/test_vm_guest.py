@@ -20,7 +20,10 @@ import hashlib
 import http.server
 import os
 import random
+import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -129,6 +132,27 @@ def sink(marks):
 
 
 @pytest.fixture
+def iperf_server():
+    """``iperf3 -s`` on 127.0.0.1 (the guest's 10.0.2.1); its port."""
+    if shutil.which("iperf3") is None:
+        _fail_or_skip("iperf3 is missing (scripts/setup.sh installs it)")
+    port = free_port()
+    proc = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture
 def vms(vm_image, tmp_path):
     """Start VMs on the cached image; every one is killed at teardown."""
     started = []
@@ -180,6 +204,15 @@ rm /tmp/down
 # nc -e: cat writes the socket itself, with sendfile (nc's own loop writes 1 KiB at a time).
 nc 10.0.2.1 {sink} -e cat /www/blob
 echo "RESULT up_exit=$?"
+# iperf3 (the host's, with its libraries) for figures comparable with the bench's.
+echo "MARK iperf-up-start"
+iperf3 -c 10.0.2.1 -p {iperf} -t 3 -f m > /tmp/iperf-up 2>&1
+echo "MARK iperf-up-end"
+echo "RESULT iperf_up=$(grep receiver /tmp/iperf-up | tail -1)"
+echo "MARK iperf-down-start"
+iperf3 -c 10.0.2.1 -p {iperf} -t 3 -f m -R > /tmp/iperf-down 2>&1
+echo "MARK iperf-down-end"
+echo "RESULT iperf_down=$(grep receiver /tmp/iperf-down | tail -1)"
 httpd -p 80 -h /www
 echo "MARK serving"
 echo "RESULT gate=$(wget -q -O - http://10.0.2.1:{web}/gate)"
@@ -210,12 +243,25 @@ class Marks:
                 "cpu_s_per_GB": round((c1 - c0) / (size / 1e9), 1)}
 
 
-def start_full_vm(vms, netdev, web, sink, marks, pass_fds=()):
+def start_full_vm(vms, netdev, web, sink, marks, iperf_port, pass_fds=()):
     """Boot a guest that runs every check (FULL); the VM."""
-    script = FULL.replace("{record}", DNS_RECORD[0]).replace("{blocks}", str(SIZE // 65536)) \
-                 .replace("{web}", str(web.server_address[1])).replace("{sink}", str(sink.port))
-    vm = vms(netdev, script, mac="52:54:00:19:00:01", pass_fds=pass_fds, on_line=marks)
-    return vm
+    script = FULL
+    for key, value in {"record": DNS_RECORD[0], "blocks": SIZE // 65536,
+                       "web": web.server_address[1], "sink": sink.port,
+                       "iperf": iperf_port}.items():
+        script = script.replace("{%s}" % key, str(value))
+    return vms(netdev, script, mac="52:54:00:19:00:01", pass_fds=pass_fds, on_line=marks,
+               programs=("iperf3",))
+
+
+def iperf_figures(line, marks, name):
+    """MB/s and stack CPU s/GB from an iperf3 receiver line and the marks around the run."""
+    found = re.search(r"([\d.]+) MBytes\s+([\d.]+) Mbits/sec", line)
+    assert found, f"no iperf3 result: {line!r}"
+    moved = float(found.group(1)) * 1024 * 1024
+    (_, c0), (_, c1) = marks.at[f"{name}-start"], marks.at[f"{name}-end"]
+    return {"MB/s": round(float(found.group(2)) / 8, 1),
+            "cpu_s_per_GB": round((c1 - c0) / (moved / 1e9), 1)}
 
 
 def check_full_vm(vm, marks, stack, web, sink, blob, fwd_port):
@@ -230,6 +276,8 @@ def check_full_vm(vm, marks, stack, web, sink, blob, fwd_port):
     assert results["dns_record"] == DNS_RECORD[1]
     assert results["down_sha256"] == blob[1]
     assert results["up_exit"] == "0"
+    iperf = {"iperf-up": iperf_figures(results["iperf_up"], marks, "iperf-up"),
+             "iperf-down": iperf_figures(results["iperf_down"], marks, "iperf-down")}
     sink.wait()
     assert not sink.errors and sink.results[0] == (results["blob_sha256"], SIZE)
 
@@ -251,11 +299,12 @@ def check_full_vm(vm, marks, stack, web, sink, blob, fwd_port):
     return {"down": marks.rate("down-start", "down-end"),
             "up": marks.rate("up-start", "up-end"),
             "forward": {"MB/s": round(SIZE / (t1 - t0) / 1e6, 1),
-                        "cpu_s_per_GB": round((c1 - c0) / (SIZE / 1e9), 1)}}
+                        "cpu_s_per_GB": round((c1 - c0) / (SIZE / 1e9), 1)},
+            **iperf}
 
 
-def full_run(stack, vms, netdev, web, sink, marks, blob, fwd_port, pass_fds=()):
-    vm = start_full_vm(vms, netdev, web, sink, marks, pass_fds)
+def full_run(stack, vms, netdev, web, sink, marks, blob, fwd_port, iperf_port, pass_fds=()):
+    vm = start_full_vm(vms, netdev, web, sink, marks, iperf_port, pass_fds)
     marks.pid = stack.proc.pid
     return check_full_vm(vm, marks, stack, web, sink, blob, fwd_port)
 
@@ -289,11 +338,13 @@ def stack_args(fwd_port):
             "--dns-record", "=".join(DNS_RECORD)]
 
 
-def test_vm_on_listen_stream(vms, stack_factory, web, sink, marks, blob, tmp_path, capsys):
+def test_vm_on_listen_stream(vms, stack_factory, web, sink, marks, blob, iperf_server, tmp_path,
+                             capsys):
     sock = tmp_path / "arcbox.sock"
     fwd = free_port()
     stack = stack_factory("--listen-stream", str(sock), *stack_args(fwd))
-    stats = full_run(stack, vms, vmguest.stream_client(sock), web, sink, marks, blob, fwd)
+    stats = full_run(stack, vms, vmguest.stream_client(sock), web, sink, marks, blob, fwd,
+                     iperf_server)
     # The VM powered off: the stack noticed and serves the next one.
     wait_for_log(stack, "peer disconnected")
     second_vm(stack, vms, vmguest.stream_client(sock))
@@ -301,23 +352,25 @@ def test_vm_on_listen_stream(vms, stack_factory, web, sink, marks, blob, tmp_pat
     report("listen-stream", stats, capsys)
 
 
-def test_vm_on_listen_dgram(vms, stack_factory, web, sink, marks, blob, tmp_path, capsys):
+def test_vm_on_listen_dgram(vms, stack_factory, web, sink, marks, blob, iperf_server, tmp_path,
+                             capsys):
     sock = tmp_path / "arcbox.sock"
     fwd = free_port()
     stack = stack_factory("--listen-dgram", str(sock), *stack_args(fwd))
     stats = full_run(stack, vms, vmguest.dgram_unix(tmp_path / "vm0.sock", sock),
-                     web, sink, marks, blob, fwd)
+                     web, sink, marks, blob, fwd, iperf_server)
     second_vm(stack, vms, vmguest.dgram_unix(tmp_path / "vm1.sock", sock))
     log = stack.log()
     assert "peer changed" in log and "Traceback" not in log
     report("listen-dgram", stats, capsys)
 
 
-def test_vm_on_connect_stream(vms, stack_factory, web, sink, marks, blob, tmp_path, capsys):
+def test_vm_on_connect_stream(vms, stack_factory, web, sink, marks, blob, iperf_server, tmp_path,
+                             capsys):
     """QEMU listens, the stack connects; the stack's only peer leaving ends it."""
     sock = tmp_path / "qemu.sock"
     fwd = free_port()
-    vm = start_full_vm(vms, vmguest.stream_server(sock), web, sink, marks)
+    vm = start_full_vm(vms, vmguest.stream_server(sock), web, sink, marks, iperf_server)
     # The guest boots meanwhile; udhcpc retries until the stack is there.
     deadline = time.monotonic() + 30
     while not sock.exists() and time.monotonic() < deadline:
@@ -332,7 +385,7 @@ def test_vm_on_connect_stream(vms, stack_factory, web, sink, marks, blob, tmp_pa
     report("connect-stream", stats, capsys)
 
 
-def test_vm_on_fd_socketpair(vms, stack_factory, web, sink, marks, blob, capsys):
+def test_vm_on_fd_socketpair(vms, stack_factory, web, sink, marks, blob, iperf_server, capsys):
     """A socketpair: one end to the stack's --fd, the other to QEMU by fd number.
 
     The test keeps QEMU's end open, so after the first VM exits a second QEMU
@@ -346,7 +399,7 @@ def test_vm_on_fd_socketpair(vms, stack_factory, web, sink, marks, blob, capsys)
         theirs.close()
         fd = ours.fileno()
         stats = full_run(stack, vms, vmguest.dgram_fd(fd), web, sink, marks, blob, fwd,
-                         pass_fds=(fd,))
+                         iperf_server, pass_fds=(fd,))
         assert stack.proc.poll() is None, stack.log()
         second_vm(stack, vms, vmguest.dgram_fd(fd), pass_fds=(fd,))
         # The VMM closing its end is the link going away. A datagram socket
