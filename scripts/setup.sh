@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 # lz4: tests/vmguest.py unpacks the test VM's kernel with it (the kernel and busybox-static
 # themselves are fetched with apt-get download, never installed: busybox-static conflicts
 # with busybox).
-# rootlesskit, uidmap (newuidmap) and slirp4netns: tests/guest/test_slirp4netns_dropin.py runs
-# rootlesskit unprivileged around arcbox-net-slirp4netns and the real slirp4netns.
-APT_PACKAGES=(iproute2 busybox iputils-ping dnsutils curl socat iperf3 qemu-system-x86 lz4 tshark python3 python3-venv rootlesskit uidmap slirp4netns)
+# rootlesskit, podman (with runc), uidmap (newuidmap) and slirp4netns:
+# tests/guest/test_slirp4netns_dropin.py runs rootlesskit and rootless Podman unprivileged
+# around arcbox-net-slirp4netns and the real slirp4netns.
+APT_PACKAGES=(iproute2 busybox iputils-ping dnsutils curl socat iperf3 qemu-system-x86 lz4 tshark python3 python3-venv rootlesskit podman runc uidmap slirp4netns)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

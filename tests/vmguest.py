@@ -275,7 +275,22 @@ def _build_image(cache):
             with open(tmp, "wb") as f:
                 f.write(gzip.compress(cpio_newc(files), compresslevel=6))
             os.rename(tmp, initramfs)
+        _prune(cache, kdir, initramfs)
     return GuestImage(version, os.path.join(kdir, "vmlinux"), initramfs)
+
+
+def _prune(cache, kdir, initramfs):
+    """Remove what older kernels and older initramfs inputs left in the cache."""
+    for name in os.listdir(cache):
+        path = os.path.join(cache, name)
+        if name[:1].isdigit() and os.path.isdir(path) and path != kdir:
+            shutil.rmtree(path, ignore_errors=True)
+    # Another checkout's run may use its own initramfs right now: only old ones go.
+    for name in os.listdir(kdir):
+        path = os.path.join(kdir, name)
+        if (name.startswith("initramfs-") and path != initramfs
+                and time.time() - os.stat(path).st_mtime > 24 * 3600):
+            os.unlink(path)
 
 
 def stream_client(path, id="n0"):

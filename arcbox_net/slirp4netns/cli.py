@@ -144,7 +144,10 @@ def parse_args(argv, environ=None):
     """Options from ``argv`` (without the program name) and ``environ``'s
     extra options; raises UsageError."""
     environ = os.environ if environ is None else environ
-    extra = shlex.split(environ.get(ENV_OPTS, ""))
+    try:
+        extra = shlex.split(environ.get(ENV_OPTS, ""))
+    except ValueError as e:
+        raise UsageError(f"{ENV_OPTS}: {e}") from None
     try:
         pairs, operands = getopt.gnu_getopt(extra + list(argv), SHORT, LONG)
     except getopt.GetoptError as e:

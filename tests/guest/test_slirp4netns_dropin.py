@@ -200,6 +200,7 @@ def rootless():
                "python": str(base / "venv" / "bin" / "python"), "child": str(child),
                "base": base, "uid": uid, "gid": gid}
     finally:
+        end_user_processes(uid)
         shutil.rmtree(base, ignore_errors=True)
         os.chmod("/dev/net/tun", tun_mode)
         if created:
@@ -210,6 +211,28 @@ def rootless():
                     kept = [x for x in f.read().splitlines() if x != line]
                 with open(path, "w") as f:
                     f.write("".join(x + "\n" for x in kept))
+
+
+def end_user_processes(uid):
+    """SIGKILL every process of the test's user, by pid: all of them are this
+    test's (Podman leaves conmon, the container and its network process
+    running when ``podman run`` is killed; its pause process outlives all)."""
+    for _ in range(50):
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.stat(f"/proc/{entry}").st_uid == uid:
+                        pids.append(int(entry))
+                except OSError:
+                    continue
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        time.sleep(0.1)
+    raise AssertionError(f"processes of uid {uid} keep coming back")
 
 
 def in_netns(ns, fn):
@@ -297,6 +320,7 @@ class Rootlesskit:
     """rootlesskit as the user, in namespace ``ns``, around the child program."""
 
     def __init__(self, rootless, ns, binary, extra=(), child_args=()):
+        self.uid = rootless["uid"]
         self.state = rootless["base"] / f"state-{os.getpid()}-{time.monotonic_ns()}"
         self.state.mkdir()
         os.chown(self.state, rootless["uid"], rootless["gid"])
@@ -340,6 +364,7 @@ class Rootlesskit:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait(5)
+        end_user_processes(self.uid)
         self.proc.stdout.close()
         self.log.close()
 
@@ -476,3 +501,151 @@ def test_api_socket_protocol(rootless, binary):
             assert host_client(ns, b"via-api") == b"child:via-api"
         finally:
             kit.close()
+
+
+# -- rootless Podman ----------------------------------------------------------------
+
+PODMAN_CHILD = (
+    "ip -4 addr show tap0 | grep inet; "
+    "mkdir -p /tmp; {{ wget -q -O /tmp/payload http://10.0.2.2:{port}/payload "
+    "&& sha256sum /tmp/payload; }} || echo FETCH-FAILED; "
+    "nslookup {name} 10.0.2.3; "
+    "echo child-hello > /tmp/hello; printf '#!/bin/sh\\nread line\\ncat /tmp/hello\\n' > /tmp/reply; "
+    "chmod +x /tmp/reply; echo READY; "
+    # One connection, then the container ends by itself (a killed one leaves
+    # Podman's state behind).
+    "exec nc -l -p 80 -e /tmp/reply"
+)
+APPLETS = ("sh", "ip", "grep", "wget", "sha256sum", "nslookup", "mkdir", "echo", "printf",
+           "chmod", "cat", "nc")
+
+
+def http_payload(conn):
+    conn.recv(4096)
+    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(PAYLOAD) + PAYLOAD)
+
+
+@pytest.fixture(scope="module")
+def podman_image(rootless):
+    """A busybox-static root filesystem as a tar for ``podman import`` (no
+    registry), and a containers.conf per binary naming it network_cmd_path.
+    runc, not crun: this machine's cgroups are hybrid, which crun refuses."""
+    for tool in ("podman", "runc", "apt-get", "unshare", "nsenter"):
+        _need(tool)
+    base = rootless["base"] / "podman"
+    (base / "image" / "bin").mkdir(parents=True)
+    deb_dir = base / "deb"
+    deb_dir.mkdir()
+    if run(["apt-get", "download", "busybox-static"], check=False, cwd=deb_dir).returncode:
+        run(["apt-get", "update", "-qq"], timeout=300)
+        run(["apt-get", "download", "busybox-static"], cwd=deb_dir)
+    deb = next(deb_dir.glob("busybox-static_*.deb"))
+    run(["dpkg-deb", "-x", str(deb), str(deb_dir / "x")])
+    shutil.copy2(deb_dir / "x" / "bin" / "busybox", base / "image" / "bin" / "busybox")
+    for applet in APPLETS:
+        os.symlink("busybox", base / "image" / "bin" / applet)
+    run(["tar", "-C", str(base / "image"), "-cf", str(base / "image.tar"), "."])
+    for binary in BINARIES:
+        (base / f"containers-{binary}.conf").write_text(
+            '[containers]\nnetns = "slirp4netns"\n'
+            '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nruntime = "runc"\n'
+            f'network_cmd_path = "{rootless[binary]}"\n')
+    for path in [base, *base.rglob("*")]:
+        os.lchown(path, rootless["uid"], rootless["gid"])
+    return base
+
+
+@contextlib.contextmanager
+def podman_session(rootless, base):
+    """Podman state of its own for one test (storage, runtime dir, image), so a
+    test that fails half-way leaves nothing to the next; every process of the
+    user ends with it."""
+    # XDG_RUNTIME_DIR holds the API socket: its path must fit a sockaddr_un.
+    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="s4r", dir="/tmp"))
+    home = pathlib.Path(tempfile.mkdtemp(prefix="home-", dir=base))
+    (home / "storage.conf").write_text(
+        f'[storage]\ndriver = "vfs"\nrunroot = "{run_dir}/storage"\ngraphroot = "{home}/storage"\n')
+    for path in (run_dir, home, home / "storage.conf"):
+        os.lchown(path, rootless["uid"], rootless["gid"])
+    os.chmod(run_dir, 0o700)
+    os.chmod(home, 0o755)
+    session = {"base": base, "env": {"HOME": str(home), "XDG_RUNTIME_DIR": str(run_dir),
+                                     "CONTAINERS_STORAGE_CONF": f"{home}/storage.conf"}}
+    try:
+        podman_cmd(session, "arcbox-net", "import", f"{base}/image.tar", "localhost/arcbox-bb:1",
+                   timeout=120)
+        # Its pause process keeps the user and mount namespaces of this first
+        # command, and with them the /etc/resolv.conf it saw: it ends here, and
+        # the test's podman run makes it anew in the test's own.
+        end_user_processes(rootless["uid"])
+        yield session
+    finally:
+        end_user_processes(rootless["uid"])
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def podman_cmd(session, binary, *args, ns=None, timeout=60, popen=False):
+    env = {**session["env"], "CONTAINERS_CONF": f"{session['base']}/containers-{binary}.conf",
+           "ARCBOX_NET_SLIRP4NETNS_OPTS": SAFE_OPTS}
+    # Not ``ip netns exec``: it mounts a fresh /sys, which hides the cgroup
+    # mounts runc needs. A private mount namespace with only resolv.conf
+    # replaced, and the test's network namespace.
+    enter = []
+    if ns:
+        enter = ["unshare", "--mount", "--propagation=private", "sh", "-ec",
+                 f'mount --bind /etc/netns/{ns}/resolv.conf /etc/resolv.conf; '
+                 f'exec nsenter --net=/var/run/netns/{ns} "$@"', "sh"]
+    cmd = [*enter, "runuser", "-u", USER, "--", "env",
+           *(f"{k}={v}" for k, v in env.items()), "podman", *args]
+    if popen:
+        return cmd
+    return run(cmd, timeout=timeout, cwd="/")
+
+
+@pytest.mark.parametrize("loopback", [True, False], ids=["allow_host_loopback", "default"])
+@pytest.mark.parametrize("binary", BINARIES)
+def test_podman_run_publish(rootless, podman_image, binary, loopback):
+    """``podman run -p`` with network_cmd_path: the container has .100 (set by
+    -c), fetches via .2 only with allow_host_loopback=true (Podman passes
+    --disable-host-loopback otherwise), resolves on .3, and its port 80 is
+    published through the API socket (port_handler=slirp4netns)."""
+    with host_namespace() as (ns, _server, dns), podman_session(rootless, podman_image) as pm:
+        web = in_netns(ns, lambda: HostServer(http_payload))
+        network = "slirp4netns:port_handler=slirp4netns" + \
+            (",allow_host_loopback=true" if loopback else "")
+        cmd = podman_cmd(pm, binary, "run", "--rm", "--network", network,
+                         "-p", f"127.0.0.1:{PUBLISHED}:80", "localhost/arcbox-bb:1", "sh", "-c",
+                         PODMAN_CHILD.format(port=web.port, name=NAME), ns=ns, popen=True)
+        log = podman_image / f"run-{binary}-{loopback}.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                    start_new_session=True, cwd="/")
+        try:
+            lines = []
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and "READY" not in lines:
+                text = proc.stdout.readline()
+                if not text:
+                    break
+                lines.append(text.strip())
+            out = "\n".join(lines)
+            assert "READY" in lines, f"{out}\n{log.read_text()}"
+            assert "inet 10.0.2.100/24" in out, out
+            digest = hashlib.sha256(PAYLOAD).hexdigest()
+            if loopback:
+                assert f"{digest}  /tmp/payload" in lines, out
+            else:
+                assert "FETCH-FAILED" in lines and digest not in out, out
+                assert web.results == [], "the host server was reached"
+            assert f"Address: {ANSWER}" in out.replace("\t", " ").replace("  ", " "), out
+            assert NAME in dns.queries
+            # The request is read before the reply: a guest closing with unread
+            # data sends RST, not FIN.
+            assert host_client(ns, b"hello\n") == b"child-hello\n"
+            assert proc.wait(30) == 0, log.read_text()
+        finally:
+            web.close()
+            if proc.poll() is None:
+                end_user_processes(rootless["uid"])
+                proc.wait(10)
+            proc.stdout.close()

@@ -6,7 +6,12 @@ import pytest
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 
-from arcbox_net.slirp4netns.api import MAX_REQUEST, REQUEST_WAIT, SlirpApi, SlirpApiProtocol
+from arcbox_net.slirp4netns.api import (
+    MAX_REQUEST,
+    REQUEST_WAIT,
+    SlirpApi,
+    SlirpApiProtocol,
+)
 
 
 class FakeStack:

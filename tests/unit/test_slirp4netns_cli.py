@@ -86,6 +86,11 @@ def test_extra_options_from_the_environment():
     assert o.dns_records == ("db.test=10.0.2.9",)
 
 
+def test_unparsable_environment_options_are_one_line():
+    with pytest.raises(UsageError, match=f"{cli.ENV_OPTS}: No escaped character"):
+        parse("1", "tap0", env={cli.ENV_OPTS: "--deny 0.0.0.0/0\\"})
+
+
 def test_slirp4netns_address_plan():
     config = stack_config(parse("1", "tap0"))
     assert str(config.subnet) == "10.0.2.0/24"
