@@ -592,9 +592,9 @@ def podman_cmd(session, binary, *args, ns=None, timeout=60, popen=False):
     # replaced, and the test's network namespace.
     enter = []
     if ns:
-        enter = ["unshare", "--mount", "--propagation=private", "sh", "-ec",
-                 f'mount --bind /etc/netns/{ns}/resolv.conf /etc/resolv.conf; '
-                 f'exec nsenter --net=/var/run/netns/{ns} "$@"', "sh"]
+        script = (f'mount --bind /etc/netns/{ns}/resolv.conf /etc/resolv.conf; '
+                  f'exec nsenter --net=/var/run/netns/{ns} "$@"')
+        enter = ["unshare", "--mount", "--propagation=private", "sh", "-ec", script, "sh"]
     cmd = [*enter, "runuser", "-u", USER, "--", "env",
            *(f"{k}={v}" for k, v in env.items()), "podman", *args]
     if popen:
