@@ -3,8 +3,9 @@
 Each test boots one guest that does everything in one run (a boot is the
 slow part under TCG): DHCP, ping of the gateway, two local DNS names, 16 MB
 down (busybox wget from a host HTTP server) and 16 MB up (busybox nc to a
-host sink), each checked by sha256, and a busybox httpd that the host reaches
-through a ``--forward`` and checks by sha256. Then the guest powers off, and
+host sink), each checked by sha256, iperf3 each way (the host's binary with
+its libraries), and a busybox httpd that the host reaches through a
+``--forward`` and checks by sha256. Then the guest powers off, and
 a second VM (a new MAC) gets a lease from the same stack and pings, except on
 ``--connect-stream``, where the stack ends with its only peer. The host
 reaches nothing but loopback: the guest's traffic to the gateway goes to
@@ -259,6 +260,7 @@ def iperf_figures(line, marks, name):
     found = re.search(r"([\d.]+) MBytes\s+([\d.]+) Mbits/sec", line)
     assert found, f"no iperf3 result: {line!r}"
     moved = float(found.group(1)) * 1024 * 1024
+    assert moved > 0, f"iperf3 moved nothing: {line!r}"
     (_, c0), (_, c1) = marks.at[f"{name}-start"], marks.at[f"{name}-end"]
     return {"MB/s": round(float(found.group(2)) / 8, 1),
             "cpu_s_per_GB": round((c1 - c0) / (moved / 1e9), 1)}
