@@ -319,14 +319,16 @@ def host_namespace():
 class Rootlesskit:
     """rootlesskit as the user, in namespace ``ns``, around the child program."""
 
-    def __init__(self, rootless, ns, binary, extra=(), child_args=()):
+    def __init__(self, rootless, ns, binary, extra=(), child_args=(), opts=""):
         self.uid = rootless["uid"]
         self.state = rootless["base"] / f"state-{os.getpid()}-{time.monotonic_ns()}"
         self.state.mkdir()
         os.chown(self.state, rootless["uid"], rootless["gid"])
+        self.control_api = f"{self.state}/control.sock"
+        opts = opts.format(state=self.state)
         self.log_path = self.state.parent / (self.state.name + ".log")
         cmd = ["ip", "netns", "exec", ns, "runuser", "-u", USER, "--",
-               "env", f"ARCBOX_NET_SLIRP4NETNS_OPTS={SAFE_OPTS}", "rootlesskit",
+               "env", f"ARCBOX_NET_SLIRP4NETNS_OPTS={SAFE_OPTS} {opts}", "rootlesskit",
                f"--state-dir={self.state}/rk", "--net=slirp4netns",
                f"--slirp4netns-binary={rootless[binary]}", "--port-driver=slirp4netns",
                "-p", f"127.0.0.1:{PUBLISHED}:80/tcp", *extra,
@@ -457,12 +459,29 @@ def api_call(ns, path, request, half_close=True):
     return json.loads(in_netns(ns, call))
 
 
+def control_get(ns, path, resource):
+    """GET ``resource`` from arcbox-net's HTTP control API on unix socket ``path``."""
+    def call():
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(f"GET {resource} HTTP/1.0\r\nHost: arcbox\r\n\r\n".encode())
+            reply = b""
+            while data := s.recv(65536):
+                reply += data
+            return reply
+    head, _, body = in_netns(ns, call).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    return json.loads(body)
+
+
 @pytest.mark.parametrize("binary", BINARIES)
 def test_api_socket_protocol(rootless, binary):
     """slirp4netns's JSON API as rootlesskit's port driver left it: list,
     add, remove and the error replies, the same from both binaries."""
     with host_namespace() as (ns, _server, _dns):
-        kit = Rootlesskit(rootless, ns, binary, child_args=["0", NAME, "wait"])
+        kit = Rootlesskit(rootless, ns, binary, child_args=["0", NAME, "wait"],
+                          opts="--control-api {state}/control.sock")
         try:
             kit.line("READY")
             path = kit.api_socket
@@ -478,6 +497,11 @@ def test_api_socket_protocol(rootless, binary):
             second = {"id": 2, "proto": "udp", "host_addr": "127.0.0.1", "host_port": 18081,
                       "guest_addr": "10.0.2.100", "guest_port": 53}
             assert api_call(ns, path, b'{"execute":"list_hostfwd"}')["entries"] == [first, second]
+            if binary == "arcbox-net":  # the stack's own forwards, in its own API too
+                listed = [(f["id"], f["protocol"], f["listen"], f["guest"])
+                          for f in control_get(ns, kit.control_api, "/forwards")]
+                assert listed == [("1", "tcp", f"127.0.0.1:{PUBLISHED}", "10.0.2.100:80"),
+                                  ("2", "udp", "127.0.0.1:18081", "10.0.2.100:53")]
             clash = (b'{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":'
                      b'"127.0.0.1","host_port":18080,"guest_port":80}}')
             assert api_call(ns, path, clash)["error"]["desc"].startswith(
