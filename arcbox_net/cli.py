@@ -36,6 +36,9 @@ class Options(usage.Options):
                              "headers); every frame is then at most the MTU."],
         ["no-host-loopback", None, "Do not connect traffic for the gateway address to the "
                                    "host's 127.0.0.1."],
+        ["vnet-hdr", None, "With --fd (datagram or seqpacket): each datagram starts with a "
+                           "virtio_net_hdr_v1 (12 bytes), so TSO frames up to 64 KiB and "
+                           "partial checksums cross the socket both ways."],
     ]
     optParameters = [
         ["fd", None, None, "Inherited connected socket: SOCK_DGRAM or SOCK_SEQPACKET (one "
@@ -187,6 +190,8 @@ class Options(usage.Options):
         if len(links) != 1:
             from .link import LINK_OPTIONS
             raise usage.UsageError(f"give exactly one of {LINK_OPTIONS}")
+        if self["vnet-hdr"] and self["fd"] is None:
+            raise usage.UsageError("--vnet-hdr goes with --fd")
         if self["ready-fd"] is not None:
             try:
                 os.fstat(self["ready-fd"])
@@ -217,7 +222,8 @@ def make_service(options):
                          listen_stream=options["listen-stream"],
                          connect_stream=options["connect-stream"],
                          listen_dgram=options["listen-dgram"],
-                         offload=not options["no-offload"], queues=options["queues"])
+                         offload=not options["no-offload"], queues=options["queues"],
+                         vnet_hdr=options["vnet-hdr"])
     except (TapError, ValueError, OSError) as e:
         sys.stderr.write(f"arcbox-net: {e}\n")
         raise SystemExit(1)

@@ -15,10 +15,10 @@ LINK_OPTIONS = "--fd, --tap, --netns, --listen-stream, --connect-stream, --liste
 
 def open_link(config, fd=None, tap=None, netns=None, tap_name="tap0", configure=False,
               reactor=None, listen_stream=None, connect_stream=None, listen_dgram=None,
-              offload=True, queues=1):
+              offload=True, queues=1, vnet_hdr=False):
     """Open the one link the options name; raise ValueError/TapError with a message."""
     from .dgram import DgramListenLink
-    from .socket import SocketFrameLink
+    from .socket import SocketFrameLink, VnetSocketFrameLink
     from .stream import StreamLink, StreamListenLink
     from .tap import TapLink
 
@@ -32,10 +32,18 @@ def open_link(config, fd=None, tap=None, netns=None, tap_name="tap0", configure=
                          + (f" (got {', '.join(chosen)})" if chosen else ""))
     if queues != 1 and tap is None and netns is None:
         raise ValueError("--queues needs a TAP link (--tap or --netns)")
+    if vnet_hdr and fd is None:
+        raise ValueError("--vnet-hdr goes with --fd")
     if fd is not None:
         sock = SocketFrameLink.socket_from_fd(fd)
         if sock.type == _socket.SOCK_STREAM:  # 4-byte length framing
+            if vnet_hdr:
+                sock.detach()  # the fd stays the caller's
+                raise ValueError(f"--vnet-hdr needs a datagram or seqpacket socket; fd {fd} "
+                                 "is a stream socket")
             return StreamLink.from_socket(sock, mtu=config.mtu, reactor=reactor)
+        if vnet_hdr:
+            return VnetSocketFrameLink(sock, mtu=config.mtu, reactor=reactor)
         return SocketFrameLink(sock, mtu=config.mtu, reactor=reactor)
     if listen_stream is not None:
         return StreamListenLink.listen(listen_stream, mtu=config.mtu, reactor=reactor)

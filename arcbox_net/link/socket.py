@@ -3,12 +3,19 @@
 This is how a VMM hands over the guest NIC (socketpair SOCK_DGRAM or
 SOCK_SEQPACKET). A SOCK_DGRAM peer that goes away is only noticed when a
 write fails (ECONNREFUSED), which ends the link like an EOF would.
+
+``--vnet-hdr`` (``VnetSocketFrameLink``): each datagram starts with a
+``virtio_net_hdr_v1`` (12 bytes), as a VMM that speaks virtio-net passes its
+guest's frames, so TSO frames up to 64 KiB and partial checksums cross the
+socket both ways, as on an offload TAP.
 """
 
 import socket as _socket
 
+from ..wire import vnet
 from .base import FrameLink, LinkLost, drop_oversize
 from .unixsock import max_frame_len
+from .vnethdr import VnetFraming
 
 #: Room for 64 KiB frames on both ends: an AF_UNIX datagram counts against
 #: the receiver's buffer, so a small one makes big frames fail with ENOBUFS.
@@ -67,3 +74,24 @@ class SocketFrameLink(FrameLink):
     def stop(self):
         super().stop()
         self._sock.close()
+
+
+class VnetSocketFrameLink(VnetFraming, SocketFrameLink):
+    """``--fd N --vnet-hdr``: datagrams of a virtio_net_hdr_v1 and a frame."""
+
+    vnet_header_len = vnet.HEADER_V1_LEN
+
+    def __init__(self, sock, mtu=1500, reactor=None):
+        super().__init__(sock, mtu=mtu, reactor=reactor)
+        self.description += " with virtio-net headers"
+
+    def _read(self):
+        data = self._sock.recv(self.read_size)
+        if not data:
+            if self._seqpacket:
+                raise LinkLost("peer closed the socket")
+            return None
+        return self._strip_vnet(data)
+
+    def _send_framed(self, buffers):
+        SocketFrameLink.send_frame(self, buffers)

@@ -17,9 +17,9 @@ import struct
 import subprocess
 import threading
 
-from ..interfaces import LinkCapabilities
 from ..wire import vnet
-from .base import FrameLink
+from .base import FrameLink, LinkLost
+from .vnethdr import VnetFraming
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -37,7 +37,6 @@ TUN_F_TSO6 = 0x04
 
 #: Every frame on an IFF_VNET_HDR fd starts with a legacy virtio_net_hdr.
 VNET_HDR_LEN = vnet.HEADER_LEN
-_ZERO_VNET = vnet.zero(VNET_HDR_LEN)
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -264,35 +263,26 @@ class TapLink(FrameLink):
         close_all(extra)
 
 
-class VnetTapLink(TapLink):
+class VnetTapLink(VnetFraming, TapLink):
     """A TAP fd with IFF_VNET_HDR: a virtio_net_hdr rides before every frame.
 
     Reading strips it (partial checksums need no work: the stack does not
-    verify TCP/UDP checksums of frames that come from the local kernel).
-    Writing prepends the caller's header, or an all-zero one (a complete
-    frame). ``offloads`` says whether the kernel accepted TSO/checksum
-    offload, i.e. whether senders may hand us 64 KiB GSO segments.
+    verify TCP/UDP checksums of frames that come from the local kernel, and
+    its headers are taken as they come). ``offloads`` says whether the kernel
+    accepted TSO/checksum offload, i.e. whether the framer may hand it 64 KiB
+    GSO segments.
     """
 
-    offloads = True
-
-    @property
-    def capabilities(self):
-        return LinkCapabilities(max_frame=14 + self.mtu, vnet_header_len=VNET_HDR_LEN,
-                                csum_offload=self.offloads, gso_tcpv4=self.offloads)
+    vnet_header_len = VNET_HDR_LEN
+    validate_vnet = False
 
     def _read(self):
         data = os.read(self._fd, self.read_size)
         if len(data) <= VNET_HDR_LEN:
             if not data:
-                from .base import LinkLost
                 raise LinkLost("end of file")
             return None
         return data[VNET_HDR_LEN:]
 
-    def send_frame(self, frame, vnet_header=None):
-        head = vnet_header or _ZERO_VNET
-        if isinstance(frame, (bytes, bytearray, memoryview)):
-            FrameLink.send_frame(self, [head, frame])
-        else:
-            FrameLink.send_frame(self, [head, *frame])
+    def _send_framed(self, buffers):
+        FrameLink.send_frame(self, buffers)
