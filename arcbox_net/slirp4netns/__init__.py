@@ -9,3 +9,6 @@ namespaces and hands back the TAP's fd, ``api`` speaks slirp4netns's JSON API
 over the stack's ordinary forwards, and ``runner`` serves it all on the
 reactor.
 """
+
+#: The console script's name, the prefix of its one-line errors.
+PROG = "arcbox-net-slirp4netns"

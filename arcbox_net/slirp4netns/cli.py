@@ -22,8 +22,7 @@ import attrs
 
 from ..config import ConfigError, StackConfig
 from ..wire.ethernet import mac_from_str
-
-PROG = "arcbox-net-slirp4netns"
+from . import PROG
 #: Extra arcbox-net options may also come from this environment variable.
 ENV_OPTS = "ARCBOX_NET_SLIRP4NETNS_OPTS"
 DEFAULT_CIDR = "10.0.2.0/24"

@@ -8,7 +8,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .cli import PROG, UsageError
+from . import PROG
 
 log = Logger()
 
@@ -177,5 +177,3 @@ def run(options, config):
             pass
     return status["code"]
 
-
-__all__ = ["UsageError", "run"]
