@@ -73,6 +73,15 @@ class Options(usage.Options):
          float],
         ["max-connections", None, 4096, "Concurrent TCP connections; beyond it SYNs get RST.",
          _int("--max-connections")],
+        ["max-half-open", None, 256, "Guest TCP connections still opening (host connect or "
+                                     "handshake pending) at once; beyond it SYNs get RST.",
+         _int("--max-half-open")],
+        ["tcp-fin-timeout", None, 60.0, "Seconds a TCP connection the host closed waits in "
+                                        "FIN_WAIT_2 for more guest data or the guest's FIN.",
+         float],
+        ["tcp-close-wait-timeout", None, 300.0, "Seconds a TCP connection the guest closed "
+                                                "waits in CLOSE_WAIT for host data or EOF.",
+         float],
         ["udp-timeout", None, 60.0, "Idle timeout of a UDP flow, in seconds.", float],
         ["max-udp-flows", None, 1024, "Concurrent UDP flows; beyond it the oldest idle flow "
                                       "is evicted.", _int("--max-udp-flows")],
@@ -170,6 +179,8 @@ class Options(usage.Options):
                 allow=self["allow"], deny=["169.254.0.0/16", *self["deny"]],
                 connect_timeout=self["connect-timeout"],
                 max_connections=self["max-connections"], udp_timeout=self["udp-timeout"],
+                max_half_open=self["max-half-open"], tcp_fin_timeout=self["tcp-fin-timeout"],
+                tcp_close_wait_timeout=self["tcp-close-wait-timeout"],
                 max_udp_flows=self["max-udp-flows"], dns_upstreams=self["dns_upstreams"],
                 dns_records=self["dns_records"], dns_timeout=self["dns-timeout"],
                 forwards=self["forwards"], forward_source=self["forward-source"])

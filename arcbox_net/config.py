@@ -254,6 +254,14 @@ class StackConfig:
     connect_timeout: float = attrs.field(default=10.0)
     #: Concurrent TCP connections; beyond it a SYN gets RST (counted).
     max_connections: int = attrs.field(default=4096)
+    #: Guest TCP connections still opening (host connect pending or SYN-ACK
+    #: unanswered) at once; beyond it a SYN gets RST (counted), so a SYN
+    #: flood cannot open thousands of host sockets.
+    max_half_open: int = attrs.field(default=256)
+    #: Seconds a TCP connection may stay in FIN_WAIT_2 without guest data
+    #: (Linux's tcp_fin_timeout), and in CLOSE_WAIT without host data.
+    tcp_fin_timeout: float = attrs.field(default=60.0)
+    tcp_close_wait_timeout: float = attrs.field(default=300.0)
     #: UDP flow idle timeout (seconds), and the longer one once replies came back.
     udp_timeout: float = attrs.field(default=60.0)
     udp_established_timeout: float = attrs.field(default=180.0)
@@ -292,7 +300,10 @@ class StackConfig:
             raise ConfigError(f"connect timeout {self.connect_timeout!r} must be in (0, 600] seconds")
         if not isinstance(self.max_connections, int) or self.max_connections < 1:
             raise ConfigError(f"max connections {self.max_connections!r} must be at least 1")
-        for name in ("udp_timeout", "udp_established_timeout", "dns_timeout"):
+        if not isinstance(self.max_half_open, int) or self.max_half_open < 1:
+            raise ConfigError(f"max half-open {self.max_half_open!r} must be at least 1")
+        for name in ("udp_timeout", "udp_established_timeout", "dns_timeout", "tcp_fin_timeout",
+                     "tcp_close_wait_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} {value!r} must be a positive number of seconds")

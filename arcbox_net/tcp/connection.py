@@ -54,6 +54,7 @@ States
       ESTABLISHED --close--> FIN_WAIT_1 --ACK--> FIN_WAIT_2 --guest FIN--> TIME_WAIT
       FIN_WAIT_1 --guest FIN--> CLOSING --ACK--> TIME_WAIT --time_wait--> CLOSED
     anything --reset / RST in window / give-up--> CLOSED
+    FIN_WAIT_2, CLOSE_WAIT --idle-timeout--> CLOSED (RST to the guest)
 
 HELD exists so that the guest's SYN is answered only once the host connect
 has succeeded (a refused host connect becomes an RST, a timeout silence),
@@ -105,6 +106,13 @@ segments; a window-limited short tail is held back while data is in flight
 (sender-side silly window avoidance). The FIN goes after the last byte, on
 the last data segment when it can.
 
+Work per flush is bounded: at most ``burst_segments`` segments leave in one
+``flush``; a flush that stops there sets ``wants_flush`` and the adapter
+flushes again on the next reactor turn, so a connection with a huge window
+cannot monopolise the reactor. The send MSS is the guest's, clamped to
+[MIN_SND_MSS (48, Linux's tcp_min_snd_mss), mss_limit]: a SYN announcing
+MSS 1 cannot turn a download into one frame per byte.
+
 There is no congestion control: the path to the guest is a local virtual
 link whose only real limit is the guest's receive window (which we obey).
 Loss there is rare and handled by retransmission alone.
@@ -114,7 +122,7 @@ Timers
 One deadline (``next_deadline``) serves every timer, as only one is ever
 meaningful at a time:
 
-- SYN / SYN-ACK retransmission, ``syn_retries`` times with doubling RTO,
+- SYN / SYN-ACK retransmission, ``syn_retries`` (3) times with doubling RTO,
   then TimedOut (active open) or RST + GuestReset (passive open);
 - retransmission (RFC 6298: SRTT/RTTVAR from samples of segments never
   retransmitted, clamped to [rto_min, rto_max], doubled on each timeout and
@@ -125,7 +133,13 @@ meaningful at a time:
 - persist: with data waiting and a zero guest window, 1-byte probes with
   backoff; any ACK from the guest resets the give-up count, so a live guest
   that keeps its window shut is probed forever;
-- TIME-WAIT: ``time_wait`` seconds (bounded; the guest is on a local link).
+- TIME-WAIT: ``time_wait`` seconds (bounded; the guest is on a local link);
+- idle: FIN_WAIT_2 without guest data for ``fin_wait2_timeout`` (60 s, as
+  Linux's tcp_fin_timeout) and CLOSE_WAIT without host data for
+  ``close_wait_timeout``: RST to the guest, GuestReset("idle"), CLOSED, so
+  neither a guest that never sends its FIN nor a host peer that never closes
+  holds a host socket for ever. This deadline runs beside the others
+  (``next_deadline`` is the earlier of the two).
 
 There is no delayed ACK: ``flush`` at the end of each batch is the ACK
 clock, which coalesces as well and adds no latency (a delayed-ACK timer was
@@ -143,6 +157,10 @@ from .sendbuf import SendBuffer
 
 MASK = 0xFFFFFFFF
 _DEFAULT_MSS = 536  # RFC 1122: the MSS to assume when the SYN has none
+#: The smallest send MSS we accept from a guest (Linux's ``tcp_min_snd_mss``
+#: default): a SYN announcing less is taken as 48, so a guest cannot make us
+#: cut a download into one-byte segments (4 MB would be 4M frames).
+MIN_SND_MSS = 48
 
 
 def seq_diff(a, b):
@@ -213,12 +231,26 @@ class TcpParams:
     rto_min: float = 0.2
     rto_max: float = 60.0
     max_retransmits: int = 12
-    syn_retries: int = 6
+    #: SYN and SYN-ACK retransmissions before giving up: 3 with a 1 s initial
+    #: RTO is 15 s (Linux's 5 SYN-ACK retries take 63 s; 6 took 127 s, which
+    #: let a SYN flood hold host sockets for two minutes each).
+    syn_retries: int = 3
     time_wait: float = 2.0
+    #: Seconds FIN_WAIT_2 may go without guest data (Linux's tcp_fin_timeout,
+    #: 60 s): the host has closed, and a guest that never sends its FIN must
+    #: not hold the host socket for ever.
+    fin_wait2_timeout: float = 60.0
+    #: Seconds CLOSE_WAIT may go without host data: the guest has closed and
+    #: the host peer neither answers nor closes.
+    close_wait_timeout: float = 300.0
     #: Largest payload per emitted segment when the link segments for us (GSO):
     #: segments carry up to this many bytes and the link cuts them to the MSS.
     #: None: one MSS per segment.
     segment_size: int | None = None
+    #: Segments one ``flush`` may emit at most (the per-reactor-turn budget):
+    #: more is left for the next turn (``wants_flush``), so one connection
+    #: with a huge window and a tiny MSS cannot starve the others.
+    burst_segments: int = 128
 
     def __attrs_post_init__(self):
         if not 1 <= self.mss_limit <= 65535:
@@ -231,6 +263,10 @@ class TcpParams:
                              f"scale's granularity ({1 << self.window_scale})")
         if not 0 < self.rto_min <= self.rto_max:
             raise ValueError("need 0 < rto_min <= rto_max")
+        if not (self.fin_wait2_timeout > 0 and self.close_wait_timeout > 0):
+            raise ValueError("FIN_WAIT_2 and CLOSE_WAIT timeouts must be positive")
+        if self.burst_segments < 1:
+            raise ValueError("burst_segments must be at least 1")
 
 
 # -- events
@@ -287,6 +323,7 @@ _ESTABLISHED = Established()
 _END_OF_DATA = GuestEndOfData()
 _GUEST_RST = GuestReset("rst")
 _GIVE_UP = GuestReset("timeout")
+_IDLE = GuestReset("idle")
 _REFUSED = Refused()
 _TIMED_OUT = TimedOut()
 _CLOSED = Closed()
@@ -304,6 +341,7 @@ _CLOSED = Closed()
 #   fin-acked     the guest acknowledged our FIN
 #   guest-rst     an acceptable RST from the guest
 #   give-up       retransmissions exhausted
+#   idle-timeout  FIN_WAIT_2 / CLOSE_WAIT without progress for too long
 #   time-wait-over
 # Anything else raises IllegalTransition.
 _ROWS = (
@@ -326,6 +364,8 @@ _ROWS = (
     (CLOSING,      "fin-acked",      TIME_WAIT,    None),
     (TIME_WAIT,    "time-wait-over", CLOSED,       None),
     (TIME_WAIT,    "guest-rst",      CLOSED,       None),   # both sides are done already
+    (FIN_WAIT_2,   "idle-timeout",   CLOSED,       _IDLE),
+    (CLOSE_WAIT,   "idle-timeout",   CLOSED,       _IDLE),
 ) + tuple(
     (state, what, CLOSED, event)
     for state in (SYN_RECEIVED, ESTABLISHED, CLOSE_WAIT, LAST_ACK, FIN_WAIT_1, FIN_WAIT_2,
@@ -349,7 +389,7 @@ class TcpConnection:
         # send side
         "iss", "snd_una", "snd_nxt", "snd_wnd", "snd_shift", "send_mss",
         "_wl1", "_wl2", "_sendbuf", "_fin_queued", "_fin_sent",
-        "_dupacks", "_in_recovery", "_recover",
+        "_dupacks", "_in_recovery", "_recover", "_more", "_host_sent", "_idle_since",
         # receive side
         "irs", "rcv_nxt", "rcv_shift", "_rcv_adv", "_receive_open", "_ack_owed",
         "_ooo", "_ooo_fin", "_guest_wscale",
@@ -383,6 +423,9 @@ class TcpConnection:
         self._dupacks = 0
         self._in_recovery = False
         self._recover = 0
+        self._more = False
+        self._host_sent = False
+        self._idle_since = now
         self.irs = 0
         self.rcv_nxt = 0
         self.rcv_shift = 0
@@ -443,6 +486,7 @@ class TcpConnection:
         if self._fin_queued or self.state not in _ACCEPTS_SEND:
             raise IllegalTransition(self.state, "send")
         self._sendbuf.append(data)
+        self._host_sent = True
 
     def close(self, now):
         """Host EOF: FIN after everything already queued (once)."""
@@ -477,6 +521,11 @@ class TcpConnection:
     def flush(self, now):
         """End of a batch: send what the window allows, then any owed ACK."""
         st = self.state
+        self._more = False
+        if self._host_sent:
+            self._host_sent = False
+            if st is CLOSE_WAIT:
+                self._idle_since = now  # the host is still talking
         if st in _SENDING:
             self._push(now)
         if self._ack_owed:
@@ -487,15 +536,29 @@ class TcpConnection:
 
     def next_deadline(self):
         """When ``on_timer`` is due, or None."""
-        return self._timer
+        timer = self._timer
+        st = self.state
+        if st is FIN_WAIT_2 or st is CLOSE_WAIT:
+            idle = self._idle_deadline()
+            if timer is None or idle < timer:
+                return idle
+        return timer
+
+    def _idle_deadline(self):
+        p = self.params
+        return self._idle_since + (p.fin_wait2_timeout if self.state is FIN_WAIT_2
+                                   else p.close_wait_timeout)
 
     def on_timer(self, now):
         """The deadline passed (a late or stale call is harmless)."""
+        st = self.state
+        if (st is FIN_WAIT_2 or st is CLOSE_WAIT) and now >= self._idle_deadline():
+            self._reset("idle-timeout", True)
+            return
         deadline = self._timer
         if deadline is None or now < deadline:
             return
         self._timer = None
-        st = self.state
         p = self.params
         if st is TIME_WAIT:
             self._transition("time-wait-over", now)
@@ -547,6 +610,12 @@ class TcpConnection:
         return out
 
     @property
+    def wants_flush(self):
+        """The last flush stopped at its segment budget with more to send:
+        flush again on the next reactor turn."""
+        return self._more
+
+    @property
     def send_buffered(self):
         """Host bytes the guest has not acknowledged yet (unsent + in flight)."""
         return len(self._sendbuf)
@@ -583,6 +652,8 @@ class TcpConnection:
         if new is old:
             return  # host-close before ESTABLISHED: remembered in _fin_queued
         self.state = new
+        if new is FIN_WAIT_2 or new is CLOSE_WAIT:
+            self._idle_since = now
         if new is ESTABLISHED:
             if self._fin_queued:  # close() came during the handshake
                 self._transition("host-close", now)
@@ -778,6 +849,8 @@ class TcpConnection:
             payload = payload[:n]
             fin = 0
             self._ack_owed = True
+        if n and self.state is FIN_WAIT_2:
+            self._idle_since = now  # the guest is still sending
         if seq == rcv_nxt:
             self._ack_owed = True
             if n:
@@ -856,6 +929,7 @@ class TcpConnection:
         Only called in _SENDING states, where a queued FIN means close() has
         taken effect.
         """
+        self._more = False
         if self._fin_sent:
             return
         buf = self._sendbuf
@@ -871,6 +945,10 @@ class TcpConnection:
                 tail = (stop - pos) % mss
                 if stop < end and tail and (pos or stop - pos > tail):
                     stop -= tail  # no runt while an ACK is due to open the window
+                cap = pos + self.params.burst_segments * chunk
+                if stop > cap:
+                    stop = cap  # the budget of this turn: the rest on the next
+                    self._more = True
                 if stop > pos:
                     lp = self.local_port
                     gp = self.guest_port
@@ -991,7 +1069,7 @@ class TcpConnection:
 
     def _negotiate(self, guest_mss, guest_wscale):
         """MSS and window scaling from the guest's SYN (RFC 7323: both or neither)."""
-        self.send_mss = max(1, min(self.params.mss_limit, guest_mss or _DEFAULT_MSS))
+        self.send_mss = min(self.params.mss_limit, max(MIN_SND_MSS, guest_mss or _DEFAULT_MSS))
         self._guest_wscale = guest_wscale
         if guest_wscale is not None:
             self.snd_shift = min(guest_wscale, 14)

@@ -26,7 +26,14 @@ Flow control, both ways bounded:
 
 Batching: segments of one read burst are fed to their connections, and each
 touched connection is flushed once at the end of the burst (one cumulative
-ACK, one host write, one timer update).
+ACK, one host write, one timer update). A flush that used up its segment
+budget is done again on the next reactor turn (``defer_flush``), after the
+other connections and the link's reads.
+
+Caps: ``max_connections`` in all, and ``max_half_open`` of the guest's
+connections still opening (HELD or SYN_RECEIVED: each holds a host socket
+that the guest has not yet earned), so a SYN flood from spoofed sources
+gets RSTs instead of thousands of host connects.
 """
 
 import errno
@@ -79,11 +86,22 @@ class TcpNat:
         if params is None:
             # Where the link cuts segments for us (GSO), one emitted segment
             # carries up to 64 KiB; elsewhere one MSS.
-            params = TcpParams(mss_limit=config.mtu - 40,
-                               segment_size=self.framer.tcp_segment_limit)
+            # The MSS fits the smaller of the configured MTU and the link's
+            # largest plain frame: no TCP frame to the guest is ever larger.
+            mtu = min(config.mtu, self.framer.mtu)
+            params = TcpParams(mss_limit=mtu - 40, segment_size=self.framer.tcp_segment_limit,
+                               fin_wait2_timeout=config.tcp_fin_timeout,
+                               close_wait_timeout=config.tcp_close_wait_timeout)
         self.params = params
         self.connections = {}
+        #: Guest-opened connections not yet established (HELD, SYN_RECEIVED):
+        #: each holds a host socket, so they have a cap of their own.
+        self.half_open = 0
         self._dirty = []
+        #: Splices whose last flush hit its segment budget, and the call
+        #: that flushes them again on the next reactor turn.
+        self._backlog = []
+        self._backlog_call = None
         self.drops = Counter()
         self.counters = Counter()
         #: Callable(kind, details) told of "connection-opened"/"connection-closed".
@@ -97,6 +115,10 @@ class TcpNat:
         _raise_fd_limit()
 
     def stop(self):
+        if self._backlog_call is not None and self._backlog_call.active():
+            self._backlog_call.cancel()
+        self._backlog_call = None
+        self._backlog = []
         for splice in list(self.connections.values()):
             splice.abort_all()
         self.connections.clear()
@@ -135,6 +157,26 @@ class TcpNat:
             splice.dirty = False
             splice.pump(now)
 
+    def defer_flush(self, splice):
+        """Flush ``splice`` again on the next reactor turn (its budget ran out):
+        the other connections and the link's reads get their turn first."""
+        if splice.deferred:
+            return
+        splice.deferred = True
+        self._backlog.append(splice)
+        self.counters["tcp-flush-deferred"] += 1
+        if self._backlog_call is None:
+            self._backlog_call = self.reactor.callLater(0, self._flush_backlog)
+
+    def _flush_backlog(self):
+        self._backlog_call = None
+        backlog, self._backlog = self._backlog, []
+        now = self.reactor.seconds()
+        for splice in backlog:
+            splice.deferred = False
+            if not splice._finished:
+                splice.pump(now)
+
     def _reset_unmatched(self, key, seg):
         reply = TcpConnection.reset_for(seg)
         if reply is None:
@@ -150,6 +192,10 @@ class TcpNat:
             self.drops["tcp-connection-limit"] += 1
             self.emit(key, TcpConnection.reset_for(seg))
             return
+        if self.half_open >= self.config.max_half_open:
+            self.drops["tcp-half-open-limit"] += 1
+            self.emit(key, TcpConnection.reset_for(seg))
+            return
         target = self.egress.route(remote_ip, remote_port)
         if isinstance(target, Refusal):
             self.drops["tcp-" + target.reason] += 1
@@ -162,6 +208,8 @@ class TcpNat:
         conn = TcpConnection.from_guest_syn(seg, self.reactor.seconds(),
                                             random.getrandbits(32), self.params)
         splice = TcpSplice(self, key, conn, quote, target)
+        splice.half_open = True
+        self.half_open += 1
         self.connections[key] = splice
         self.counters["tcp-opened"] += 1
         if self.on_event is not None:
@@ -227,6 +275,9 @@ class TcpSplice(Protocol):
         self.quote = quote
         self.target = target
         self.dirty = False
+        self.deferred = False
+        #: Counted in the NAT's half-open connections (until Established or the end).
+        self.half_open = False
         self.transport = None
         self._connecting = None
         self._timer = None
@@ -388,6 +439,8 @@ class TcpSplice(Protocol):
             self._host_paused = False
             self.transport.resumeProducing()
         self._schedule()
+        if conn.wants_flush and not self._finished:
+            nat.defer_flush(self)
 
     def _on_event(self, event):
         transport = self.transport
@@ -398,12 +451,14 @@ class TcpSplice(Protocol):
                     transport.unregisterProducer()
                 transport.loseWriteConnection()
         elif isinstance(event, GuestReset):
-            self.nat.counters["tcp-guest-reset"] += 1
+            self.nat.counters["tcp-idle-timeout" if event.reason == "idle"
+                              else "tcp-guest-reset"] += 1
             self._reset_host()
         elif isinstance(event, Closed):
             self._finish()
         elif isinstance(event, Established):
             self.nat.counters["tcp-established"] += 1
+            self._opened()
             if self.direction == "inbound" and transport is not None:
                 transport.resumeProducing()
         elif isinstance(event, Refused):
@@ -413,6 +468,12 @@ class TcpSplice(Protocol):
             self.nat.counters["tcp-forward-timeout"] += 1
             if transport is not None:
                 transport.abortConnection()
+
+    def _opened(self):
+        """No longer half-open (established, or over)."""
+        if self.half_open:
+            self.half_open = False
+            self.nat.half_open -= 1
 
     def _reset_host(self):
         transport = self.transport
@@ -452,6 +513,7 @@ class TcpSplice(Protocol):
         if self._finished:
             return
         self._finished = True
+        self._opened()
         self.nat.forget(self)
         timer = self._timer
         if timer is not None and timer.active():

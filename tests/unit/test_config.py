@@ -47,3 +47,17 @@ def test_a_config_survives_its_json_form():
                          dns_records=["a.test=10.0.2.50"], deny=["0.0.0.0/0"],
                          allow=["127.0.0.0/8"], forwards=["tcp:8080:80", "udp:5000:10.0.2.2:53"])
     assert StackConfig(**json.loads(json.dumps(config.to_json()))) == config
+
+
+def test_tcp_caps_and_timeouts_from_the_command_line():
+    from arcbox_net.cli import Options
+    o = Options()
+    o.parseOptions(["--netns", "x", "--max-half-open", "16", "--tcp-fin-timeout", "5",
+                    "--tcp-close-wait-timeout", "7.5"])
+    c = o.config
+    assert (c.max_half_open, c.tcp_fin_timeout, c.tcp_close_wait_timeout) == (16, 5.0, 7.5)
+    d = StackConfig()
+    assert (d.max_half_open, d.tcp_fin_timeout, d.tcp_close_wait_timeout) == (256, 60.0, 300.0)
+    for bad in ({"max_half_open": 0}, {"tcp_fin_timeout": 0}, {"tcp_close_wait_timeout": -1}):
+        with pytest.raises(ConfigError):
+            StackConfig(**bad)

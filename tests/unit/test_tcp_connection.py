@@ -423,7 +423,7 @@ def test_host_closes_first_then_time_wait():
     assert fin.flags == ACK | FIN and g.off_of(fin) == 0
     assert c.state is S.FIN_WAIT_1
     g.send(ack_off=1, now=1.1)
-    assert c.state is S.FIN_WAIT_2 and c.next_deadline() is None
+    assert c.state is S.FIN_WAIT_2 and c.next_deadline() == pytest.approx(61.1)  # fin_wait2_timeout
     g.send(payload=b"more", ack_off=1, now=1.2)  # the guest still sends
     assert b"".join(c.take_received()) == b"more"
     g.send(off=4, ack_off=1, flags=ACK | FIN, now=1.3)
@@ -1171,3 +1171,123 @@ def test_every_row_of_the_table_is_one_move():
     assert len(_ROWS) == sum(len(moves) for moves in _TRANSITIONS.values())
     # Events come from rows only; Closed comes from entering CLOSED, never from a row.
     assert all(not isinstance(event, Closed) for *_x, event in _ROWS)
+
+
+# -- bounded work per guest input (issue 20, item 2)
+
+def test_a_tiny_guest_mss_is_raised_to_the_floor():
+    """MSS 1 in the SYN would cut a download into one-byte segments; 48 is the floor
+    (Linux's tcp_min_snd_mss), and the MTU's limit still caps it from above."""
+    from arcbox_net.tcp.connection import MIN_SND_MSS
+    assert MIN_SND_MSS == 48
+    for announced, expected in ((1, 48), (0, 536), (47, 48), (48, 48), (100, 100),
+                                (9000, 1460)):
+        c = held(mss=announced)
+        assert c.send_mss == expected, announced
+    c = held(params=TcpParams(mss_limit=40), mss=1)
+    assert c.send_mss == 40  # never above what the link carries
+
+
+def test_one_flush_emits_at_most_its_budget_and_asks_for_another_turn():
+    """A 4 MB download to a guest with MSS 1 and a huge window: each flush sends
+    at most burst_segments segments of 48 bytes; wants_flush until all is out."""
+    params = TcpParams(burst_segments=100)
+    c, g = established(params, mss=1, wscale=7, window=65535)  # 8 MiB window
+    data = bytes(range(256)) * (4 << 12)  # 1 MiB: enough to show the budget
+    c.send(data)
+    got = bytearray()
+    turns = 0
+    c.flush(0.0)
+    while True:
+        out = c.take_segments()
+        assert len(out) <= 100
+        assert all(len(s.payload) <= 48 for s in out)
+        got += b"".join(bytes(s.payload) for s in out)
+        turns += 1
+        if not c.wants_flush:
+            break
+        c.flush(0.0)
+    assert bytes(got) == data
+    assert turns == -(-len(data) // (48 * 100))
+    # The guest's ACK of everything: nothing more to send, no further turn wanted.
+    g.send(ack_off=len(data))
+    c.flush(0.0)
+    assert c.take_segments() == [] and not c.wants_flush
+
+
+# -- timeouts for every state (issue 20, item 3)
+
+def test_syn_ack_retries_are_bounded_by_default():
+    """A SYN whose sender never completes the handshake (a spoofed flood) holds
+    its host socket 15 s by default, not the 127 s of six doublings."""
+    c = held()
+    c.accept(0.0)
+    times = []
+    while not c.is_closed:
+        now = c.next_deadline()
+        times.append(now)
+        c.on_timer(now)
+    assert times == pytest.approx([1.0, 3.0, 7.0, 15.0])
+    assert [s.flags for s in c.take_segments()] == [SYN | ACK] * 4 + [RST | ACK]
+    assert c.take_events() == [GuestReset("timeout"), Closed()]
+
+
+def _fin_wait_2(params=TcpParams()):
+    c, g = established(params)
+    c.close(1.0)
+    fin = only(c.take_segments())
+    assert fin.flags == ACK | FIN
+    g.send(ack_off=1, now=1.0)
+    assert c.state is S.FIN_WAIT_2
+    return c, g
+
+
+def test_fin_wait_2_times_out_without_guest_data():
+    """The host closed, the guest acknowledged our FIN and never sends its own:
+    after fin_wait2_timeout (60 s, Linux's tcp_fin_timeout) the connection is
+    reset, so the host socket is not held for ever."""
+    c, g = _fin_wait_2()
+    assert c.next_deadline() == pytest.approx(61.0)
+    c.on_timer(30.0)  # early: nothing
+    assert c.state is S.FIN_WAIT_2 and c.take_segments() == []
+    g.send(payload=b"still here", ack_off=1, now=40.0)  # guest data: the clock restarts
+    c.flush(40.0)
+    assert b"".join(c.take_received()) == b"still here"
+    c.take_segments()
+    assert c.next_deadline() == pytest.approx(100.0)
+    g.send(ack_off=1, now=70.0)  # a pure ACK is no progress
+    assert c.next_deadline() == pytest.approx(100.0)
+    c.on_timer(100.0)
+    rst = only(c.take_segments())
+    assert rst.flags == RST | ACK and g.off_of(rst) == 1
+    assert c.is_closed and c.take_events() == [GuestReset("idle"), Closed()]
+
+
+def test_close_wait_times_out_without_host_data():
+    """The guest closed; the host peer neither sends nor closes: reset after
+    close_wait_timeout of host silence (host data restarts the clock)."""
+    c, g = established(TcpParams(close_wait_timeout=100.0))
+    g.send(flags=ACK | FIN, now=1.0)
+    assert c.state is S.CLOSE_WAIT
+    assert c.take_events() == [GuestEndOfData()]
+    c.flush(1.0)
+    c.take_segments()
+    assert c.next_deadline() == pytest.approx(101.0)
+    c.send(b"answer")
+    c.flush(50.0)
+    data = only(c.take_segments())
+    assert data.payload == b"answer"
+    # The retransmission timer is sooner; the idle deadline moved with the data.
+    assert c.next_deadline() == pytest.approx(50.2)  # rto_min
+    g.send(off=1, ack_off=6, now=50.1)
+    assert c.next_deadline() == pytest.approx(150.0)
+    c.on_timer(150.0)
+    rst = only(c.take_segments())
+    assert rst.flags == RST | ACK
+    assert c.is_closed and c.take_events() == [GuestReset("idle"), Closed()]
+
+
+def test_timeouts_are_checked():
+    for bad in (dict(fin_wait2_timeout=0), dict(close_wait_timeout=-1)):
+        with pytest.raises(ValueError):
+            TcpParams(**bad)

@@ -225,3 +225,135 @@ def test_an_illegal_transition_is_a_counted_drop_not_a_crash(nat, monkeypatch):
     [ack] = guest(nat, fb.tcp(40000, 80, seq=1001, ack=isn + 1, flags=dpkt.tcp.TH_ACK,
                               dst=REMOTE, payload=b"lost"))
     assert ack.data.data.ack == 1005 and transport.value() == b"lost"
+
+
+# -- bounded work per guest input (issue 20, item 2)
+
+def _established_with(nat, sport, mss_option, win=65535, wscale=7):
+    """A handshake with the guest's own SYN options; returns (splice, transport, isn)."""
+    opts = mss_option + bytes([1, 3, 3, wscale])
+    guest(nat, fb.tcp(sport, 80, seq=1000, flags=dpkt.tcp.TH_SYN, dst=REMOTE, opts=opts))
+    transport = connect_succeeds(nat, len(nat.reactor.tcpClients) - 1)
+    isn = nat_sent(nat).data.data.seq
+    guest(nat, fb.tcp(sport, 80, seq=1001, ack=isn + 1, flags=dpkt.tcp.TH_ACK, dst=REMOTE,
+                      win=win))
+    splice = nat.connections[(fb.ip4("10.0.2.2"), sport, fb.ip4(REMOTE), 80)]
+    return splice, transport, isn
+
+
+def test_mss_1_download_is_cut_at_the_floor_and_shares_the_reactor(nat):
+    """A guest announcing MSS 1 with an 8 MiB window: host data leaves in 48-byte
+    segments, at most one budget per reactor turn, and another connection's data
+    goes out on the first turn all the same."""
+    hog, _t1, _ = _established_with(nat, 40001, b"\x02\x04\x00\x01")
+    other, _t2, other_isn = _established_with(nat, 40002, b"\x02\x04\x05\xb4")
+    budget = nat.params.burst_segments
+    hog.dataReceived(b"h" * (1 << 20))
+    other.dataReceived(b"o" * 1000)
+    frames = [fb.parse(f) for f in nat.dispatcher.link.sent]
+    nat.dispatcher.link.sent.clear()
+    hog_frames = [f for f in frames if f.data.data.dport == 40001]
+    assert len(hog_frames) == budget
+    assert all(len(f.data.data.data) == 48 for f in hog_frames)
+    [o] = [f.data.data for f in frames if f.data.data.dport == 40002]
+    assert o.data == b"o" * 1000 and o.seq == other_isn + 1
+    assert nat.counters["tcp-flush-deferred"] >= 1
+    turns = 1
+    sent = len(hog_frames) * 48
+    while nat._backlog_call is not None:
+        # One reactor turn: the call the budget left, due at once (Clock.advance
+        # would run the calls it schedules too, as if they were one turn).
+        call = nat._backlog_call
+        assert call.active() and call.getTime() == nat.reactor.seconds()
+        call.cancel()
+        nat._flush_backlog()
+        batch = [fb.parse(f) for f in nat.dispatcher.link.sent]
+        nat.dispatcher.link.sent.clear()
+        assert 0 < len(batch) <= budget
+        sent += sum(len(f.data.data.data) for f in batch)
+        turns += 1
+    # The guest's window (8 MiB) holds all of it: only the budget spread it out.
+    assert sent == 1 << 20 and turns == -(-(1 << 20) // (48 * budget))
+
+
+def test_no_tcp_frame_is_larger_than_the_link_takes():
+    """The link's largest plain frame is below the configured MTU: the MSS
+    follows the link, and every frame of a download fits it."""
+    from arcbox_net.interfaces import LinkCapabilities
+
+    class SmallLink(FakeLink):
+        capabilities = LinkCapabilities(max_frame=14 + 1000)
+
+    config = StackConfig(address_map=[f"{REMOTE}=127.0.0.2"], deny=["0.0.0.0/0"],
+                         allow=["127.0.0.0/8"])
+    dispatcher = FrameDispatcher(config, SmallLink())
+    dispatcher.guest_mac = fb.GUEST_MAC
+    nat = TcpNat(dispatcher, config, Egress(config), MemoryReactorClock())
+    dispatcher.register(nat)
+    splice, _transport, _isn = _established_with(nat, 40003, b"\x02\x04\x05\xb4")
+    assert splice.conn.send_mss == 960
+    splice.dataReceived(b"x" * 200000)
+    sizes = [len(f) for f in nat.dispatcher.link.sent]
+    assert sizes and max(sizes) <= 1014
+
+
+# -- caps and timeouts (issue 20, item 3)
+
+def _nat(**config):
+    config = StackConfig(address_map=[f"{REMOTE}=127.0.0.2"], deny=["0.0.0.0/0"],
+                         allow=["127.0.0.0/8"], **config)
+    dispatcher = FrameDispatcher(config, FakeLink())
+    dispatcher.guest_mac = fb.GUEST_MAC
+    nat = TcpNat(dispatcher, config, Egress(config), MemoryReactorClock())
+    dispatcher.register(nat)
+    return nat
+
+
+def test_half_open_cap_resets_new_syns_while_established_ones_work():
+    """A SYN flood fills the half-open slots (host connects pending); further
+    SYNs get RST without a host connect; an established connection carries on,
+    and a slot freed by a completed handshake takes a new SYN."""
+    nat = _nat(max_half_open=2, max_connections=100)
+    splice, transport, isn = _established_with(nat, 40010, b"\x02\x04\x05\xb4")
+    assert nat.half_open == 0
+    guest(nat, syn(sport=1), syn(sport=2))
+    assert nat.half_open == 2 and len(nat.reactor.tcpClients) == 3
+    [reply] = guest(nat, syn(sport=3))
+    assert reply.data.data.flags & dpkt.tcp.TH_RST and reply.data.data.dport == 3
+    assert nat.drops["tcp-half-open-limit"] == 1 and len(nat.reactor.tcpClients) == 3
+    # The established connection still moves data both ways.
+    [ack] = guest(nat, fb.tcp(40010, 80, seq=1001, ack=isn + 1, flags=dpkt.tcp.TH_ACK,
+                              dst=REMOTE, payload=b"hello"))
+    assert transport.value() == b"hello" and ack.data.data.ack == 1006
+    # The host refuses one pending connect: its slot is free again.
+    connect_fails(nat, error.ConnectionRefusedError(), index=1)
+    assert nat.half_open == 1
+    guest(nat, syn(sport=4))
+    assert nat.half_open == 2 and len(nat.reactor.tcpClients) == 4
+    # A handshake completing frees a slot too.
+    connect_succeeds(nat, index=2)
+    synack = [f for f in nat.dispatcher.link.take() if f.data.data.dport == 2][0].data.data
+    guest(nat, fb.tcp(2, 80, seq=1001, ack=synack.seq + 1, flags=dpkt.tcp.TH_ACK, dst=REMOTE))
+    assert nat.half_open == 1
+    nat.stop()
+    assert nat.half_open == 0
+
+
+def test_fin_wait_2_timeout_reaches_the_adapter():
+    """The host closed; the guest acknowledged and went quiet: after
+    --tcp-fin-timeout the guest gets RST, the host socket is aborted, the
+    connection is forgotten and counted."""
+    nat = _nat(tcp_fin_timeout=5.0)
+    splice, transport, isn = _established_with(nat, 40011, b"\x02\x04\x05\xb4")
+    splice.readConnectionLost()
+    fin = nat_sent(nat).data.data
+    assert fin.flags & dpkt.tcp.TH_FIN
+    guest(nat, fb.tcp(40011, 80, seq=1001, ack=isn + 2, flags=dpkt.tcp.TH_ACK, dst=REMOTE))
+    assert splice.conn.state.name == "FIN_WAIT_2"
+    nat.reactor.advance(4.9)
+    assert nat.connections and nat.dispatcher.link.sent == []
+    nat.reactor.advance(0.2)
+    rst = nat_sent(nat).data.data
+    assert rst.flags & dpkt.tcp.TH_RST
+    assert nat.connections == {} and nat.counters["tcp-idle-timeout"] == 1
+    assert transport.disconnecting or transport.disconnected
