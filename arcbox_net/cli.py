@@ -24,10 +24,10 @@ def _int(name):
 
 class Options(usage.Options):
     synopsis = ("[options] (--fd N | --tap NAME | --netns NAME|PATH | --listen-stream PATH | "
-                "--connect-stream PATH | --listen-dgram PATH)")
+                "--connect-stream PATH | --listen-dgram PATH | --vhost-user PATH)")
     longdesc = ("Serve a guest network (DHCP, ARP, DNS, NAT) on a frame link. "
                 "Exactly one of --fd, --tap, --netns, --listen-stream, --connect-stream, "
-                "--listen-dgram chooses the link.")
+                "--listen-dgram, --vhost-user chooses the link.")
 
     optFlags = [
         ["configure", None, "With --netns: give the TAP the guest address, default route "
@@ -52,6 +52,9 @@ class Options(usage.Options):
         ["listen-dgram", None, None, "Bind this unix datagram socket (mode 0600), one frame "
                                      "per datagram; replies go to the latest sender (QEMU "
                                      "-netdev dgram, vfkit unixSocketPath)."],
+        ["vhost-user", None, None, "Listen on this unix socket (mode 0600) as a vhost-user "
+                                   "net back-end, one QEMU at a time (-chardev socket,path=PATH "
+                                   "-netdev vhost-user; guest RAM must be shared memory)."],
         ["pcap", None, None, "Write every frame, both ways, to this pcap file."],
         ["tap", None, None, "Attach to (or create) this TAP device in the current namespace."],
         ["netns", None, None, "Create the TAP inside this network namespace (a name under "
@@ -197,7 +200,7 @@ class Options(usage.Options):
         if self["queues"] > 1 and self["tap"] is None and self["netns"] is None:
             raise usage.UsageError("--queues needs a TAP link (--tap or --netns)")
         links = [o for o in ("fd", "tap", "netns", "listen-stream", "connect-stream",
-                             "listen-dgram") if self[o] is not None]
+                             "listen-dgram", "vhost-user") if self[o] is not None]
         if len(links) != 1:
             from .link import LINK_OPTIONS
             raise usage.UsageError(f"give exactly one of {LINK_OPTIONS}")
@@ -233,6 +236,7 @@ def make_service(options):
                          listen_stream=options["listen-stream"],
                          connect_stream=options["connect-stream"],
                          listen_dgram=options["listen-dgram"],
+                         vhost_user=options["vhost-user"],
                          offload=not options["no-offload"], queues=options["queues"],
                          vnet_hdr=options["vnet-hdr"])
     except (TapError, ValueError, OSError) as e:

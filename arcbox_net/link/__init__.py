@@ -4,18 +4,20 @@ Every link provides ILink and keeps ``base.LinkState`` (counters, sink, reactor)
 ``base.FrameLink`` adds what the frame-per-read links share: a read loop with a
 per-wakeup budget and a write queue that drops (and counts) only what the
 kernel keeps refusing.
-``stream`` and ``dgram`` hold the unix-socket links QEMU, passt and vfkit use.
+``stream`` and ``dgram`` hold the unix-socket links QEMU, passt and vfkit use;
+``vhost_user`` (over ``virtqueue``) is QEMU's vhost-user net back-end.
 """
 
 import socket as _socket
 
 #: The options that choose a link; exactly one must be given.
-LINK_OPTIONS = "--fd, --tap, --netns, --listen-stream, --connect-stream, --listen-dgram"
+LINK_OPTIONS = ("--fd, --tap, --netns, --listen-stream, --connect-stream, --listen-dgram, "
+                "--vhost-user")
 
 
 def open_link(config, fd=None, tap=None, netns=None, tap_name="tap0", configure=False,
               reactor=None, listen_stream=None, connect_stream=None, listen_dgram=None,
-              offload=True, queues=1, vnet_hdr=False):
+              offload=True, queues=1, vnet_hdr=False, vhost_user=None):
     """Open the one link the options name; raise ValueError/TapError with a message."""
     from .dgram import DgramListenLink
     from .socket import SocketFrameLink, VnetSocketFrameLink
@@ -25,7 +27,8 @@ def open_link(config, fd=None, tap=None, netns=None, tap_name="tap0", configure=
     chosen = [name for name, value in (("--fd", fd), ("--tap", tap), ("--netns", netns),
                                        ("--listen-stream", listen_stream),
                                        ("--connect-stream", connect_stream),
-                                       ("--listen-dgram", listen_dgram))
+                                       ("--listen-dgram", listen_dgram),
+                                       ("--vhost-user", vhost_user))
               if value is not None]
     if len(chosen) != 1:
         raise ValueError("give exactly one of " + LINK_OPTIONS
@@ -51,6 +54,9 @@ def open_link(config, fd=None, tap=None, netns=None, tap_name="tap0", configure=
         return StreamLink.connect(connect_stream, mtu=config.mtu, reactor=reactor)
     if listen_dgram is not None:
         return DgramListenLink.listen(listen_dgram, mtu=config.mtu, reactor=reactor)
+    if vhost_user is not None:
+        from .vhost_user import VhostUserLink
+        return VhostUserLink.listen(vhost_user, mtu=config.mtu, reactor=reactor)
     if tap is not None:
         return TapLink.open(tap, mtu=config.mtu, reactor=reactor, offload=offload,
                             queues=queues)

@@ -1,0 +1,283 @@
+"""Split virtqueues (virtio 1.x, section 2.7) over a map of guest memory, sans-I/O.
+
+The driver (the guest) and the device (us) share three rings in guest
+memory: the descriptor table (addr, len, flags, next), the available ring
+(the driver's heads, ``avail.idx`` free-running) and the used ring (our
+answers, ``used.idx``). Everything in them is written by the guest and
+may be hostile, so every value read is checked before it is used:
+
+- a descriptor must lie inside one region of guest memory (``GuestMemory``
+  raises otherwise), a head or ``next`` must be an index of the table, a
+  chain may not be longer than the table (a loop), and no indirect
+  descriptors (never negotiated);
+- ``avail.idx`` may be ahead of what we consumed by at most the ring size.
+
+Any of these raises ``VirtqueueError``: the device is broken and the caller
+closes it. Nothing here touches an fd; the test suite plays the driver over
+a buffer it owns.
+"""
+
+import struct
+
+DESC = struct.Struct("<QIHH")
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+#: The largest ring the spec allows.
+MAX_QUEUE_SIZE = 32768
+
+
+class VirtqueueError(Exception):
+    """The driver broke the virtqueue rules; the device cannot go on."""
+
+
+class GuestMemory:
+    """Guest memory regions mapped into our address space.
+
+    Each region is ``(guest_addr, size, user_addr, buffer)``: the guest
+    physical address descriptors use, the front-end's (QEMU's) virtual
+    address the ring addresses use, and a writable buffer of ``size`` bytes
+    (a slice of an mmap, or a bytearray in tests).
+    """
+
+    def __init__(self, regions):
+        self._regions = []
+        for guest_addr, size, user_addr, buffer in regions:
+            view = memoryview(buffer).cast("B")
+            if size <= 0 or len(view) < size:
+                raise VirtqueueError(f"region of {size} bytes at {guest_addr:#x} is not mapped")
+            if guest_addr + size > 1 << 64 or user_addr + size > 1 << 64:
+                raise VirtqueueError(f"region at {guest_addr:#x} wraps the address space")
+            self._regions.append((guest_addr, guest_addr + size, user_addr,
+                                  user_addr + size, view[:size]))
+
+    def _find(self, addr, length, base, end, kind):
+        for region in self._regions:
+            start, stop = region[base], region[end]
+            if start <= addr and addr + length <= stop:
+                offset = addr - start
+                return region[4][offset:offset + length]
+        raise VirtqueueError(f"{length} bytes at {kind} address {addr:#x} are outside "
+                             "every memory region")
+
+    def guest(self, addr, length):
+        """A view of ``length`` bytes at guest physical ``addr`` (descriptors)."""
+        return self._find(addr, length, 0, 1, "guest")
+
+    def user(self, addr, length):
+        """A view of ``length`` bytes at front-end virtual ``addr`` (rings)."""
+        return self._find(addr, length, 2, 3, "front-end")
+
+    def release(self):
+        """Drop every view, so the mappings under them can be closed."""
+        for region in self._regions:
+            region[4].release()
+        self._regions = []
+
+
+class Chain:
+    """One descriptor chain: its head, readable then writable buffers."""
+
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head, readable, writable):
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+    @property
+    def readable_len(self):
+        return sum(len(b) for b in self.readable)
+
+    @property
+    def writable_len(self):
+        return sum(len(b) for b in self.writable)
+
+
+class Virtqueue:
+    """One split virtqueue, the device's side.
+
+    ``pop()`` takes the next available chain (None when there is none),
+    ``push(chain, written)`` returns it through the used ring, ``rewind(n)``
+    gives back chains popped but not used (an RX frame that did not fit),
+    ``needs_notify()`` says whether the driver wants an interrupt.
+    """
+
+    def __init__(self, memory, num, desc_addr, avail_addr, used_addr, last_avail=0):
+        if not 1 <= num <= MAX_QUEUE_SIZE or num & (num - 1):
+            raise VirtqueueError(f"queue size {num} is not a power of 2 up to {MAX_QUEUE_SIZE}")
+        if desc_addr % 16 or avail_addr % 2 or used_addr % 4:
+            raise VirtqueueError("misaligned ring addresses")
+        self.memory = memory
+        self.num = num
+        self.desc = memory.user(desc_addr, 16 * num)
+        self.avail = memory.user(avail_addr, 4 + 2 * num)
+        self.used = memory.user(used_addr, 4 + 8 * num)
+        self.last_avail = last_avail & 0xFFFF
+        #: Continue where the used ring is (a front-end may hand us a used ring
+        #: with entries in it, e.g. after a reconnect).
+        self.used_idx = U16.unpack_from(self.used, 2)[0]
+
+    def pending(self):
+        """Chains the driver made available that we have not taken."""
+        n = (U16.unpack_from(self.avail, 2)[0] - self.last_avail) & 0xFFFF
+        if n > self.num:
+            raise VirtqueueError(f"available index ran {n} ahead on a ring of {self.num}")
+        return n
+
+    def pop(self):
+        if not self.pending():
+            return None
+        slot = 4 + 2 * (self.last_avail % self.num)
+        head = U16.unpack_from(self.avail, slot)[0]
+        chain = self._chain(head)
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return chain
+
+    def rewind(self, count):
+        self.last_avail = (self.last_avail - count) & 0xFFFF
+
+    def _chain(self, head):
+        num = self.num
+        if head >= num:
+            raise VirtqueueError(f"available head {head} is not below the ring size {num}")
+        readable, writable = [], []
+        desc, guest = self.desc, self.memory.guest
+        index = head
+        for _ in range(num):
+            addr, length, flags, nxt = DESC.unpack_from(desc, 16 * index)
+            if flags & DESC_F_INDIRECT:
+                raise VirtqueueError("an indirect descriptor (not negotiated)")
+            buf = guest(addr, length)
+            if flags & DESC_F_WRITE:
+                writable.append(buf)
+            elif writable:
+                raise VirtqueueError("a readable descriptor after a writable one")
+            else:
+                readable.append(buf)
+            if not flags & DESC_F_NEXT:
+                return Chain(head, readable, writable)
+            if nxt >= num:
+                raise VirtqueueError(f"descriptor {index} chains to {nxt}, past the "
+                                     f"ring size {num}")
+            index = nxt
+        raise VirtqueueError(f"descriptor chain from {head} is longer than the ring (a loop)")
+
+    def push(self, chain, written):
+        """Return ``chain`` to the driver, ``written`` bytes of it filled."""
+        slot = 4 + 8 * (self.used_idx % self.num)
+        USED_ELEM.pack_into(self.used, slot, chain.head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        U16.pack_into(self.used, 2, self.used_idx)
+
+    def needs_notify(self):
+        return not U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+
+    def release(self):
+        for view in (self.desc, self.avail, self.used):
+            view.release()
+
+
+def copy_into(buffers, parts):
+    """Gather ``parts`` (buffers) into ``buffers`` (writable views) in order;
+    the bytes written. The caller made sure they fit."""
+    bufs = iter(buffers)
+    dst = next(bufs, None)
+    pos = 0
+    total = 0
+    for part in parts:
+        src = memoryview(part).cast("B") if not isinstance(part, bytes) else part
+        offset = 0
+        left = len(src)
+        while left:
+            room = len(dst) - pos
+            if not room:
+                dst = next(bufs)
+                pos = 0
+                continue
+            n = min(room, left)
+            dst[pos:pos + n] = src[offset:offset + n]
+            pos += n
+            offset += n
+            left -= n
+            total += n
+    return total
+
+
+class FrameTooBig(Exception):
+    """A frame that no set of the driver's buffers can hold (dropped, counted)."""
+
+
+def put_frame(vq, header, parts, length, mergeable):
+    """Write a virtio-net header and a frame into the RX queue ``vq``.
+
+    ``header`` is the virtio_net_hdr (12 bytes: its num_buffers is filled in
+    here), ``parts`` the frame's buffers, ``length`` their total. With
+    MRG_RXBUF the frame may span several chains; without, it must fit one.
+    Returns False (nothing taken) when the driver has not posted enough
+    buffers yet; raises FrameTooBig when it never can.
+    """
+    need = len(header) + length
+    chains = []
+    room = 0
+    while room < need:
+        chain = vq.pop()
+        if chain is None:
+            vq.rewind(len(chains))
+            return False
+        if chain.readable:
+            raise VirtqueueError("a receive buffer with readable descriptors")
+        chains.append(chain)
+        room += chain.writable_len
+        if not mergeable:
+            break
+    if room < need:
+        vq.rewind(len(chains))
+        raise FrameTooBig(f"a {need}-byte frame and a {room}-byte receive buffer")
+    if len(header) >= 12:
+        header = bytes(header[:10]) + U16.pack(len(chains)) + bytes(header[12:])
+    copy_into([b for c in chains for b in c.writable], [header, *parts])
+    for chain in chains:
+        n = min(chain.writable_len, need)
+        vq.push(chain, n)
+        need -= n
+    return True
+
+
+def take_frame(vq, header_len, limit):
+    """The next frame the driver sent on the TX queue ``vq``.
+
+    Returns None when none is waiting, else ``(header, frame)``: header the
+    first ``header_len`` bytes, frame a bytes copy of the rest (the one copy:
+    guest memory is reused once the chain is returned). A chain shorter than
+    the header, or longer than ``header_len + limit``, gives ``(None, reason)``.
+    The chain is returned to the driver either way.
+    """
+    chain = vq.pop()
+    if chain is None:
+        return None
+    try:
+        if chain.writable:
+            raise VirtqueueError("a transmit buffer with writable descriptors")
+        total = chain.readable_len
+        if total < header_len:
+            return None, "short-vnet-frame"
+        if total > header_len + limit:
+            return None, "oversize-frame"
+        header = bytearray()
+        body = []
+        for buf in chain.readable:
+            if len(header) < header_len:
+                take = min(header_len - len(header), len(buf))
+                header += buf[:take]
+                buf = buf[take:]
+            if len(buf):
+                body.append(buf)
+        frame = bytes(body[0]) if len(body) == 1 else b"".join(body)
+        return bytes(header), frame
+    finally:
+        vq.push(chain, 0)
