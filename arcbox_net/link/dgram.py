@@ -12,10 +12,24 @@ send) is logged and forgotten, and frames for it are dropped and counted
 (``no-peer``); that does not lose the link. Only a failure of our own socket
 does.
 
-An unconnected AF_UNIX datagram socket polls writable even while the peer's
-receive queue is full (EAGAIN on send; the queue holds only
-``net.unix.max_dgram_qlen`` datagrams, 10 by default), so waiting on our own
-socket would spin. A second socket *connected* to the peer does poll as the
+Guest -> host, the peer's sends: an AF_UNIX datagram sent to an unconnected
+socket counts against ``net.unix.max_dgram_qlen`` (10 by default): the 11th
+queued datagram is refused with EAGAIN while the sender's socket still polls
+writable. QEMU's ``-netdev dgram`` sends from an unconnected socket, so once
+our queue held 10 frames it spun on sendto, taking the CPU we needed to drain
+the queue (beside a running VM: 0.03 Gbit/s and over 100 CPU-s/GB in QEMU).
+So the link connects its socket to the peer it learns. A datagram from the
+socket a receiver is connected to skips the qlen test: the sender's own
+buffer (SO_SNDBUF, about 90 frames of 1500 bytes) bounds the queue instead,
+and then the sender polls not-writable until we have read, as on a
+socketpair: QEMU waits in poll instead of spinning. A connected socket takes
+datagrams from its peer only, so after ``peer_idle`` seconds without one the
+link dissolves the association (a restarted VM, a new socket path, is heard
+again within that time) and re-learns the next sender.
+
+Host -> guest, our sends: QEMU's socket is unconnected, so our datagrams to it
+face its qlen of 10, and an unconnected socket polls writable even while the
+peer's receive queue is full, so waiting on our own socket would spin. A second socket *connected* to the peer does poll as the
 peer's queue: Linux reports it writable only when the peer has room, and
 wakes it when the peer reads. That socket (``_PeerRoom``) never sends; the
 reactor watches it while frames are queued. Only if it cannot be made (no fd
@@ -33,7 +47,7 @@ from twisted.internet.interfaces import IWriteDescriptor
 
 from .base import FrameLink, drop_oversize
 from .stream import MAX_FRAME
-from .unixsock import bind_unix, max_frame_len, unlink_if_ours
+from .unixsock import bind_unix, disconnect, max_frame_len, unlink_if_ours
 
 VFKIT_HELLO = b"VFKT"
 _PEER_GONE = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN, errno.ECONNRESET,
@@ -78,6 +92,8 @@ class DgramListenLink(FrameLink):
     #: that a datagram was longer than that.
     read_size = MAX_FRAME + 1
     retry_delay = 0.001
+    #: Seconds without a datagram from the peer before the socket takes any sender again.
+    peer_idle = 1.0
 
     def __init__(self, sock, path, inode=None, mtu=1500, reactor=None):
         super().__init__(sock.fileno(), f"unix dgram socket {path} (listening)", mtu=mtu,
@@ -94,6 +110,12 @@ class DgramListenLink(FrameLink):
         #: False when it could not be made).
         self._room = None
         self._watching_room = False
+        #: Our socket is connected to ``peer`` (see the module docstring).
+        self._associated = False
+        self._heard = False
+        self._idle_call = None
+        #: A peer whose connect failed: not tried again for each frame.
+        self._unassociable = None
 
     @classmethod
     def listen(cls, path, mtu=1500, reactor=None):
@@ -108,6 +130,9 @@ class DgramListenLink(FrameLink):
         data, addr = self._sock.recvfrom(self.read_size)
         if addr != self.peer:
             self._learn(addr)
+        elif not self._associated and addr and addr != self._unassociable:
+            self._associate()
+        self._heard = True
         if len(data) > self.max_frame:
             drop_oversize(self)
             return None
@@ -132,6 +157,46 @@ class DgramListenLink(FrameLink):
             self._drop_queue()
         self._forget_room()
         self.peer = addr
+        self._associate()
+
+    def _associate(self):
+        """Connect to the peer so its sends skip the qlen limit (module docstring)."""
+        if self._associated:
+            self._dissociate()
+        try:
+            self._sock.connect(self.peer)
+        except OSError as e:
+            self._unassociable = self.peer
+            self.log.info("guest link {link}: cannot associate with {peer} ({error}); its "
+                          "sends face net.unix.max_dgram_qlen", link=self.description,
+                          peer=self.peer, error=e.strerror)
+            return
+        self._associated = True
+        self._heard = True
+        self._idle_call = self._reactor.callLater(self.peer_idle, self._check_idle)
+
+    def _dissociate(self):
+        call, self._idle_call = self._idle_call, None
+        if call is not None and call.active():
+            call.cancel()
+        if self._associated:
+            self._associated = False
+            try:
+                disconnect(self._sock)
+            except OSError:
+                pass
+
+    def _check_idle(self):
+        self._idle_call = None
+        if self._stopped or not self._associated:
+            return
+        if self._heard:
+            self._heard = False
+            self._idle_call = self._reactor.callLater(self.peer_idle, self._check_idle)
+            return
+        # Quiet for a whole period: listen to every sender again (replies
+        # still go to the peer); its next datagram, or a new peer's, associates anew.
+        self._dissociate()
 
     def _drop_queue(self):
         if self._queue:
@@ -154,6 +219,7 @@ class DgramListenLink(FrameLink):
             self.log.info("guest link {link}: peer {peer} is gone ({error}); waiting for "
                           "the next one", link=self.description, peer=peer,
                           error=e.strerror)
+            self._dissociate()
             self.peer = None
             self._forget_room()
             self.drops["no-peer"] += 1
@@ -219,6 +285,7 @@ class DgramListenLink(FrameLink):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        self._dissociate()
         super().stop()
         self._forget_room()
         self._sock.close()

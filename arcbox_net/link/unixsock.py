@@ -9,8 +9,12 @@
 - ``bind_unix``: create a listening/bound socket at a path, mode 0600,
   replacing a stale socket file but never another kind of file, and never a
   socket some other process still serves.
+- ``disconnect``: undo a datagram socket's connect() (Python's connect takes
+  no AF_UNSPEC address for AF_UNIX sockets).
 """
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import socket
@@ -114,3 +118,18 @@ def unlink_if_ours(path, inode):
             os.unlink(path)
     except OSError:
         pass
+
+
+_libc = None
+
+
+def disconnect(sock):
+    """Dissolve ``sock``'s association with its datagram peer (connect to an
+    AF_UNSPEC address); it then takes datagrams from any sender again."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    unspec = (ctypes.c_ushort * 8)(socket.AF_UNSPEC)
+    if _libc.connect(sock.fileno(), ctypes.byref(unspec), ctypes.sizeof(unspec)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

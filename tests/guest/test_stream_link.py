@@ -438,8 +438,15 @@ def test_listen_dgram_learns_the_peer_and_replies(tmp_path):
     link.send_frame([b"\x03" * 14, memoryview(b"gathered")])
     assert vm.recv(65536) == frame(2)
     assert vm.recv(65536) == b"\x03" * 14 + b"gathered"
-    # A restarted VM with a new socket: replies follow the latest sender.
+    # While the peer talks, the link is associated with it: another sender is refused.
     vm2 = dgram_peer(tmp_path, "vm2.sock")
+    with pytest.raises(PermissionError):
+        vm2.sendto(frame(3), path)
+    # A restarted VM with a new socket: heard once the old peer has been quiet
+    # for a period, and replies follow the latest sender.
+    vm.close()
+    reactor.advance(link.peer_idle)
+    reactor.advance(link.peer_idle)
     vm2.sendto(frame(3), path)
     link.doRead()
     link.send_frame(frame(4))
@@ -451,6 +458,38 @@ def test_listen_dgram_learns_the_peer_and_replies(tmp_path):
     assert link.drops["no-peer"] == 2
     link.stop()
     assert not os.path.exists(path)
+
+
+def test_listen_dgram_peer_sends_are_bounded_by_its_buffer_not_the_qlen(tmp_path):
+    """Associated with the peer, the link takes far more than net.unix.max_dgram_qlen
+    datagrams before the peer's send would block, and the peer's socket then polls
+    not-writable (it waits instead of spinning on EAGAIN, as QEMU's dgram did)."""
+    link, path, sink, reactor = dgram_link(tmp_path)
+    vm = dgram_peer(tmp_path, "vm.sock")
+    vm.sendto(frame(0), path)
+    link.doRead()                      # learned and associated
+    vm.setblocking(False)
+    sent = 0
+    with pytest.raises(BlockingIOError):
+        while sent < 100000:
+            vm.sendto(frame(sent, 1500), path)
+            sent += 1
+    with open("/proc/sys/net/unix/max_dgram_qlen") as f:
+        qlen = int(f.read())
+    assert sent > 4 * qlen
+    assert select.select([], [vm], [], 0)[1] == []    # full: the sender polls not writable
+    while link.doRead() is None and len(sink.frames) < sent + 1:
+        pass
+    assert len(sink.frames) == sent + 1
+    assert select.select([], [vm], [], 1)[1] == [vm]  # drained: writable again
+    # Quiet for two periods: the association is dissolved, replies still reach the peer.
+    reactor.advance(link.peer_idle)
+    reactor.advance(link.peer_idle)
+    other = dgram_peer(tmp_path, "other.sock")
+    other.sendto(frame(1), path)       # any sender is heard again
+    link.doRead()
+    assert link.peer == str(tmp_path / "other.sock")
+    link.stop()
 
 
 def test_listen_dgram_drops_oversize_frames(tmp_path):
@@ -473,7 +512,7 @@ def test_listen_dgram_waits_for_room_in_the_peers_queue(tmp_path):
     link, sink, reactor, vm, frames = dgram_link_with_full_peer(tmp_path, 200)
     link.doWrite()              # our own socket polls writable: the reactor calls this
     (room,) = reactor.writers
-    assert room is not link and not reactor.getDelayedCalls()
+    assert room is not link and link._retry is None     # no timer
     assert select.select([], [room], [], 0)[1] == []   # the peer is full: not writable
 
     def write_what_is_ready():
