@@ -36,6 +36,9 @@ class Options(usage.Options):
                              "headers); every frame is then at most the MTU."],
         ["no-host-loopback", None, "Do not connect traffic for the gateway address to the "
                                    "host's 127.0.0.1."],
+        ["allow-any-source", None, "Take guest frames from any source address (default: "
+                                   "only the address leased or configured for the sending "
+                                   "MAC; others are dropped and counted)."],
         ["vnet-hdr", None, "With --fd (datagram or seqpacket): each datagram starts with a "
                            "virtio_net_hdr_v1 (12 bytes), so TSO frames up to 64 KiB and "
                            "partial checksums cross the socket both ways."],
@@ -179,6 +182,7 @@ class Options(usage.Options):
                 search=self["search"], lease_time=self["lease-time"],
                 gateway_mac=self["mac"], static_leases=self["static_leases"],
                 host_loopback=not self["no-host-loopback"], address_map=self["maps"],
+                allow_any_source=bool(self["allow-any-source"]),
                 allow=self["allow"], deny=["169.254.0.0/16", *self["deny"]],
                 connect_timeout=self["connect-timeout"],
                 max_connections=self["max-connections"], udp_timeout=self["udp-timeout"],

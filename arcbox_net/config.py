@@ -245,6 +245,9 @@ class StackConfig:
     static_leases: tuple = attrs.field(default=(), converter=_static_leases)
     #: TCP/UDP/ICMP to the gateway address reach the host's 127.0.0.1.
     host_loopback: bool = attrs.field(default=True)
+    #: Take guest frames from any source address, not only the one leased or
+    #: configured for the sending MAC (neighbours.py).
+    allow_any_source: bool = attrs.field(default=False)
     #: (guest-visible address, host address) pairs, e.g. 203.0.113.10 -> 127.0.0.2.
     address_map: tuple = attrs.field(default=(), converter=_address_map)
     #: Egress policy: CIDRs the guest may / may not reach (most specific wins).

@@ -7,8 +7,12 @@ TCP are. A frame that cannot be handled is dropped and counted by reason;
 nothing a guest sends can raise out of here.
 
 The way out to the guest is not here: handlers answer through the framer
-(``dispatcher.framer``, framer.py), which the dispatcher tells the guest's MAC
-it learns.
+(``dispatcher.framer``, framer.py). The dispatcher validates each IPv4
+frame's source address against the neighbour table (neighbours.py): a
+source that is not its MAC's (leased or configured) is dropped as
+``spoofed-source`` before any handler sees it, and a valid one confirms the
+framer's entry for it. Lines a guest can cause per frame are rate-limited
+(ratelimit.py); the drop counters carry the detail.
 """
 
 from collections import Counter
@@ -19,21 +23,34 @@ from zope.interface import implementer
 from .framer import Framer
 from .interfaces import (IEthernetHandler, IFlushable, IFrameSink, IIPv4Handler,
                          IUDPService)
+from .ratelimit import LimitedLog
 from .wire import MalformedFrame, ethernet, ipv4, udp
 from .wire.checksum import ones_sum
 
 _BROADCAST_IP = b"\xff\xff\xff\xff"
+_ZERO_IP = b"\x00\x00\x00\x00"
+_DHCP_SERVER_PORT = 67
+
+
+def _ip_str(address):
+    return ".".join(str(b) for b in address)
 
 
 @implementer(IFrameSink)
 class FrameDispatcher:
     log = Logger()
 
-    def __init__(self, config, link=None):
+    def __init__(self, config, link=None, clock=None):
         self.config = config
         self.link = link
-        #: The one way out to the guest; it also keeps the guest's MAC.
-        self.framer = Framer(config, link)
+        #: The one way out to the guest; it also keeps the neighbour table.
+        self.framer = Framer(config, link) if clock is None else Framer(config, link, clock)
+        self.neighbours = self.framer.neighbours
+        self._macs = self.neighbours.macs
+        self._seen = self.neighbours.seen
+        self._now = 0.0
+        self._last_expire = None
+        self.limited_log = LimitedLog(self.log, clock=self.framer.clock)
         self.gateway_mac = config.gateway_mac
         self.owned = {a.packed for a in config.owned_addresses}
         self.subnet_broadcast = config.subnet.broadcast_address.packed
@@ -70,6 +87,10 @@ class FrameDispatcher:
 
     def frames_received(self, frames):
         capture = self.capture
+        now = self._now = self.framer.clock()
+        if self._last_expire is None or now - self._last_expire >= 10.0:
+            self._last_expire = now
+            self.neighbours.expire(now)
         for frame in frames:
             self.frames_in += 1
             if capture is not None:
@@ -80,13 +101,13 @@ class FrameDispatcher:
                 self.drops[e.reason] += 1
             except Exception:
                 self.drops["handler-error"] += 1
-                self.log.failure("handler failed on a guest frame")
+                self.limited_log.failure("handler failed on a guest frame")
         for handler in self._flushables:
             try:
                 handler.flush()
             except Exception:
                 self.drops["handler-error"] += 1
-                self.log.failure("handler failed to flush")
+                self.limited_log.failure("handler failed to flush")
 
     def link_lost(self, reason):
         if self.on_link_lost is not None:
@@ -101,31 +122,53 @@ class FrameDispatcher:
         src_mac = frame[6:12]
         if dst_mac != self.gateway_mac and dst_mac != ethernet.BROADCAST:
             raise MalformedFrame("multicast" if dst_mac[0] & 1 else "not-for-gateway-mac")
-        if src_mac != self.guest_mac:
-            self._learn(src_mac)
+        if not ethernet.is_unicast(src_mac):
+            raise MalformedFrame("bad-source-mac")
         etype = (frame[12] << 8) | frame[13]
         if etype == ethernet.ETHERTYPE_IPV4:
-            self._dispatch_ipv4(frame)
+            self._dispatch_ipv4(frame, src_mac)
             return
         handler = self._ethertype_handlers.get(etype)
         if handler is None:
             raise MalformedFrame("ipv6" if etype == ethernet.ETHERTYPE_IPV6 else "unknown-ethertype")
         handler.handle_frame(frame)
 
-    def _learn(self, mac):
-        if not ethernet.is_unicast(mac):
-            raise MalformedFrame("bad-source-mac")
-        if self.guest_mac is None:
-            self.log.info("learned guest MAC {mac}", mac=ethernet.mac_to_str(mac))
+    def _check_source(self, ip, src_mac, frame):
+        """Is this IPv4 frame's source address its MAC's? (The fast path,
+        one lookup, is in ``_dispatch_ipv4``.) A valid one is learned."""
+        src = bytes(ip.src)
+        if src == _ZERO_IP:
+            # A DHCP client before it has an address; nothing else.
+            if ip.protocol == 17 and len(frame) >= 14 + ip.header_len + 4 and \
+                    frame[14 + ip.header_len + 2] == 0 and \
+                    frame[14 + ip.header_len + 3] == _DHCP_SERVER_PORT:
+                return
+            raise MalformedFrame("spoofed-source")
+        src_mac = bytes(src_mac)
+        if not self.neighbours.valid_source(src, src_mac, self._now):
+            self.limited_log.warn(
+                "dropping guest frames from {mac} with source {address}: not its address",
+                key="spoofed-source", mac=ethernet.mac_to_str(src_mac), address=_ip_str(src))
+            raise MalformedFrame("spoofed-source")
+        old = self._macs.get(src)
+        self.framer.learn(src, src_mac, self._now)
+        if old is None:
+            self.limited_log.info("neighbour {address} is at {mac}", key="neighbour",
+                                  address=_ip_str(src),
+                                  mac=ethernet.mac_to_str(src_mac))
         else:
-            self.log.info("guest MAC changed from {old} to {mac}",
-                          old=ethernet.mac_to_str(self.guest_mac), mac=ethernet.mac_to_str(mac))
-        self.framer.resolved(mac)
+            self.limited_log.info("neighbour {address} moved from {old} to {mac}",
+                                  key="neighbour", address=_ip_str(src),
+                                  old=ethernet.mac_to_str(old), mac=ethernet.mac_to_str(src_mac))
 
-    def _dispatch_ipv4(self, frame):
+    def _dispatch_ipv4(self, frame, src_mac):
         ip = ipv4.parse(frame, ethernet.HEADER_LEN)
         if ones_sum(frame[14:14 + ip.header_len]) != 0xFFFF:
             raise MalformedFrame("bad-ipv4-checksum")
+        if self._macs.get(ip.src) == src_mac:
+            self._seen[ip.src] = self._now
+        else:
+            self._check_source(ip, src_mac, frame)
         if ip.fragmented:
             raise MalformedFrame("ipv4-fragment")
         proto = ip.protocol
@@ -150,11 +193,13 @@ class FrameDispatcher:
 
     @property
     def guest_mac(self):
+        """The MAC learned last (the guest's, on a link with one guest)."""
         return self.framer.guest_mac
 
     @guest_mac.setter
     def guest_mac(self, mac):
-        self.framer.guest_mac = mac
+        """Say the configured guest address is at ``mac`` (embedders, tests)."""
+        self.framer.learn(self.config.guest.packed, mac)
 
     @property
     def frames_out(self):
@@ -173,3 +218,4 @@ class FrameDispatcher:
     def stats(self):
         return {"frames_in": self.frames_in, "frames_out": self.frames_out,
                 "drops": dict(self.drops + self.framer.drops)}
+

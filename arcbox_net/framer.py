@@ -18,10 +18,12 @@ message (ICMP), the payload, and for TCP the segment size the guest accepts
   one emitted segment may carry, so it never exceeds what the link takes.
   A UDP or ICMP packet larger than the link's MTU leaves as IPv4 fragments,
   as a router would send it.
-- Ethernet: frames go to the guest's MAC. Until the guest has spoken, IP
-  packets wait in a bounded queue (with full checksums and no virtio-net
-  metadata, so they stay valid on any link) and the gateway asks for the
-  guest's MAC with ARP at most once a second.
+- Ethernet: each packet goes to the MAC that owns its destination address
+  (``neighbours.NeighbourTable``, one dict lookup), as a router sends it.
+  A packet for an address with no entry waits in a bounded queue of that
+  address (with full checksums and no virtio-net metadata, so it stays valid
+  on any link) and the gateway asks for the address with ARP at most once a
+  second; the queues are bounded per address and in total.
 
 The address family is a header builder and a pseudo-header sum: IPv6 is one
 more pair of those, not a second framer. Every frame, whatever its source,
@@ -32,6 +34,7 @@ import time
 from collections import Counter, deque
 
 from .interfaces import LinkCapabilities
+from .neighbours import NeighbourTable
 from .wire import ethernet, icmp, ipv4, tcp, udp, vnet
 from .wire.checksum import fold, ones_sum, pseudo_header_sum
 
@@ -73,24 +76,32 @@ def _gather(payload):
 class Framer:
     """Turns IP packet descriptions into frames for one link."""
 
-    #: Packets held while the guest's MAC is unknown, at most.
+    #: Packets held while their destination's MAC is unknown: in total, per
+    #: address, and addresses waiting at once.
     unresolved_limit = 256
+    unresolved_per_address = 64
+    unresolved_addresses = 64
+    #: Seconds a packet may wait for an address nobody answers ARP for.
+    unresolved_timeout = 3.0
 
     def __init__(self, config, link=None, clock=time.monotonic):
         self.gateway_mac = config.gateway_mac
         self._gateway_ip = config.gateway.packed
         self._default_mtu = config.mtu
+        self._broadcasts = {b"\xff\xff\xff\xff", config.subnet.broadcast_address.packed}
         self.clock = clock
-        #: The guest's MAC, learned by the dispatcher from the guest's frames.
-        self.guest_mac = None
+        #: Who owns which guest address; ``_macs`` is its lookup table.
+        self.neighbours = NeighbourTable(config)
+        self._macs = self.neighbours.macs
         self.frames_out = 0
         self.drops = Counter()
         self.counters = Counter()
         #: A packet capture seeing every frame sent, or None.
         self.capture = None
         self._ident = 0
-        self._unresolved = deque(maxlen=self.unresolved_limit)
-        self._last_arp_request = -1.0
+        self._unresolved = {}        # address -> deque of (ethertype, packet buffers)
+        self._unresolved_count = 0
+        self._last_arp_request = {}  # address -> [first, last] clock() of ARP requests for it
         self.attach(link)
 
     def attach(self, link):
@@ -122,10 +133,20 @@ class Framer:
         else:
             self.link.send_frame(frame, vnet_header)
 
-    def ethernet_header(self, dst_mac=None, ethertype=ethernet.ETHERTYPE_IPV4):
-        if dst_mac is None:
-            dst_mac = self.guest_mac or ethernet.BROADCAST
+    def ethernet_header(self, dst_mac, ethertype=ethernet.ETHERTYPE_IPV4):
         return ethernet.header(dst_mac, self.gateway_mac, ethertype)
+
+    @property
+    def guest_mac(self):
+        """The MAC learned last (the guest's, on a link with one guest)."""
+        return self.neighbours.last_mac
+
+    def mac_for(self, dst):
+        """The MAC a packet to ``dst`` (address bytes) goes to, or None."""
+        mac = self._macs.get(dst)
+        if mac is None and dst in self._broadcasts:
+            return ethernet.BROADCAST
+        return mac
 
     def send_ethernet(self, dst_mac, ethertype, body):
         """A frame of another EtherType (ARP) from the gateway to ``dst_mac``."""
@@ -163,9 +184,11 @@ class Framer:
             return
         ip_header = family.build_header(src, dst, protocol, length, ttl=ttl,
                                         ident=self.next_ident())
-        if dst_mac is None and self.guest_mac is None:
-            self._hold(family, ip_header, l4, parts)
-            return
+        if dst_mac is None:
+            dst_mac = self.mac_for(dst)
+            if dst_mac is None:
+                self._hold(dst, family, ip_header, l4, parts)
+                return
         head = self.ethernet_header(dst_mac, family.ethertype) + ip_header + l4
         if not parts:
             self.send_frame(head)
@@ -178,9 +201,11 @@ class Framer:
         self.counters[_FRAGMENTED.get(protocol, "ip-fragmented")] += 1
         fragments = family.fragment(src, dst, protocol, datagram, self.mtu, self.next_ident(),
                                     ttl)
+        if dst_mac is None:
+            dst_mac = self.mac_for(dst)
         for header, chunk in fragments:
-            if dst_mac is None and self.guest_mac is None:
-                self._hold(family, header, chunk, [])
+            if dst_mac is None:
+                self._hold(dst, family, header, chunk, [])
             else:
                 self.send_frame([self.ethernet_header(dst_mac, family.ethertype), header, chunk])
 
@@ -201,14 +226,14 @@ class Framer:
         no copy of the payload (it is gathered into the write).
         """
         family = _FAMILIES[len(src)]
-        guest_mac = self.guest_mac
+        guest_mac = self._macs.get(dst)
         if guest_mac is None or (options and not self._csum_offload) or family is not _IPv4:
             head = tcp.header(sport, dport, seq, ack, flags, window, options)
             self.send_ip(src, dst, ipv4.PROTO_TCP, head, payload)
             return
         size = len(payload)
         if not self._csum_offload:
-            head = tcp.frame_header(self.ethernet_header(), src, dst, self.next_ident(),
+            head = tcp.frame_header(self.ethernet_header(guest_mac), src, dst, self.next_ident(),
                                     sport, dport, seq, ack, flags, window, payload)
             self.send_frame([head, payload] if size else head)
             return
@@ -222,30 +247,89 @@ class Framer:
         else:
             meta = vnet.build(self._vnet_len, vnet.F_NEEDS_CSUM, vnet.GSO_NONE,
                               csum_start + hlen, 0, csum_start, 16)
-        head = self.ethernet_header(None, family.ethertype) + family.build_header(
+        head = self.ethernet_header(guest_mac, family.ethertype) + family.build_header(
             src, dst, ipv4.PROTO_TCP, hlen + size, ident=self.next_ident()) + head
         self.send_frame([head, payload] if size else head, meta)
 
-    # -- the guest's MAC
+    # -- neighbours
 
-    def _hold(self, family, ip_header, l4, parts):
-        """Queue a packet until the guest's MAC is known and ask for it (at
-        most once a second)."""
-        if len(self._unresolved) == self._unresolved.maxlen:
-            self.drops["unresolved-queue-full"] += 1
-        self._unresolved.append((family.ethertype,
-                                 [ip_header, bytes(l4), *(bytes(p) for p in parts)]))
+    def _hold(self, dst, family, ip_header, l4, parts):
+        """Queue a packet until ``dst``'s MAC is known and ask for it by ARP
+        (at most once a second per address). Only guest addresses inside the
+        subnet are asked for; the queues are bounded (per address, addresses,
+        total) and what does not fit is dropped and counted."""
+        dst = bytes(dst)
+        if not self.neighbours.in_subnet(dst):
+            self.drops["no-neighbour-off-subnet"] += 1
+            return
         now = self.clock()
-        if now - self._last_arp_request >= 1.0:
-            self._last_arp_request = now
-            dst_ip = ip_header[16:20]
+        asked = self._last_arp_request.get(dst)
+        queue = self._unresolved.get(dst)
+        if queue and asked is not None and now - asked[0] >= self.unresolved_timeout:
+            # Nobody answered for that long: what waited is stale, start over.
+            self.drops["unresolved-timeout"] += len(queue)
+            self._unresolved_count -= len(queue)
+            queue.clear()
+            asked = None
+        if queue is None:
+            if len(self._unresolved) >= self.unresolved_addresses:
+                self._purge(now)
+            if len(self._unresolved) >= self.unresolved_addresses:
+                self.drops["unresolved-addresses-full"] += 1
+                return
+            queue = self._unresolved[dst] = deque()
+        if len(queue) >= self.unresolved_per_address or \
+                self._unresolved_count >= self.unresolved_limit:
+            self.drops["unresolved-queue-full"] += 1
+            if not queue:
+                del self._unresolved[dst]
+            return
+        queue.append((family.ethertype, [ip_header, bytes(l4), *(bytes(p) for p in parts)]))
+        self._unresolved_count += 1
+        if asked is None or now - asked[1] >= 1.0:
+            if asked is None:
+                if len(self._last_arp_request) >= 4 * self.unresolved_addresses:
+                    self._last_arp_request.clear()
+                asked = self._last_arp_request[dst] = [now, now]
+            asked[1] = now
+            self.counters["arp-requests-sent"] += 1
             self.send_ethernet(ethernet.BROADCAST, ethernet.ETHERTYPE_ARP,
                                _ARP_REQUEST_BODY + self.gateway_mac + self._gateway_ip
-                               + bytes(6) + dst_ip)
+                               + bytes(6) + dst)
 
-    def resolved(self, mac):
-        """The guest's MAC is ``mac``: send what waited for it."""
-        self.guest_mac = bytes(mac)
-        while self._unresolved:
-            ethertype, packet = self._unresolved.popleft()
-            self.send_frame([self.ethernet_header(None, ethertype), *packet])
+    def _purge(self, now):
+        """Drop the queues of addresses nobody answered for ``unresolved_timeout``."""
+        for address, asked in list(self._last_arp_request.items()):
+            if now - asked[0] >= self.unresolved_timeout:
+                del self._last_arp_request[address]
+                queue = self._unresolved.pop(address, None)
+                if queue:
+                    self.drops["unresolved-timeout"] += len(queue)
+                    self._unresolved_count -= len(queue)
+
+    def learn(self, address, mac, now=None):
+        """``mac`` owns ``address`` (validated by the caller): record it and
+        send what waited for it."""
+        if now is None:
+            now = self.clock()
+        if self.neighbours.confirm(address, mac, now):
+            self.release(address)
+
+    def release(self, address):
+        """Send the packets that waited for ``address``'s MAC, if it is known."""
+        address = bytes(address)
+        mac = self._macs.get(address)
+        if mac is None:
+            return
+        self._last_arp_request.pop(address, None)
+        queue = self._unresolved.pop(address, None)
+        if not queue:
+            return
+        self._unresolved_count -= len(queue)
+        while queue:
+            ethertype, packet = queue.popleft()
+            self.send_frame([self.ethernet_header(mac, ethertype), *packet])
+
+    def unresolved(self):
+        """Packets waiting for a neighbour, by address (for stats)."""
+        return {a: len(q) for a, q in self._unresolved.items()}

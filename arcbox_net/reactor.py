@@ -38,7 +38,10 @@ import time
 from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
 
+from .ratelimit import LimitedLog
+
 _log = Logger()
+_limited_log = LimitedLog(_log)
 
 #: The window never starts below this once it grows from zero (seconds).
 _WINDOW_START = 16e-6
@@ -86,7 +89,7 @@ class LeanEPollReactor(EPollReactor):
             try:
                 drdw(selectable, fd, event)
             except Exception:
-                _log.failure("while handling {selectable!r}", selectable=selectable)
+                _limited_log.failure("while handling {selectable!r}", selectable=selectable)
 
     doIteration = doPoll
 

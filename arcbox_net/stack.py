@@ -22,7 +22,11 @@ from .policy import Egress
 from .protocols.arp import ArpHandler
 from .protocols.dhcp import DhcpHandler
 from .protocols.icmp import IcmpHandler
+from .ratelimit import LimitedLog, suppressed_total
 from .wire.ethernet import mac_to_str
+
+#: Lines a guest can cause over and over (leases from made-up MACs), rate-limited.
+_limited_log = LimitedLog(Logger(namespace=__name__))
 
 
 class NetworkStack(service.Service):
@@ -53,6 +57,7 @@ class NetworkStack(service.Service):
         self.link_lost_reason = None
         self._subscribers = []
         self.dhcp.core.on_lease = self._lease_granted
+        self._chain_bindings()
         # The TCP NAT describes connections only while someone listens.
         self.tcp.on_event = None
         from .forward import ForwardManager
@@ -117,7 +122,8 @@ class NetworkStack(service.Service):
             capture=lambda: dispatcher.capture, lost=self._link_lost, link_kind=kind,
             busy_poll=getattr(self.reactor, "busy_poll", 0.0),
             options={"events": bool(self._subscribers),
-                     "capture": dispatcher.capture is not None})
+                     "capture": dispatcher.capture is not None,
+                     "bindings": self._bindings_json()})
         self._ready = self.queue_workers.start()
         self._ready.addCallback(lambda _: self.log.info(
             "{n} queue worker(s) serving", n=len(extra)))
@@ -223,12 +229,36 @@ class NetworkStack(service.Service):
             try:
                 callback(kind, details)
             except Exception:
-                self.log.failure("event subscriber failed on {kind}", kind=kind)
+                _limited_log.failure("event subscriber failed on {kind}", kind=kind)
+
+    def _chain_bindings(self):
+        """Queue workers validate guest sources too but see no DHCP: tell them
+        each lease binding the neighbour table gains or loses."""
+        core = self.dhcp.core
+        bind, unbind = core.on_bind, core.on_unbind
+
+        def on_bind(lease):
+            bind(lease)
+            self._bindings_changed()
+
+        def on_unbind(lease):
+            unbind(lease)
+            self._bindings_changed()
+        core.on_bind, core.on_unbind = on_bind, on_unbind
+
+    def _bindings_json(self):
+        framer = self.dispatcher.framer
+        return [[".".join(map(str, a)), mac_to_str(m), left]
+                for a, m, left in framer.neighbours.bindings(framer.clock())]
+
+    def _bindings_changed(self):
+        if self.queue_workers is not None:
+            self.queue_workers.set_options(bindings=self._bindings_json())
 
     def _lease_granted(self, lease):
         details = {"mac": mac_to_str(lease.mac), "address": str(lease.address),
                    "expiry": lease.expiry}
-        self.log.info("lease {address} granted to {mac}", **details)
+        _limited_log.info("lease {address} granted to {mac}", **details)
         self.emit("lease-granted", details)
 
     # -- packet capture
@@ -279,8 +309,8 @@ class NetworkStack(service.Service):
     def stats(self):
         drops = dict(self.dispatcher.drops)
         counters = {}
-        sources = [self.dispatcher.framer, self.icmp.echo, getattr(self.icmp, "forward", None),
-                   self.link]
+        sources = [self.dispatcher.framer, self.dispatcher.neighbours, self.icmp.echo,
+                   getattr(self.icmp, "forward", None), self.link]
         for part in self.parts:
             sources += [part, getattr(part, "core", None)]
         for source in dict.fromkeys(s for s in sources if s is not None):
@@ -288,6 +318,8 @@ class NetworkStack(service.Service):
                 drops[reason] = drops.get(reason, 0) + n
             for name, n in getattr(source, "counters", {}).items():
                 counters[name] = counters.get(name, 0) + n
+        if suppressed_total():
+            counters["log-lines-suppressed"] = suppressed_total()
         stats = {
             "counters": counters,
             "frames_in": self.dispatcher.frames_in,
@@ -296,6 +328,8 @@ class NetworkStack(service.Service):
             "link": {"description": self.link.description,
                      "queued_frames": getattr(self.link, "queued_frames", 0)},
             "guest_mac": mac_to_str(self.dispatcher.guest_mac) if self.dispatcher.guest_mac else None,
+            "neighbours": {".".join(map(str, a)): mac_to_str(m)
+                           for a, m in self.dispatcher.neighbours.entries()},
         }
         if self.queue_workers is not None:
             self.queue_workers.merge_stats(stats)

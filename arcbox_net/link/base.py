@@ -31,9 +31,14 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IReadWriteDescriptor
 
 from ..interfaces import ILink, LinkCapabilities
+from ..ratelimit import LimitedLog
 
 _RETRY_LATER = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 _NO_MEMORY = (errno.ENOBUFS, errno.ENOMEM)
+
+
+#: Link lines a peer can cause over and over (shared by the link modules), rate-limited.
+limited_log = LimitedLog(Logger(namespace="arcbox_net.link"))
 
 
 class LinkLost(Exception):
@@ -320,7 +325,7 @@ def deliver(link, frames):
     except Exception:
         # The dispatcher already guards each frame; this is a last resort
         # so that one bug cannot take the whole link down.
-        link.log.failure("frame sink raised")
+        limited_log.failure("frame sink raised")
 
 
 def drop_oversize(link, count=1):

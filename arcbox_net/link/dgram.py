@@ -45,7 +45,7 @@ import socket
 from zope.interface import implementer
 from twisted.internet.interfaces import IWriteDescriptor
 
-from .base import FrameLink, drop_oversize
+from .base import FrameLink, drop_oversize, limited_log
 from .stream import MAX_FRAME
 from .unixsock import bind_unix, disconnect, max_frame_len, unlink_if_ours
 
@@ -152,8 +152,8 @@ class DgramListenLink(FrameLink):
         if self.peer is None:
             self.log.info("guest link {link}: peer is {peer}", link=self.description, peer=addr)
         else:
-            self.log.info("guest link {link}: peer changed from {old} to {peer}",
-                          link=self.description, old=self.peer, peer=addr)
+            limited_log.info("guest link {link}: peer changed from {old} to {peer}",
+                              link=self.description, old=self.peer, peer=addr)
             self._drop_queue()
         self._forget_room()
         self.peer = addr

@@ -33,7 +33,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..interfaces import ILink
-from .base import LinkState, deliver, describe_error, drop_oversize, report_lost
+from .base import (LinkState, deliver, describe_error, drop_oversize, limited_log,
+                   report_lost)
 from .unixsock import bind_unix, max_frame_len, size_buffers, unlink_if_ours
 
 HEADER = struct.Struct(">I")
@@ -497,15 +498,15 @@ class StreamListenLink(_StreamLinkBase):
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
                                errno.ECONNABORTED, errno.EPROTO):
-                    self.log.warn("guest link {link}: accept failed: {error}",
-                                  link=self.description, error=describe_error(e))
+                    limited_log.warn("guest link {link}: accept failed: {error}",
+                                      link=self.description, error=describe_error(e))
                     return None
                 self._listener_lost(e)
                 return None
             if self._peer is not None:
                 self.peers_refused += 1
-                self.log.warn("guest link {link}: refusing another peer while one is "
-                              "connected (one guest at a time)", link=self.description)
+                limited_log.warn("guest link {link}: refusing another peer while one is "
+                                  "connected (one guest at a time)", link=self.description)
                 conn.close()
                 continue
             self.peers_served += 1

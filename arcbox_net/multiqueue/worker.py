@@ -6,6 +6,7 @@ other frame goes to the main process over stdout, with its stats,
 connections, events, captured frames and log lines (``WorkerChannel``).
 """
 
+import ipaddress
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import sys
 from twisted.internet import protocol
 
 from ..dispatch import FrameDispatcher
+from ..wire.ethernet import mac_from_str
 from ..wire.tcp import CONTROL_FLAGS, SYN
 from .messages import (CAPTURED, EVENT, LOG, OPTIONS, READY, RELAY, SNAPSHOT,
                        SNAPSHOT_INTERVAL, MessageReader, encode)
@@ -131,6 +133,12 @@ class WorkerChannel(protocol.Protocol):
             self._unsubscribe()
             self._unsubscribe = None
         dispatcher = self.stack.dispatcher
+        bindings = options.get("bindings")
+        if bindings is not None:
+            framer = dispatcher.framer
+            dispatcher.neighbours.replace_bindings(
+                [(ipaddress.IPv4Address(a).packed, mac_from_str(m), left)
+                 for a, m, left in bindings], framer.clock())
         if options.get("capture"):
             if dispatcher.capture is None:
                 dispatcher.capture = _CaptureRelay(self)

@@ -5,16 +5,23 @@ its network: it NAKs any request it would not grant instead of staying
 silent, which makes a guest that remembers a stale address start over at
 once. State is a map MAC -> Lease plus its reverse, address -> MAC. Offers
 are held briefly so that two guests booting together get distinct
-addresses; expired leases are reclaimed lazily on every call. A MAC that
-had an address gets it back while nobody else holds it (guests reboot).
+addresses; expired leases are reclaimed lazily on every call, from a heap
+of expiry times. A MAC that had an address gets it back while nobody else
+holds it (guests reboot); those memories are bounded (``REMEMBERED``).
+A REQUEST is granted only for an address the stack offered or leased to
+that MAC (or its static lease): an INIT-REBOOT from a MAC the server never
+saw gets a NAK, so made-up MACs cannot bind the pool. Every request costs
+O(1): new addresses come from a free list (never-used addresses in order,
+then returned ones), not a scan of the pool.
 Without relays every reply goes out on the one link, addressed per RFC 2131
 4.1, so the caller only wraps it in UDP/IPv4/Ethernet. Input is untrusted:
 anything unexpected is counted in ``drops`` and answered with None.
 """
 
+import heapq
 import ipaddress
 import struct
-from collections import Counter
+from collections import Counter, deque
 
 import attrs
 import dpkt
@@ -29,6 +36,8 @@ OFFER_HOLD = 30.0      # seconds an unanswered offer keeps its address
 DECLINE_HOLD = 600.0   # seconds a declined address stays out of the pool
 MIN_BOOTP_LEN = 300    # RFC 1542 2.1: some clients drop shorter replies
 ZERO_IP = b"\x00" * 4
+#: MACs whose last address is remembered (to give it back), at most.
+REMEMBERED = 4096
 
 
 @attrs.frozen
@@ -72,7 +81,12 @@ def _split(code: int, value: bytes) -> list:
 class DhcpServer:
     """The allocation policy and message handling; see the module docstring."""
 
+    #: Callables(lease): a lease was bound (on_bind before on_lease, which
+    #: the stack's events use) / a bound lease ended (released, declined,
+    #: expired).
     on_lease = None
+    on_bind = None
+    on_unbind = None
 
     def __init__(self, config, clock):
         self.config = config
@@ -80,13 +94,21 @@ class DhcpServer:
         self.drops = Counter()
         self._leases = {}      # mac -> Lease (possibly expired until reclaimed)
         self._holder = {}      # address -> mac, for every entry of _leases
-        self._previous = {}    # mac -> address it last held, to give it back
-        self._declined = {}    # address -> time it may be offered again
+        self._previous = {}    # mac -> address it last held, oldest first
+        self._declined = {}    # address -> time it may be offered again, oldest first
+        self._expiries = []    # heap of (expiry, mac, address) for _leases, some stale
         self._static = dict(config.static_leases)
         self._static_owner = {ip: mac for mac, ip in config.static_leases}
         net = config.subnet
         self._reserved = {net.network_address, net.broadcast_address,
                           config.gateway, config.dns_server}
+        # The free list: pool addresses never handed out are int(_next) up to
+        # _pool_end; addresses handed back wait in _returned (a set beside it
+        # keeps each once). A candidate is still checked with _usable.
+        self._next = int(config.guest)
+        self._pool_end = int(net.broadcast_address)
+        self._returned = deque()
+        self._returned_set = set()
         self._server_id = config.gateway.packed
         # Configuration options are the same in every reply, so build them once.
         opts = [(_D.DHCP_OPT_NETMASK, config.netmask.packed),
@@ -171,12 +193,15 @@ class DhcpServer:
         requested = _ip_opt(opts, _D.DHCP_OPT_REQ_IP)
         if requested is None and msg.ciaddr:
             requested = ipaddress.IPv4Address(msg.ciaddr)   # RENEWING/REBINDING
-        if requested is None or self._choose(mac, requested) != requested:
+        if requested is None or not self._offered_to(mac, requested):
+            self.drops["dhcp-nak-not-offered"] += 1
             return self._reply(msg, _D.DHCPNAK, None)
         lease = Lease(mac, requested, self.clock() + self.config.lease_time, "bound",
                       _hostname(opts) or getattr(self._leases.get(mac), "hostname", None))
         self._store(lease)
         reply = self._reply(msg, _D.DHCPACK, requested)
+        if self.on_bind is not None:
+            self.on_bind(lease)
         if self.on_lease is not None:
             self.on_lease(lease)
         return reply
@@ -185,6 +210,7 @@ class DhcpServer:
         lease = self._leases.get(msg.chaddr)
         if lease and lease.address.packed == struct.pack("!I", msg.ciaddr):
             self._remove(msg.chaddr)
+            self._unbound(lease)
         else:
             self.drops["dhcp-release-unknown"] += 1
         return None
@@ -197,9 +223,15 @@ class DhcpServer:
             self.drops["dhcp-decline-unknown"] += 1
             return None
         self._remove(msg.chaddr)
+        self._unbound(lease)
         self._previous.pop(msg.chaddr, None)
+        self._declined.pop(address, None)
         self._declined[address] = self.clock() + DECLINE_HOLD
         return None
+
+    def _unbound(self, lease):
+        if self.on_unbind is not None and lease.state == "bound":
+            self.on_unbind(lease)
 
     def _inform(self, msg, opts):
         return self._reply(msg, _D.DHCPACK, None, lease_options=False)
@@ -216,6 +248,15 @@ class DhcpServer:
     def _in_pool(self, address) -> bool:
         return self.config.guest <= address < self.config.subnet.broadcast_address
 
+    def _offered_to(self, mac, address) -> bool:
+        """Did the stack offer or lease ``address`` to ``mac`` (and may it
+        have it now)? Only then is a REQUEST for it granted."""
+        lease = self._leases.get(mac)
+        known = (self._static.get(mac) == address
+                 or (lease is not None and lease.address == address)
+                 or self._previous.get(mac) == address)
+        return known and self._usable(address, mac)
+
     def _choose(self, mac, requested=None):
         """RFC 2131 4.3.1 order: static, current, previous, requested, first free."""
         candidates = [self._static.get(mac),
@@ -226,30 +267,80 @@ class DhcpServer:
                 return address
         if requested is not None and self._in_pool(requested) and self._usable(requested, mac):
             return requested
-        first = int(self.config.guest)
-        for i in range(first, int(self.config.subnet.broadcast_address)):
-            address = ipaddress.IPv4Address(i)
+        return self._take_free(mac)
+
+    def _take_free(self, mac):
+        """The next free pool address (returned ones first, lowest never-used
+        otherwise), or None; O(1) amortized. An address taken here stays on
+        the list's far side until a lease on it ends (_store/_remove)."""
+        returned = self._returned
+        while returned:
+            address = returned[0]
             if self._usable(address, mac):
                 return address
+            returned.popleft()
+            self._returned_set.discard(address)
+        while self._next < self._pool_end:
+            address = ipaddress.IPv4Address(self._next)
+            if self._usable(address, mac):
+                return address
+            self._next += 1
         return None
 
     def _store(self, lease):
         self._remove(lease.mac)
+        address = lease.address
         self._leases[lease.mac] = lease
-        self._holder[lease.address] = lease.mac
-        self._previous[lease.mac] = lease.address
+        self._holder[address] = lease.mac
+        self._previous.pop(lease.mac, None)
+        self._previous[lease.mac] = address
+        if len(self._previous) > REMEMBERED:
+            self._previous.pop(next(iter(self._previous)))
+        if address in self._returned_set:
+            # Left in the deque (skipped when reached: it is held); compact
+            # when such leftovers outnumber the addresses really free.
+            self._returned_set.discard(address)
+            if len(self._returned) > 2 * len(self._returned_set) + 64:
+                seen = set()
+                self._returned = deque(a for a in self._returned if a in self._returned_set
+                                       and not (a in seen or seen.add(a)))
+        if int(address) == self._next:
+            self._next += 1
+        heapq.heappush(self._expiries, (lease.expiry, lease.mac, address))
+        if len(self._expiries) > 2 * len(self._leases) + 64:
+            # Renewals leave stale entries behind: rebuild from the leases.
+            self._expiries = [(le.expiry, le.mac, le.address) for le in self._leases.values()]
+            heapq.heapify(self._expiries)
 
     def _remove(self, mac):
         lease = self._leases.pop(mac, None)
         if lease is not None:
             del self._holder[lease.address]
+            self._give_back(lease.address)
+
+    def _give_back(self, address):
+        if self._in_pool(address) and address not in self._static_owner \
+                and address not in self._returned_set and int(address) < self._next:
+            self._returned.append(address)
+            self._returned_set.add(address)
 
     def _expire(self):
         now = self.clock()
-        for mac in [m for m, lease in self._leases.items() if lease.expiry <= now]:
-            self._remove(mac)
-        for address in [a for a, until in self._declined.items() if until <= now]:
-            del self._declined[address]
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            expiry, mac, address = heapq.heappop(heap)
+            lease = self._leases.get(mac)
+            if lease is not None and lease.expiry == expiry and lease.address == address:
+                self._remove(mac)
+                if self.on_unbind is not None and lease.state == "bound":
+                    self.on_unbind(lease)
+        declined = self._declined
+        while declined:
+            address, until = next(iter(declined.items()))
+            if until > now:
+                break
+            del declined[address]
+            self._give_back(address)
 
     # -- output -----------------------------------------------------------
 
@@ -308,6 +399,17 @@ class DhcpHandler:
         self.dispatcher = dispatcher
         self.core = DhcpServer(config, clock)
         self.server_ip = config.gateway.packed
+
+        neighbours = dispatcher.framer.neighbours
+        self.core.on_bind = lambda lease: self._bound(lease)
+        self.core.on_unbind = lambda lease: neighbours.unbind(lease.address.packed, lease.mac)
+
+    def _bound(self, lease):
+        """Tell the neighbour table: ``lease.mac`` owns the address now."""
+        framer = self.dispatcher.framer
+        framer.neighbours.bind(lease.address.packed, lease.mac,
+                               framer.clock() + (lease.expiry - self.core.clock()))
+        framer.learn(lease.address.packed, lease.mac)
 
     def handle_datagram(self, frame, ip, src_port, payload):
         reply = self.core.handle(bytes(payload))

@@ -19,7 +19,11 @@ speaks EDNS as a server, so this module does both: the reply keeps the id,
 question, RD and CD bits, carries an OPT record when the query had one, and
 over UDP fits 512 bytes or the client's EDNS size (capped by the link MTU),
 dropping additional then authority records and finally cutting answers with
-TC set. Malformed queries are dropped and counted, never raised.
+TC set. Malformed queries are dropped and counted, never raised; a query
+whose name has a label over 63 bytes or is over 255 bytes on the wire (RFC
+1035 2.3.4) gets FORMERR and never goes upstream. An upstream socket that
+cannot be opened (no file descriptors left) is SERVFAIL, counted as
+``dns-upstream-no-socket``, and one rate-limited log line.
 
 ``DnsHandler`` connects the proxy to the dispatcher (UDP port 53 on the
 stack's own addresses) and runs the same proxy as a TCP listener on
@@ -37,6 +41,10 @@ from twisted.names import authority, cache, client, common, dns, error, server
 from zope.interface import implementer
 
 from ..interfaces import IUDPService
+from ..ratelimit import LimitedLog
+
+#: Lines a guest can cause per query, rate-limited (ratelimit.py).
+_limited_log = LimitedLog(Logger(namespace=__name__))
 
 #: Zone the stack is authoritative for: unknown names in it are NXDOMAIN.
 LOCAL_ZONE = "arcbox.internal"
@@ -53,6 +61,9 @@ MAX_PENDING = 1024
 MAX_CACHE_ENTRIES = 4096
 #: Seconds an idle DNS-over-TCP connection stays open.
 TCP_IDLE_TIMEOUT = 10.0
+#: RFC 1035 2.3.4: a label is at most 63 bytes, a name at most 255 on the wire.
+MAX_LABEL = 63
+MAX_NAME = 255
 
 _HEADER = struct.Struct("!HHHHHH")
 _RCODE_NAMES = {dns.OK: "noerror", dns.EFORMAT: "formerr", dns.ESERVER: "servfail",
@@ -124,6 +135,16 @@ def parse_query(payload):
                     dnssec_ok=bool(opt.ttl & 0x8000))
     message.additional = [r for r in message.additional if r.type != dns.OPT]
     return message, edns
+
+
+def valid_name(name):
+    """Is ``name`` (twisted's dotted bytes) within RFC 1035's size limits?"""
+    if not name:
+        return True
+    labels = name.split(b".")
+    if len(name) + 2 > MAX_NAME:      # wire form: a length byte per label, a root byte
+        return False
+    return all(len(label) <= MAX_LABEL for label in labels)
 
 
 def encode_reply(response, limit, opt=None):
@@ -457,6 +478,12 @@ class DnsResolverProxy(server.DNSServerFactory):
         query = message.queries[0]
         message.timeReceived = self._reactor.seconds()
         catcher = _ReplyCatcher()
+        if not valid_name(query.name.name):
+            # Never forwarded; the reply carries no question (it could not be encoded).
+            self.drops["dns-bad-name"] += 1
+            message.queries = []
+            catcher.writeMessage(self._responseFromMessage(message, rCode=dns.EFORMAT))
+            return catcher.deferred.addCallback(self._finish, message, edns, limit)
         if edns is not None and edns.version != 0:
             catcher.writeMessage(self._responseFromMessage(message, rCode=dns.OK))
             return catcher.deferred.addCallback(self._finish, message, edns, limit,
@@ -480,7 +507,7 @@ class DnsResolverProxy(server.DNSServerFactory):
         return result
 
     def _internal_error(self, failure, catcher, message):
-        self.log.failure("DNS query failed", failure)
+        _limited_log.failure("DNS query failed", failure)
         self.drops["dns-internal-error"] += 1
         if not catcher.deferred.called:
             catcher.writeMessage(self._responseFromMessage(message, rCode=dns.ESERVER))
@@ -495,7 +522,7 @@ class DnsResolverProxy(server.DNSServerFactory):
         try:
             wire, truncated = encode_reply(response, limit, opt)
         except Exception:
-            self.log.failure("cannot encode a DNS reply")
+            _limited_log.failure("cannot encode a DNS reply")
             self.drops["dns-internal-error"] += 1
             response = self._responseFromMessage(query, rCode=dns.ESERVER)
             response.recDes = query.recDes
@@ -543,10 +570,17 @@ class DnsResolverProxy(server.DNSServerFactory):
         elif failure.check(defer.TimeoutError, defer.CancelledError):
             rcode = dns.ESERVER
             self.counters["dns-upstream-timeout"] += 1
+        elif failure.check(CannotListenError, OSError):
+            # Out of file descriptors (or ports) for the upstream socket.
+            rcode = dns.ESERVER
+            self.drops["dns-upstream-no-socket"] += 1
+            reason = failure.value
+            reason = getattr(reason, "socketError", None) or reason
+            _limited_log.warn("DNS: no upstream socket: {error}", error=str(reason))
         else:
             rcode = dns.ESERVER
             self.counters["dns-upstream-error"] += 1
-            self.log.failure("DNS upstream lookup failed", failure)
+            _limited_log.failure("DNS upstream lookup failed", failure)
         response = self._responseFromMessage(message=message, rCode=rcode,
                                              authority=authority_records)
         self.sendReply(protocol, response, address)
@@ -616,4 +650,4 @@ class DnsHandler:
 
     def _failed(self, failure):
         self.drops["dns-internal-error"] += 1
-        self.log.failure("DNS reply failed", failure)
+        _limited_log.failure("DNS reply failed", failure)

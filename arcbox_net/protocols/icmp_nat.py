@@ -38,9 +38,12 @@ from twisted.logger import Logger
 from ..wire import icmp, ipv4
 from ..wire.checksum import ones_sum
 from ..policy import Refusal
+from ..ratelimit import LimitedLog
 from .hostflows import (IP_RECVERR, SO_EE_ORIGIN_ICMP, ErrorQueueReader, ExpiryTimer, Flow,
                         FlowTable, ip_str)
 
+#: Lines a guest can cause over and over, rate-limited.
+_limited_log = LimitedLog(Logger(namespace=__name__))
 IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12)
 SOL_RAW = getattr(socket, "SOL_RAW", 255)
 ICMP_FILTER = 1
@@ -411,8 +414,8 @@ class IcmpNat:
                 backend.open(flow)
             except OSError as e:
                 self.drops["icmp-socket-failed"] += 1
-                self.log.warn("ICMP echo NAT: no host socket for {host}: {error}",
-                              host=flow.host, error=e)
+                _limited_log.warn("ICMP echo NAT: no host socket for {host}: {error}",
+                                  host=flow.host, error=e)
                 return
             for old in self.table.add(flow, self.reactor.seconds()):
                 self.drops["icmp-flow-evicted"] += 1

@@ -52,6 +52,7 @@ from zope.interface import implementer
 
 from ..interfaces import IIPv4Handler
 from ..policy import Refusal
+from ..ratelimit import LimitedLog
 from ..wire import MalformedFrame, icmp, ipv4, udp
 from .hostflows import (IP_RECVERR, SO_EE_ORIGIN_ICMP, ErrorQueueReader, ExpiryTimer, Flow,
                         FlowTable, ip_str)
@@ -63,6 +64,9 @@ _ICMP_FOR_ERRNO = {
     errno.EACCES: icmp.CODE_ADMIN_PROHIBITED,
     errno.EPERM: icmp.CODE_ADMIN_PROHIBITED,
 }
+
+#: Lines a guest (or a local peer) can cause over and over, rate-limited.
+_limited_log = LimitedLog(Logger(namespace=__name__))
 
 
 class HostUdpSocket(ErrorQueueReader):
@@ -210,8 +214,8 @@ class UdpNat:
             code = _ICMP_FOR_ERRNO.get(e.errno)
             if code is None or code == icmp.CODE_PORT_UNREACH:
                 self.drops["udp-socket-failed"] += 1
-                self.log.warn("UDP NAT: no host socket for {target}: {error}",
-                              target=flow.target, error=e)
+                _limited_log.warn("UDP NAT: no host socket for {target}: {error}",
+                                  target=flow.target, error=e)
             else:
                 self.drops["udp-host-unreachable"] += 1
                 self._icmp_to_guest(remote_ip, guest_ip, quote, code)

@@ -216,10 +216,67 @@ def test_nak_for_wrong_requested_address(server):
     assert server.handle(client_msg(D.DHCPREQUEST, MAC2)).message_type == D.DHCPNAK
 
 
-def test_init_reboot_gets_free_address_back(server):
+def test_init_reboot_for_an_address_never_offered_gets_a_nak(server):
+    reply = server.handle(client_msg(D.DHCPREQUEST, requested="10.0.2.40"))
+    assert reply.message_type == D.DHCPNAK
+    assert server.lease_for(MAC1) is None and server.leases() == []
+    assert server.drops["dhcp-nak-not-offered"] == 1
+
+
+def test_init_reboot_gets_its_own_address_back(server, clock):
+    dora(server, MAC1, requested="10.0.2.40")
+    clock.now += 3601                                       # the lease lapsed
+    assert server.lease_for(MAC1) is None
     reply = server.handle(client_msg(D.DHCPREQUEST, requested="10.0.2.40"))
     assert reply.message_type == D.DHCPACK
     assert server.lease_for(MAC1).address == IP("10.0.2.40")
+
+
+def test_init_reboot_flood_from_random_macs_binds_nothing(server):
+    """252 INIT-REBOOT REQUESTs, each from a new MAC for a pool address: all NAK."""
+    rng = random.Random(20)
+    for i in range(252):
+        mac = bytes([0x02]) + rng.randbytes(5)
+        reply = server.handle(client_msg(D.DHCPREQUEST, mac, requested=f"10.0.2.{i + 2}"))
+        assert reply.message_type == D.DHCPNAK
+    assert server.leases() == []
+    assert dora(server, MAC1) == IP("10.0.2.2")          # the pool is all there
+
+
+def test_allocation_is_constant_time_in_a_big_pool(clock):
+    """A /16 with 20,000 offers out: each new DISCOVER looks at O(1) addresses."""
+    server = make(clock, subnet="10.7.0.0/16", gateway="10.7.0.1", guest="10.7.0.2")
+    calls = [0]
+    usable = server._usable
+
+    def counting(address, mac):
+        calls[0] += 1
+        return usable(address, mac)
+    server._usable = counting
+    for i in range(20000):
+        mac = b"\x02" + i.to_bytes(5, "big")
+        assert server.handle(client_msg(D.DHCPDISCOVER, mac)).message_type == D.DHCPOFFER
+    before = calls[0]
+    server.handle(client_msg(D.DHCPDISCOVER, b"\x02\xff\xff\xff\xff\xff"))
+    assert calls[0] - before <= 4
+    assert calls[0] < 5 * 20001
+
+
+def test_offers_and_remembered_bindings_are_pruned(clock):
+    import arcbox_net.protocols.dhcp as dhcp
+    server = make(clock, subnet="10.7.0.0/16", gateway="10.7.0.1", guest="10.7.0.2")
+    for round_ in range(3):
+        for i in range(3000):
+            mac = b"\x02" + (round_ * 3000 + i).to_bytes(5, "big")
+            server.handle(client_msg(D.DHCPDISCOVER, mac))
+        clock.now += 31                                      # every offer lapses
+    assert server.leases() == []
+    assert len(server._leases) == len(server._holder) == 0
+    assert len(server._expiries) <= 64
+    assert len(server._previous) <= dhcp.REMEMBERED
+    # Lapsed addresses are offered again before never-used ones.
+    reply = server.handle(client_msg(D.DHCPDISCOVER, MAC1))
+    assert IP("10.7.0.2") <= IP(D.DHCP(reply.payload).yiaddr) < IP("10.7.0.2") + 3000
 
 
 def test_release_frees_address(server):

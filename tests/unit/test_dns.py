@@ -11,6 +11,7 @@ on 127.0.0.1: no query ever leaves the machine.
 import struct
 
 import dpkt
+import pytest
 import framebuild as fb
 from dnsfakes import (
     BIG,
@@ -209,3 +210,53 @@ def test_network_stack_wires_dns_in():
     assert stack.dns in stack.parts
     stack.dispatcher.frames_received([fb.udp(40000, 53, b"\x01")])
     assert stack.stats()["drops"]["dns-short"] == 1
+
+
+def _raw_query(labels, qid=77):
+    """A query with the name's labels written by hand (no length checks)."""
+    name = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + name + struct.pack("!HH", 1, 1)
+
+
+@pytest.mark.parametrize("labels", [
+    [b"a" * 64, b"example", b"com"],                  # a label over 63 bytes
+    [b"b" * 63] * 4 + [b"cc"],                        # 63*4+2 labels: 258 bytes on the wire
+])
+def test_oversized_names_get_formerr_and_are_never_forwarded(labels):
+    upstream = FakeUpstream(standard_table())
+    proxy = DnsResolverProxy(StackConfig(), reactor=task.Clock(), upstream=upstream)
+    results = []
+    proxy.answer(_raw_query(labels)).addCallback(results.append)
+    (wire,) = results
+    reply = decode(wire)
+    assert reply.id == 77 and reply.rCode == dns.EFORMAT and reply.answer
+    assert upstream.queries == []
+    assert proxy.drops["dns-bad-name"] == 1
+    # The longest legal name still goes upstream.
+    proxy.answer(_raw_query([b"b" * 63] * 3 + [b"c" * 61]))
+    assert len(upstream.queries) == 1
+
+
+def test_an_upstream_socket_failing_for_want_of_fds_is_one_counted_line():
+    import errno
+
+    from twisted.internet.error import CannotListenError
+    from twisted.logger import globalLogPublisher
+
+    class NoFds:
+        def query(self, q, timeout=None):
+            raise CannotListenError("", 0, OSError(errno.EMFILE, "Too many open files"))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        proxy = DnsResolverProxy(StackConfig(), reactor=task.Clock(), upstream=NoFds())
+        results = []
+        for i in range(50):
+            proxy.answer(query(f"n{i}.example.com", qid=i)).addCallback(results.append)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [decode(w).rCode for w in results] == [dns.ESERVER] * 50
+    assert proxy.drops["dns-upstream-no-socket"] == 50
+    ours = [e for e in events if e.get("log_namespace", "").startswith("arcbox_net")]
+    assert 1 <= len(ours) <= 5
+    assert not any(e.get("log_failure") for e in ours)

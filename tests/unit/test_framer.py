@@ -36,7 +36,7 @@ def framer_for(capabilities, resolved=True):
     link = RecordingLink(capabilities)
     framer = Framer(StackConfig(), link)
     if resolved:
-        framer.resolved(fb.GUEST_MAC)
+        framer.learn(GUEST, fb.GUEST_MAC)
     return framer, link
 
 
@@ -129,7 +129,7 @@ def test_packets_wait_for_the_guest_mac_then_leave_complete():
     arp = dpkt.ethernet.Ethernet(arp_frame).data
     assert isinstance(arp, dpkt.arp.ARP) and arp.op == 1 and arp.tpa == GUEST
     link.sent.clear()
-    framer.resolved(fb.GUEST_MAC)
+    framer.learn(GUEST, fb.GUEST_MAC)
     assert len(link.sent) == 2
     for frame, meta in link.sent:
         assert meta is None  # held packets carry full checksums on any link
@@ -155,7 +155,7 @@ def test_icmp_errors_quote_the_offending_packet():
 
 def test_without_a_link_frames_are_counted_as_dropped():
     framer = Framer(StackConfig())
-    framer.resolved(fb.GUEST_MAC)
+    framer.learn(GUEST, fb.GUEST_MAC)
     framer.send_udp(REMOTE, GUEST, 7, 5000, b"x")
     assert framer.drops["no-link"] == 1
 
