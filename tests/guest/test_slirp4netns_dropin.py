@@ -68,9 +68,9 @@ srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("0.0.0.0", 80))
 srv.listen(4)
 if mode == "checks":
+    h, n = hashlib.sha256(), 0
     try:
         c = socket.create_connection(("10.0.2.2", file_port), timeout=20)
-        h, n = hashlib.sha256(), 0
         while True:
             data = c.recv(1 << 16)
             if not data:
@@ -80,6 +80,7 @@ if mode == "checks":
         out["fetch"] = [h.hexdigest(), n]
     except OSError as e:
         out["fetch_error"] = [type(e).__name__, e.errno, str(e)]
+        out["fetched_before_error"] = n
     q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
     q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
     q += struct.pack("!HH", 1, 1)
@@ -287,9 +288,12 @@ class DnsServer:
                     reply += struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(ANSWER)
                 else:
                     reply = struct.pack("!HHHHHH", qid, 0x8183, 1, 0, 0, 0) + data[12:end]
-                self.sock.sendto(reply, peer)
             except (ValueError, IndexError, struct.error):
                 continue
+            try:
+                self.sock.sendto(reply, peer)
+            except OSError:
+                return  # closed at the end of the test
 
     def close(self):
         self.sock.close()
@@ -329,7 +333,7 @@ class Rootlesskit:
         self.log_path = self.state.parent / (self.state.name + ".log")
         cmd = ["ip", "netns", "exec", ns, "runuser", "-u", USER, "--",
                "env", f"ARCBOX_NET_SLIRP4NETNS_OPTS={SAFE_OPTS} {opts}", "rootlesskit",
-               f"--state-dir={self.state}/rk", "--net=slirp4netns",
+               "--debug", f"--state-dir={self.state}/rk", "--net=slirp4netns",
                f"--slirp4netns-binary={rootless[binary]}", "--port-driver=slirp4netns",
                "-p", f"127.0.0.1:{PUBLISHED}:80/tcp", *extra,
                rootless["python"], rootless["child"], *child_args]
@@ -359,6 +363,8 @@ class Rootlesskit:
         return self.log_path.read_text()
 
     def close(self):
+        # pytest shows a test's stdout when it fails, in full (assertion texts are cut).
+        sys.stdout.write(f"rootlesskit --debug log:\n{self.stderr()[-30000:]}\n")
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
             try:
