@@ -679,3 +679,71 @@ def test_podman_run_publish(rootless, podman_image, binary, loopback):
                 end_user_processes(rootless["uid"])
                 proc.wait(10)
             proc.stdout.close()
+
+
+# -- the process contract: --configure, --macaddress, --ready-fd, --exit-fd ---------
+
+
+@pytest.mark.parametrize("binary", BINARIES)
+def test_configure_ready_and_exit_fds(binary):
+    """-c gives the namespace's TAP .100/24, the MAC asked for, the MTU and a
+    default route via .2 (and lo up); --ready-fd gets "1" once the API socket
+    listens; closing --exit-fd ends the process with status 0 (and the API
+    socket file goes). As root with --netns-type=path, as Podman runs it."""
+    require_root()
+    program = SCRIPT if binary == "arcbox-net" else shutil.which("slirp4netns")
+    if program is None:
+        _need("slirp4netns")
+    with namespace("s4nc") as ns:
+        run(["ip", "-n", ns, "link", "set", "lo", "down"])
+        base = pathlib.Path(tempfile.mkdtemp(prefix="s4nc-", dir="/tmp"))
+        api = str(base / "api.sock")
+        ready_r, ready_w = os.pipe()
+        exit_r, exit_w = os.pipe()
+        env = {**os.environ, "ARCBOX_NET_SLIRP4NETNS_OPTS": SAFE_OPTS}
+        with open(base / "log", "w") as log:
+            proc = subprocess.Popen(
+                [program, "-c", "--mtu=9000", "--macaddress=02:00:00:ab:cd:ef",
+                 f"-r{ready_w}", "-e", str(exit_r), "--api-socket", api,
+                 "--netns-type=path", f"/var/run/netns/{ns}", "tap0"],
+                stdout=log, stderr=subprocess.STDOUT, pass_fds=(ready_w, exit_r), env=env)
+        os.close(ready_w)
+        os.close(exit_r)
+        try:
+            import select
+            ready, _, _ = select.select([ready_r], [], [], 30)
+            assert ready and os.read(ready_r, 16) == b"1", (base / "log").read_text()
+            assert os.path.exists(api)
+            link = run(["ip", "-n", ns, "-o", "link", "show", "tap0"]).stdout
+            assert "mtu 9000" in link and "02:00:00:ab:cd:ef" in link and ",UP" in link, link
+            addr = run(["ip", "-n", ns, "-4", "-o", "addr", "show", "tap0"]).stdout
+            assert "inet 10.0.2.100/24" in addr, addr
+            route = run(["ip", "-n", ns, "-4", "route", "show", "default"]).stdout
+            assert route.startswith("default via 10.0.2.2 dev tap0"), route
+            lo = run(["ip", "-n", ns, "-o", "link", "show", "lo"]).stdout
+            assert ",UP" in lo, lo
+            assert api_call_here(api, b'{"execute":"list_hostfwd"}')["entries"] == []
+            os.close(exit_w)
+            exit_w = None
+            assert proc.wait(20) == 0, (base / "log").read_text()
+            assert not os.path.exists(api)
+        finally:
+            if exit_w is not None:
+                os.close(exit_w)
+            os.close(ready_r)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def api_call_here(path, request):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while data := s.recv(4096):
+            reply += data
+    return json.loads(reply)
