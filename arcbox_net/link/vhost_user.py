@@ -10,10 +10,14 @@ once into the frame the dispatcher gets, and the framer's buffers (headers
 plus the host socket's data) are gathered once into the guest's RX buffers.
 
 Offloads: we offer VERSION_1, MRG_RXBUF, CSUM/GUEST_CSUM and
-HOST_TSO4/GUEST_TSO4; once the guest took GUEST_CSUM and GUEST_TSO4, the
-link's ``capabilities`` say so and the framer is re-attached, so TCP leaves
-as 64 KiB GSO frames with partial checksums. The guest's own TSO frames
-(HOST_TSO4) arrive whole and go to the dispatcher like the TAP's.
+HOST_TSO4/GUEST_TSO4. The link declares checksum offload and TCPv4 GSO from
+the start (the stack sizes its TCP segments once, before any guest has
+negotiated), so TCP leaves as 64 KiB GSO frames with partial checksums; for
+a guest that turned GUEST_CSUM/GUEST_TSO4 down, ``softoffload`` finishes
+them here. The guest's own TSO frames (HOST_TSO4) arrive whole and go to the
+dispatcher like the TAP's. RX chains taken while a frame waits for more
+buffers are kept, not walked again, and the guest is asked to kick only
+while frames wait.
 
 Robustness: QEMU and the guest are untrusted. A message of the wrong size,
 with the wrong fds, or any ring rule broken (``virtqueue.VirtqueueError``)
@@ -28,6 +32,7 @@ import mmap
 import os
 import socket
 import stat
+import threading
 from collections import deque
 
 from twisted.internet.interfaces import IReadDescriptor
@@ -37,6 +42,7 @@ from zope.interface import implementer
 from ..interfaces import ILink, LinkCapabilities
 from ..wire import MalformedFrame, vnet
 from ..wire import vhost_user as vu
+from . import softoffload
 from .base import LinkState, deliver, describe_error, report_lost
 from .unixsock import bind_unix, max_frame_len, unlink_if_ours
 from .virtqueue import (FrameTooBig, GuestMemory, Virtqueue, VirtqueueError, put_frame,
@@ -61,8 +67,19 @@ MAX_TSO_FRAME = 65535 + 14 + 4
 #: Frames waiting for RX buffers at most (the guest is slow to post them); beyond, dropped.
 RX_QUEUE_LIMIT = 1024
 _ONE = (1).to_bytes(8, "little")
+#: Seconds before frames waiting for RX buffers are tried again without a kick.
+RX_RETRY = 0.01
+_BARRIER_LOCK = threading.Lock()
 #: fds one message may carry: a memory table's regions.
 _ANCILLARY = socket.CMSG_SPACE(vu.MAX_REGIONS * 4)
+
+
+def _barrier():
+    """A full memory barrier (a locked instruction) between our store to the used
+    ring's flags and our next load of avail.idx: x86 may reorder a store after a
+    later load, and the guest could then miss our request to kick."""
+    _BARRIER_LOCK.acquire()
+    _BARRIER_LOCK.release()
 
 
 class DeviceBroken(Exception):
@@ -284,7 +301,7 @@ class VhostUserDevice:
         # Running rings now read the new table (memory hot-plug keeps their indices).
         for ring in self.rings:
             if ring.queue is not None:
-                last = ring.queue.last_avail
+                last = ring.queue.next_avail
                 ring.queue.release()
                 ring.queue = None
                 ring.base = last
@@ -318,7 +335,7 @@ class VhostUserDevice:
     def _get_vring_base(self, msg):
         index, _ = vu.vring_state(msg.payload)
         ring = self._ring(index)
-        base = ring.queue.last_avail if ring.queue is not None else ring.base
+        base = ring.queue.next_avail if ring.queue is not None else ring.base
         # GET_VRING_BASE stops the ring.
         if ring.kick is not None:
             self.reactor.removeReader(ring.kick)
@@ -574,6 +591,9 @@ class VhostUserLink(LinkState):
         self._conn = None
         self._rx_queue = deque()
         self._tx_again = None
+        self._rx_retry = None
+        #: Frames finished in software for a guest without an offload.
+        self.soft_offloaded = 0
         self.peers_served = 0
         self.peers_refused = 0
         self.devices_broken = 0
@@ -591,13 +611,11 @@ class VhostUserLink(LinkState):
 
     @property
     def capabilities(self):
-        """Offloads the current guest negotiated (none before it has)."""
-        dev = self.device
-        if dev is None or not dev.has(F_VERSION_1):
-            return LinkCapabilities(max_frame=14 + self.mtu, vnet_header_len=vnet.HEADER_V1_LEN)
-        csum = dev.has(NET_F_GUEST_CSUM)
-        return LinkCapabilities(max_frame=14 + self.mtu, vnet_header_len=dev.header_len,
-                                csum_offload=csum, gso_tcpv4=csum and dev.has(NET_F_GUEST_TSO4))
+        """Offloads declared before any guest negotiated: the stack sizes its TCP
+        segments once, at start. A guest that turns GUEST_CSUM or GUEST_TSO4
+        down gets its frames finished by ``softoffload`` (Linux takes both)."""
+        return LinkCapabilities(max_frame=14 + self.mtu, vnet_header_len=vnet.HEADER_V1_LEN,
+                                csum_offload=True, gso_tcpv4=True)
 
     @property
     def queued_frames(self):
@@ -629,9 +647,16 @@ class VhostUserLink(LinkState):
             parts = [frame]
         else:
             parts = list(frame)
-        header = vnet_header or vnet.zero(dev.header_len)
-        if len(header) != dev.header_len:
-            header = bytes(header[:vnet.HEADER_LEN]).ljust(dev.header_len, b"\0")
+        if vnet_header is None:
+            header = vnet.zero(dev.header_len)
+        else:
+            header = vnet_header
+            if ((header[0] & vnet.F_NEEDS_CSUM and not dev.has(NET_F_GUEST_CSUM))
+                    or (header[1] and not dev.has(NET_F_GUEST_TSO4))):
+                self._send_finished(dev, b"".join(parts), header)
+                return
+            if len(header) != dev.header_len:
+                header = bytes(header[:vnet.HEADER_LEN]).ljust(dev.header_len, b"\0")
         length = sum(len(p) for p in parts)
         if self._rx_queue or not self._put(dev, header, parts, length):
             if len(self._rx_queue) >= RX_QUEUE_LIMIT:
@@ -642,10 +667,32 @@ class VhostUserLink(LinkState):
             if len(self._rx_queue) > self.queued_high_water:
                 self.queued_high_water = len(self._rx_queue)
 
-    def _put(self, dev, header, parts, length):
-        """Into the guest's RX buffers now; False when it has none free."""
+    def _send_finished(self, dev, frame, header):
+        """The guest lacks an offload this frame uses: finish it here."""
         try:
-            done = put_frame(dev.queue(RX), header, parts, length, dev.has(NET_F_MRG_RXBUF))
+            finished = softoffload.finish(frame, header, csum=dev.has(NET_F_GUEST_CSUM),
+                                          tso4=dev.has(NET_F_GUEST_TSO4))
+        except (MalformedFrame, softoffload.OffloadError) as e:
+            self._count_drop(getattr(e, "reason", "offload-error"))
+            return
+        self.soft_offloaded += 1
+        for f, h in finished:
+            self.send_frame(f, h)
+
+    def _put(self, dev, header, parts, length):
+        """Into the guest's RX buffers now; False when it has none free.
+
+        While frames wait, the guest is asked to kick when it posts buffers;
+        otherwise not (``set_no_notify``), which saves a wakeup per refill.
+        """
+        vq = dev.queue(RX)
+        mergeable = dev.has(NET_F_MRG_RXBUF)
+        try:
+            done = put_frame(vq, header, parts, length, mergeable)
+            if not done:
+                vq.set_no_notify(False)
+                _barrier()  # the flag is visible before we look at avail.idx again
+                done = put_frame(vq, header, parts, length, mergeable)
         except FrameTooBig:
             self._count_drop("rx-buffer-too-small")
             return True
@@ -656,7 +703,15 @@ class VhostUserLink(LinkState):
             self.frames_out += 1
             self.bytes_out += length
             dev.used(RX)
+        elif self._rx_retry is None:
+            # A lost kick must not strand the queue: look again soon.
+            self._rx_retry = self._reactor.callLater(RX_RETRY, self._rx_retry_due, dev)
         return done
+
+    def _rx_retry_due(self, dev):
+        self._rx_retry = None
+        if self.device is dev:
+            self._rx_ready(dev)
 
     def _count_drop(self, reason):
         if not self.drops[reason]:
@@ -673,6 +728,9 @@ class VhostUserLink(LinkState):
             if not self._put(dev, header, parts, length):
                 return
             queue.popleft()
+        vq = dev.queue(RX)
+        if vq is not None and self.device is dev:
+            vq.set_no_notify(True)  # nothing waits: no kicks needed
 
     def _tx_ready(self, dev):
         self._tx_again = None
@@ -710,13 +768,11 @@ class VhostUserLink(LinkState):
         deliver(self, frames)
 
     def _features_changed(self, dev):
-        framer = getattr(self._sink, "framer", None)
-        if framer is not None:
-            framer.attach(self)
-        caps = self.capabilities
         self.log.info("guest link {link}: features negotiated ({features:#x}): checksum "
-                      "offload {csum}, TSO4 {gso}", link=self.description,
-                      features=dev.features, csum=caps.csum_offload, gso=caps.gso_tcpv4)
+                      "offload {csum}, TSO4 {gso}, mergeable buffers {mrg}",
+                      link=self.description, features=dev.features,
+                      csum=dev.has(NET_F_GUEST_CSUM), gso=dev.has(NET_F_GUEST_TSO4),
+                      mrg=dev.has(NET_F_MRG_RXBUF))
 
     def _device_failed(self, dev, error):
         conn = self._conn
@@ -774,17 +830,15 @@ class VhostUserLink(LinkState):
                            "connection: {error}; waiting for the next one",
                            link=self.description, error=describe_error(error))
         self._drop_connection()
-        framer = getattr(self._sink, "framer", None)
-        if framer is not None:
-            framer.attach(self)
 
     def _drop_connection(self):
         conn, self._conn = self._conn, None
         if self._rx_queue:
             self.drops["no-peer"] += len(self._rx_queue)
             self._rx_queue.clear()
-        if self._tx_again is not None and self._tx_again.active():
-            self._tx_again.cancel()
-        self._tx_again = None
+        for call in (self._tx_again, self._rx_retry):
+            if call is not None and call.active():
+                call.cancel()
+        self._tx_again = self._rx_retry = None
         if conn is not None:
             conn.close()

@@ -27,6 +27,7 @@ DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
 #: The largest ring the spec allows.
 MAX_QUEUE_SIZE = 32768
 
@@ -118,6 +119,9 @@ class Virtqueue:
         self.avail = memory.user(avail_addr, 4 + 2 * num)
         self.used = memory.user(used_addr, 4 + 8 * num)
         self.last_avail = last_avail & 0xFFFF
+        #: RX chains taken from the ring but not used yet (``put_frame``).
+        self.reserved = []
+        self.reserved_room = 0
         #: Continue where the used ring is (a front-end may hand us a used ring
         #: with entries in it, e.g. after a reconnect).
         self.used_idx = U16.unpack_from(self.used, 2)[0]
@@ -174,10 +178,20 @@ class Virtqueue:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         U16.pack_into(self.used, 2, self.used_idx)
 
+    @property
+    def next_avail(self):
+        """Where the driver should resume: chains reserved but unused are not consumed."""
+        return (self.last_avail - len(self.reserved)) & 0xFFFF
+
+    def set_no_notify(self, value):
+        """Ask the driver not to kick (True) or to kick again (False)."""
+        U16.pack_into(self.used, 0, VRING_USED_F_NO_NOTIFY if value else 0)
+
     def needs_notify(self):
         return not U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT
 
     def release(self):
+        self.reserved = []
         for view in (self.desc, self.avail, self.used):
             view.release()
 
@@ -218,30 +232,39 @@ def put_frame(vq, header, parts, length, mergeable):
     ``header`` is the virtio_net_hdr (12 bytes: its num_buffers is filled in
     here), ``parts`` the frame's buffers, ``length`` their total. With
     MRG_RXBUF the frame may span several chains; without, it must fit one.
-    Returns False (nothing taken) when the driver has not posted enough
-    buffers yet; raises FrameTooBig when it never can.
+    Returns False when the driver has not posted enough buffers yet: the
+    chains taken so far stay in ``vq.reserved`` for the next try, so a
+    64 KiB frame waiting for 40 small buffers walks each chain once, not once
+    per kick. Raises FrameTooBig when a frame can never fit one buffer.
     """
     need = len(header) + length
-    chains = []
-    room = 0
-    while room < need:
+    chains = vq.reserved
+    room = vq.reserved_room
+    while room < need and (mergeable or not chains):
         chain = vq.pop()
         if chain is None:
-            vq.rewind(len(chains))
+            vq.reserved_room = room
             return False
         if chain.readable:
             raise VirtqueueError("a receive buffer with readable descriptors")
         chains.append(chain)
         room += chain.writable_len
-        if not mergeable:
-            break
     if room < need:
-        vq.rewind(len(chains))
+        vq.reserved_room = room
         raise FrameTooBig(f"a {need}-byte frame and a {room}-byte receive buffer")
+    # The chains this frame needs; any beyond (reserved for a bigger frame
+    # that was dropped since) stay reserved.
+    used, got = 0, 0
+    while got < need:
+        got += chains[used].writable_len
+        used += 1
+    mine = chains[:used]
+    del chains[:used]
+    vq.reserved_room = room - got
     if len(header) >= 12:
-        header = bytes(header[:10]) + U16.pack(len(chains)) + bytes(header[12:])
-    copy_into([b for c in chains for b in c.writable], [header, *parts])
-    for chain in chains:
+        header = bytes(header[:10]) + U16.pack(len(mine)) + bytes(header[12:])
+    copy_into([b for c in mine for b in c.writable], [header, *parts])
+    for chain in mine:
         n = min(chain.writable_len, need)
         vq.push(chain, n)
         need -= n

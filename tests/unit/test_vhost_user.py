@@ -11,9 +11,11 @@ import os
 import socket
 import struct
 
+import dpkt
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
+from arcbox_net.link import softoffload
 from arcbox_net.link import vhost_user as link_vu
 from arcbox_net.link.virtqueue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, FrameTooBig,
                                        GuestMemory, Virtqueue, VirtqueueError, put_frame,
@@ -21,7 +23,7 @@ from arcbox_net.link.virtqueue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRIT
 from arcbox_net.wire import vhost_user as vu
 from arcbox_net.wire import vnet
 
-import framebuild  # noqa: F401  (the shared frame builders' module must import)
+import framebuild
 
 DESC = struct.Struct("<QIHH")
 GUEST_BASE = 0x100000  # guest physical address of the memory
@@ -166,7 +168,21 @@ def test_without_mergeable_buffers_a_frame_must_fit_one():
     drv.post_rx(64)
     with pytest.raises(FrameTooBig):
         put_frame(vq, HEADER, [FRAME], len(FRAME), mergeable=False)
-    assert vq.pending() == 1  # the buffer stays for a frame that fits
+    assert drv.used_entries() == []
+    # The buffer stays for a frame that fits.
+    assert put_frame(vq, HEADER, [FRAME[:40]], 40, mergeable=False)
+    assert drv.used_entries() == [(0, 52)]
+
+
+def test_chains_taken_while_a_frame_waits_are_not_walked_again():
+    drv, vq = make_queue()
+    drv.post_rx(64)
+    assert not put_frame(vq, HEADER, [FRAME], len(FRAME), mergeable=True)
+    assert len(vq.reserved) == 1 and vq.next_avail == 0  # not consumed, for GET_VRING_BASE
+    drv.set_desc(0, GUEST_BASE + MEM_SIZE, 64)  # rewriting it now changes nothing
+    drv.post_rx(200)
+    assert put_frame(vq, HEADER, [FRAME], len(FRAME), mergeable=True)
+    assert [u[0] for u in drv.used_entries()] == [0, 1] and vq.next_avail == 2
 
 
 def test_a_descriptor_outside_every_region_breaks_the_queue():
@@ -363,16 +379,20 @@ class FrontEnd:
         finally:
             self.sock.settimeout(2)
 
-    def set_up(self):
+    def set_up(self, features=0):
+        """Negotiate (every offered feature, unless ``features`` is None:
+        keep what was set) and start both rings."""
         self.send(vu.GET_FEATURES)
         _, offered = self.reply()
-        features = vu.u64(offered)
-        assert features & (1 << link_vu.F_VERSION_1) and features & (1 << vu.F_PROTOCOL_FEATURES)
+        if features is not None:
+            features = vu.u64(offered)
+            assert features & (1 << link_vu.F_VERSION_1)
         self.send(vu.GET_PROTOCOL_FEATURES)
         self.reply()
         self.send(vu.SET_PROTOCOL_FEATURES, vu.U64.pack(1 << vu.PROTOCOL_F_REPLY_ACK))
         self.send(vu.SET_OWNER)
-        self.send(vu.SET_FEATURES, vu.U64.pack(features))
+        if features is not None:
+            self.send(vu.SET_FEATURES, vu.U64.pack(features))
         region = vu.MemoryRegion(GUEST_BASE, MEM_SIZE, USER_BASE, 0)
         self.send(vu.SET_MEM_TABLE, vu.memory_table([region]), [self.memfd], need_reply=True)
         assert self.reply() == (vu.SET_MEM_TABLE, vu.U64.pack(0))
@@ -531,3 +551,74 @@ def test_get_vring_base_stops_the_ring_and_a_disconnect_frees_the_device(vlink):
     assert vlink._conn is None and vlink.devices_broken == 0
     vlink.send_frame(FRAME)
     assert vlink.drops["no-peer"] == 1
+
+
+# -- a guest without offloads: frames finished in software
+
+
+def _gso_frame(payload, flags=dpkt.tcp.TH_ACK | dpkt.tcp.TH_PUSH | dpkt.tcp.TH_FIN):
+    seg = dpkt.tcp.TCP(sport=80, dport=4000, seq=1000, ack=5, flags=flags, win=500, data=payload)
+    seg.sum = 1  # anything: the offload path rewrites it
+    ip = framebuild.ipv4(seg, 6, src="10.0.2.1", dst="10.0.2.2", id=77)
+    return framebuild.ethernet(ip, src=framebuild.GATEWAY_MAC, dst=framebuild.GUEST_MAC)
+
+
+def _with_dpkt_sums(frame):
+    """(ip sum, tcp sum) as ours, and as dpkt computes them."""
+    eth = dpkt.ethernet.Ethernet(frame)
+    ip, seg = eth.data, eth.data.data
+    ours = (ip.sum, seg.sum)
+    ip.sum = seg.sum = 0
+    again = dpkt.ethernet.Ethernet(bytes(eth))
+    return ours, (again.data.sum, again.data.data.sum), eth.data
+
+
+def test_a_gso_frame_is_cut_into_segments_with_full_checksums():
+    payload = bytes(range(256)) * 20  # 5120 bytes
+    header = vnet.build(12, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 54, 1448, 34, 16)
+    out = softoffload.finish(_gso_frame(payload), header, csum=False, tso4=False)
+    assert [h for _, h in out] == [None] * 4
+    got = b""
+    for i, (frame, _) in enumerate(out):
+        ours, theirs, ip = _with_dpkt_sums(frame)
+        assert ours == theirs
+        seg = ip.data
+        assert seg.seq == 1000 + 1448 * i and ip.id == 77 + i
+        assert bool(seg.flags & dpkt.tcp.TH_FIN) == (i == 3)
+        assert ip.len == 40 + len(seg.data)
+        got += seg.data
+    assert got == payload
+
+
+def test_a_partial_checksum_is_finished_for_a_guest_without_guest_csum():
+    frame = bytearray(_gso_frame(b"x" * 100))
+    # The framer's form: the TCP checksum field holds the pseudo-header sum.
+    from arcbox_net.wire.checksum import pseudo_header_sum
+    struct.pack_into("!H", frame, 34 + 16, pseudo_header_sum(framebuild.ip4("10.0.2.1"),
+                                                             framebuild.ip4("10.0.2.2"), 6, 120))
+    header = vnet.build(12, vnet.F_NEEDS_CSUM, vnet.GSO_NONE, 0, 0, 34, 16)
+    [(done, h)] = softoffload.finish(bytes(frame), header, csum=False, tso4=False)
+    ours, theirs, _ = _with_dpkt_sums(done)
+    assert h is None and ours == theirs
+    # A guest that takes the offloads gets the frame as it is.
+    assert softoffload.finish(bytes(frame), header) == [(bytes(frame), header)]
+
+
+def test_the_link_finishes_frames_for_a_guest_that_declined_offloads(vlink):
+    front = vlink.connect()
+    front.send(vu.SET_FEATURES, vu.U64.pack(1 << link_vu.F_VERSION_1
+                                            | 1 << link_vu.NET_F_MRG_RXBUF
+                                            | 1 << vu.F_PROTOCOL_FEATURES))
+    front.set_up(features=None)
+    for _ in range(4):
+        front.rx.post_rx(2048)
+    front.kick(link_vu.RX)
+    header = vnet.build(12, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 54, 1448, 34, 16)
+    vlink.send_frame(_gso_frame(b"y" * 3000), header)
+    used = front.rx.used_entries()
+    assert len(used) == 3 and vlink.soft_offloaded == 1
+    for head, n in used:
+        data = front.rx.read_rx(head, n)
+        assert data[:2] == b"\0\0"  # complete frames: no offload flags
+        ours, theirs, _ = _with_dpkt_sums(data[12:])
+        assert ours == theirs

@@ -1,0 +1,90 @@
+"""What a peer without offloads needs of an offload frame: sans-I/O.
+
+A link that declares checksum offload and TCPv4 GSO to the framer before it
+knows its peer (the vhost-user guest negotiates features after the stack
+has sized its TCP segments) must still serve a guest that turned them down:
+``finish`` completes a partial checksum (NEEDS_CSUM) and cuts a GSO frame
+into MSS-sized frames with full checksums, as the guest's kernel would have.
+Linux guests take both offloads, so this is the rare path; it copies.
+"""
+
+import struct
+
+from ..wire import vnet
+from ..wire.checksum import checksum, pseudo_header_sum
+
+_U16 = struct.Struct("!H")
+_TCP_FIN, _TCP_PSH, _TCP_CWR = 0x01, 0x08, 0x80
+_ETH = 14
+
+
+class OffloadError(ValueError):
+    """The frame does not hold what its virtio-net header says."""
+
+
+def _store_sum(buf, start, offset):
+    """Sum ``buf[start:]`` (its checksum field holds the pseudo-header's
+    partial sum) and store the result at ``start + offset``."""
+    _U16.pack_into(buf, start + offset, checksum(bytes(buf[start:]), 0))
+
+
+def finish(frame, header, csum=True, tso4=True):
+    """The frames to send for ``frame`` (bytes) and its virtio-net ``header``
+    when the peer takes partial checksums (``csum``) and TCPv4 GSO (``tso4``)
+    or not: a list of (frame, header or None) -- None meaning a complete frame.
+    """
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = vnet.parse(header, len(frame))
+    gso = gso_type & ~vnet.GSO_ECN
+    if gso == vnet.GSO_NONE or (tso4 and csum and gso == vnet.GSO_TCPV4):
+        if not flags & vnet.F_NEEDS_CSUM or csum:
+            return [(frame, header)]
+        buf = bytearray(frame)
+        _store_sum(buf, csum_start, csum_offset)
+        return [(bytes(buf), None)]
+    if gso != vnet.GSO_TCPV4:
+        raise OffloadError(f"GSO type {gso_type} cannot be cut here")
+    return [(f, None) for f in segment_tcpv4(frame, gso_size)]
+
+
+def segment_tcpv4(frame, mss):
+    """Cut a TCPv4 GSO frame into frames of at most ``mss`` payload bytes,
+    each with its own IPv4 length, ident and checksums and TCP sequence."""
+    if len(frame) < _ETH + 20 or frame[_ETH] >> 4 != 4:
+        raise OffloadError("not an IPv4 frame")
+    ihl = (frame[_ETH] & 0x0F) * 4
+    tcp_at = _ETH + ihl
+    if len(frame) < tcp_at + 20:
+        raise OffloadError("short TCP header")
+    thl = (frame[tcp_at + 12] >> 4) * 4
+    payload_at = tcp_at + thl
+    if ihl < 20 or thl < 20 or len(frame) < payload_at:
+        raise OffloadError("bad IPv4/TCP header length")
+    eth_ip = bytearray(frame[:tcp_at])
+    tcp_head = bytearray(frame[tcp_at:payload_at])
+    payload = memoryview(frame)[payload_at:]
+    src, dst = bytes(eth_ip[_ETH + 12:_ETH + 16]), bytes(eth_ip[_ETH + 16:_ETH + 20])
+    ident = _U16.unpack_from(eth_ip, _ETH + 4)[0]
+    seq = struct.unpack_from("!I", tcp_head, 4)[0]
+    tcp_flags = tcp_head[13]
+    out = []
+    count = max(1, -(-len(payload) // mss))
+    for i in range(count):
+        chunk = payload[i * mss:(i + 1) * mss]
+        ip = bytearray(eth_ip)
+        _U16.pack_into(ip, _ETH + 2, ihl + thl + len(chunk))
+        _U16.pack_into(ip, _ETH + 4, (ident + i) & 0xFFFF)
+        _U16.pack_into(ip, _ETH + 10, 0)
+        _U16.pack_into(ip, _ETH + 10, checksum(bytes(ip[_ETH:])))
+        th = bytearray(tcp_head)
+        struct.pack_into("!I", th, 4, (seq + i * mss) & 0xFFFFFFFF)
+        f = tcp_flags
+        if i != count - 1:
+            f &= ~(_TCP_FIN | _TCP_PSH)
+        if i:
+            f &= ~_TCP_CWR
+        th[13] = f
+        _U16.pack_into(th, 16, 0)
+        body = bytes(th) + bytes(chunk)
+        _U16.pack_into(th, 16, checksum(body, pseudo_header_sum(src, dst, 6, len(body))))
+        out.append(bytes(ip) + bytes(th) + bytes(chunk))
+    return out
