@@ -747,3 +747,48 @@ def api_call_here(path, request):
         while data := s.recv(4096):
             reply += data
     return json.loads(reply)
+
+
+@pytest.mark.parametrize("binary", BINARIES)
+def test_userns_path_and_netns_path(rootless, binary):
+    """``--userns-path=/proc/PID/ns/user --netns-type=path /proc/PID/ns/net``
+    (rootlesskit's detached-netns form), as the user, into namespaces the user
+    made with unshare: the TAP is created and configured there (-c), and the
+    guest fetches from the host's 127.0.0.1 via .2."""
+    server = HostServer(lambda conn: conn.sendall(PAYLOAD))
+    holder = subprocess.Popen(
+        ["runuser", "-u", USER, "--", "unshare", "--user", "--map-root-user", "--net",
+         "sh", "-c", "echo $$; exec sleep 120"],
+        stdout=subprocess.PIPE, text=True, cwd="/")
+    stack = None
+    try:
+        pid = int(holder.stdout.readline())
+        stack = subprocess.Popen(
+            ["runuser", "-u", USER, "--", "env", f"ARCBOX_NET_SLIRP4NETNS_OPTS={SAFE_OPTS}",
+             rootless[binary], "-c", f"--userns-path=/proc/{pid}/ns/user", "--netns-type=path",
+             f"/proc/{pid}/ns/net", "tap0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd="/")
+        inside = ["nsenter", "-t", str(pid), "-n"]
+        for _ in range(100):
+            addr = run([*inside, "ip", "-4", "-o", "addr", "show", "tap0"], check=False).stdout
+            if "10.0.2.100/24" in addr or stack.poll() is not None:
+                break
+            time.sleep(0.1)
+        if "10.0.2.100/24" not in addr:
+            stack.kill()
+            stack.wait(5)
+            pytest.fail(f"no 10.0.2.100 on tap0 ({addr!r}), exit {stack.returncode}:\n"
+                        f"{stack.stderr.read()}")
+        fetch = run([*inside, "/usr/bin/python3", "-c",
+                     "import hashlib, socket\n"
+                     f"c = socket.create_connection(('10.0.2.2', {server.port}), timeout=20)\n"
+                     "h = hashlib.sha256()\n"
+                     "while data := c.recv(65536):\n    h.update(data)\n"
+                     "print(h.hexdigest())"], timeout=60)
+        assert fetch.stdout.strip() == hashlib.sha256(PAYLOAD).hexdigest()
+    finally:
+        server.close()
+        end_user_processes(rootless["uid"])
+        for proc in (holder, stack):
+            if proc is not None:
+                proc.wait(10)
