@@ -792,3 +792,22 @@ def test_userns_path_and_netns_path(rootless, binary):
         for proc in (holder, stack):
             if proc is not None:
                 proc.wait(10)
+
+
+def test_failures_are_one_line_and_exit_1(rootless):
+    """What cannot be done ends arcbox-net-slirp4netns with status 1 and one
+    line saying why: a PID that does not exist, and a namespace the user may
+    not enter (root's, from the unprivileged user)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with namespace("s4ne") as ns:
+        for argv, why in [
+            ([str(gone.pid), "tap0"], f"cannot open network namespace /proc/{gone.pid}/ns/net: "
+                                      "No such file or directory"),
+            (["--netns-type=path", f"/var/run/netns/{ns}", "tap0"],
+             f"cannot enter network namespace /var/run/netns/{ns}: Operation not permitted"),
+        ]:
+            result = run(["runuser", "-u", USER, "--", rootless["arcbox-net"], *argv],
+                         check=False, cwd="/")
+            assert result.returncode == 1, result
+            assert result.stderr == f"arcbox-net-slirp4netns: {why}\n", result.stderr
