@@ -6,9 +6,15 @@ Routes (see docs/control-api.md):
 
 A thin twisted.web layer over NetworkStack's embedding API; every error is
 a JSON ``{"error": ...}`` with a 4xx status, and nothing a client sends can
-raise out of here.
+raise out of here (a JSON body nested too deeply is a 400 like any bad
+JSON). A body longer than ``MAX_BODY`` is refused with 413 as soon as its
+length is known or its bytes pass the limit (``LimitedRequest``), before
+it is spooled anywhere; the connection is then closed. ``POST /capture``
+only creates a new file (O_EXCL|O_NOFOLLOW): it never truncates one and
+never follows a symlink.
 """
 
+import io
 import json
 import os
 import stat
@@ -20,8 +26,49 @@ from twisted.web import resource, server
 
 from .forward import ForwardError
 from .config import ConfigError, ForwardSpec
+from .ratelimit import LimitedLog
 
 MAX_BODY = 64 * 1024
+_BAD_JSON = (ValueError, UnicodeDecodeError, RecursionError)
+_limited_log = LimitedLog(Logger(namespace=__name__))
+
+
+class LimitedRequest(server.Request):
+    """A request whose body is kept in memory up to MAX_BODY and refused
+    (413, connection closed) the moment it would exceed it: by its declared
+    Content-Length, or by the bytes of a chunked body as they arrive."""
+
+    _refused = False
+
+    def gotLength(self, length):
+        self._received = 0
+        self.content = io.BytesIO()
+        if length is not None and length > MAX_BODY:
+            self._refuse()
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > MAX_BODY:
+            self.content = io.BytesIO()
+            self._refuse()
+            return
+        self.content.write(data)
+
+    def _refuse(self):
+        self._refused = True
+        body = json.dumps({"error": f"request body over {MAX_BODY} bytes"}).encode() + b"\n"
+        transport = self.channel.transport
+        transport.write(b"HTTP/1.1 413 Request Entity Too Large\r\n"
+                        b"Content-Type: application/json\r\nConnection: close\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        transport.loseConnection()
+
+    def process(self):
+        if self._refused:
+            return
+        super().process()
 
 
 class ApiResource(resource.Resource):
@@ -38,7 +85,7 @@ class ApiResource(resource.Resource):
         try:
             return self._route(request)
         except Exception:
-            self.log.failure("control API request failed")
+            _limited_log.failure("control API request failed")
             return _json(request, 500, {"error": "internal error"})
 
     def _route(self, request):
@@ -80,8 +127,8 @@ class ApiResource(resource.Resource):
             return _json(request, 413, {"error": "request body too large"})
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return _json(request, 400, {"error": f"bad JSON: {e}"})
+        except _BAD_JSON as e:
+            return _json(request, 400, {"error": f"bad JSON: {_first_line(e)}"})
         try:
             spec = ForwardSpec.from_json(data)
         except ConfigError as e:
@@ -101,19 +148,26 @@ class ApiResource(resource.Resource):
             return _json(request, 200, {"active": True, **current.stats()})
         if method == "POST":
             body = request.content.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                return _json(request, 413, {"error": "request body too large"})
             try:
                 data = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as e:
-                return _json(request, 400, {"error": f"bad JSON: {e}"})
+            except _BAD_JSON as e:
+                return _json(request, 400, {"error": f"bad JSON: {_first_line(e)}"})
             if not isinstance(data, dict) or set(data) != {"path"} \
-                    or not isinstance(data["path"], str) or not data["path"]:
+                    or not isinstance(data["path"], str) or not data["path"] \
+                    or "\x00" in data["path"]:
                 return _json(request, 400, {"error": 'expected {"path": "FILE"}'})
             try:
-                capture = stack.start_capture(data["path"])
+                capture = stack.start_capture(data["path"], exclusive=True)
             except RuntimeError as e:
                 return _json(request, 409, {"error": str(e)})
-            except OSError as e:
-                return _json(request, 400, {"error": f"cannot write {data['path']}: {e.strerror}"})
+            except FileExistsError:
+                return _json(request, 409, {"error": f"{data['path']} exists; a capture "
+                                                     "only creates a new file"})
+            except (OSError, ValueError) as e:
+                reason = getattr(e, "strerror", None) or str(e)
+                return _json(request, 400, {"error": f"cannot create {data['path']}: {reason}"})
             return _json(request, 201, {"active": True, **capture.stats()})
         if method == "DELETE":
             stats = stack.stop_capture()
@@ -127,6 +181,10 @@ class ApiResource(resource.Resource):
         d.addCallback(lambda _: _finish(request, 204, None))
         d.addErrback(lambda f: _finish(request, *_error_of(f)))
         return server.NOT_DONE_YET
+
+
+def _first_line(error):
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
 def _error_of(failure):
@@ -202,7 +260,7 @@ def listen_api(stack, path, reactor):
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(f"{path} exists and is not a socket")
         os.unlink(path)
-    site = server.Site(ApiResource(stack))
+    site = server.Site(ApiResource(stack), requestFactory=LimitedRequest)
     site.noisy = False
     site.displayTracebacks = False
     old = os.umask(0o177)

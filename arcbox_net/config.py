@@ -134,10 +134,12 @@ FORWARD_PROTOCOLS = ("tcp", "udp")
 
 
 def _port(text, what, lowest=1):
-    try:
-        port = int(text)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} {text!r} is not a port number") from None
+    """A port: a JSON integer or plain ASCII decimal digits (int() would also
+    take " 80", "+80", "8_0" and non-ASCII digits)."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)) or \
+            isinstance(text, str) and not (text.isascii() and text.isdigit() and len(text) <= 5):
+        raise ConfigError(f"{what} {text!r} is not a port number")
+    port = int(text)
     if not lowest <= port < 65536:
         raise ConfigError(f"{what} {port} is out of range {lowest}..65535")
     return port
@@ -217,6 +219,17 @@ class ForwardSpec:
         return cls(protocol=protocol, host_port=_port(host_port, "listen port", lowest=0),
                    guest_port=_port(guest_port, "guest port"), bind=_addr(bind, "listen address"),
                    guest=_addr(guest_addr, "guest address") if sep else None)
+
+    def check_guest(self, config):
+        """Refuse a guest address that is not a guest's in ``config``'s subnet
+        (outside it, or its network, broadcast, gateway or DNS address)."""
+        guest = self.guest
+        if guest is None:
+            return
+        net = config.subnet
+        if guest not in net or guest in (net.network_address, net.broadcast_address,
+                                          config.gateway, config.dns_server):
+            raise ConfigError(f"forward guest address {guest} is not a guest address of {net}")
 
     def __str__(self):
         guest = f"{self.guest}:{self.guest_port}" if self.guest else str(self.guest_port)
@@ -314,6 +327,8 @@ class StackConfig:
             raise ConfigError(f"max UDP flows {self.max_udp_flows!r} must be at least 1")
         if self.forward_source not in ("gateway", "preserve"):
             raise ConfigError(f"forward source {self.forward_source!r} must be gateway or preserve")
+        for spec in self.forwards:
+            spec.check_guest(self)
         seen_virtual = set()
         for virtual, host in self.address_map:
             if virtual in seen_virtual:

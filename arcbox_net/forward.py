@@ -98,6 +98,10 @@ class ForwardManager:
                 spec = ForwardSpec.parse(spec)
             except ConfigError as e:
                 return defer.fail(ForwardError(str(e)))
+        try:
+            spec.check_guest(self.config)
+        except ConfigError as e:
+            return defer.fail(ForwardError(str(e)))
         for other in self.forwards.values():
             if spec.host_port and (other.spec.protocol, other.spec.bind, other.host_port) == \
                     (spec.protocol, spec.bind, spec.host_port):

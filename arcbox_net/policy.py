@@ -6,6 +6,14 @@ which ICMP error a router would answer". The policy is applied to the host
 address (after mapping): that is the address traffic really reaches, so
 ``--deny 0.0.0.0/0 --allow 127.0.0.0/8`` keeps every packet on this machine
 whatever the guest tries.
+
+Host loopback is reached only through names for it: the gateway address
+(unless ``--no-host-loopback``) and ``--map`` targets. A guest addressing
+127.0.0.0/8 or 0.0.0.0/8 itself is a martian, dropped and counted as a
+kernel router would (``MARTIAN``); with ``--no-host-loopback`` no guest
+packet reaches those host addresses at all, mapped or not (``LOOPBACK_CLOSED``).
+Services the stack runs itself (``add_local_service``: DNS over TCP) are
+the stack, not the host, and stay reachable.
 """
 
 import ipaddress
@@ -16,6 +24,12 @@ from .wire import icmp
 
 LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
 DEFAULT_DENY = (ipaddress.IPv4Network("169.254.0.0/16"),)
+
+
+def is_host_local(address):
+    """127.0.0.0/8 or 0.0.0.0/8 (which reaches the host's own sockets too)."""
+    first = address.packed[0] if isinstance(address, ipaddress.IPv4Address) else address[0]
+    return first == 127 or first == 0
 
 
 class EgressPolicy:
@@ -60,6 +74,10 @@ class Refusal:
 DENIED = Refusal("denied", icmp.CODE_ADMIN_PROHIBITED)
 #: No host address exists for it (the gateway without host loopback).
 NO_ROUTE = Refusal("no-route", icmp.CODE_NET_UNREACH)
+#: The guest addressed 127.0.0.0/8 or 0.0.0.0/8 itself: never a destination.
+MARTIAN = Refusal("martian", icmp.CODE_NET_UNREACH)
+#: A mapped address leads to host loopback, and --no-host-loopback closed it.
+LOOPBACK_CLOSED = Refusal("loopback-closed", icmp.CODE_ADMIN_PROHIBITED)
 
 
 class Egress:
@@ -100,9 +118,18 @@ class Egress:
             service = self.local_services.get((dst, port))
             if service is not None:
                 return service
-        host = self.host_address(dst)
-        if host is None:
-            return NO_ROUTE
+        host = self.mapping.get(dst)
+        if host is not None:
+            if not self.host_loopback and is_host_local(host):
+                return LOOPBACK_CLOSED
+        elif dst == self.gateway:
+            if not self.host_loopback:
+                return NO_ROUTE
+            host = LOOPBACK
+        elif dst[0] == 127 or dst[0] == 0:
+            return MARTIAN
+        else:
+            host = ipaddress.IPv4Address(dst)
         if not self.policy.allows(host):
             return DENIED
         return str(host), port

@@ -263,14 +263,15 @@ class NetworkStack(service.Service):
 
     # -- packet capture
 
-    def start_capture(self, path):
+    def start_capture(self, path, exclusive=False):
         """Write every frame, both ways, to a pcap file at ``path`` (OSError if it
-        cannot be created; RuntimeError if a capture is already running)."""
+        cannot be created; RuntimeError if a capture is already running).
+        ``exclusive``: only create a new file (no truncation, no symlinks)."""
         from .pcap import PcapCapture
         current = self.dispatcher.capture
         if current is not None and current.active:
             raise RuntimeError(f"a capture to {current.path} is already running")
-        self.dispatcher.capture = PcapCapture(path)
+        self.dispatcher.capture = PcapCapture(path, exclusive=exclusive)
         if self.queue_workers is not None:
             self.queue_workers.set_options(capture=True)
         self.log.info("capturing guest frames to {path}", path=str(path))

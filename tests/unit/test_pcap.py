@@ -50,7 +50,8 @@ def test_capture_writes_frames_readable_while_open(tmp_path):
     assert read_pcap(path) == [fb.arp_request(), b"\x02" * 14 + b"gathered!"]  # flushed
     cap.close()
     cap.write(b"after close is ignored")
-    assert cap.stats() == {"path": str(path), "frames": 2, "bytes": 42 + 23, "active": False}
+    assert cap.stats() == {"path": str(path), "frames": 2, "bytes": 42 + 23, "active": False,
+                           "dropped": 0, "buffered": 0}
 
 
 def test_frames_longer_than_the_snaplen_are_truncated_with_their_length(tmp_path):
@@ -69,17 +70,10 @@ def test_frames_longer_than_the_snaplen_are_truncated_with_their_length(tmp_path
 def test_write_error_stops_the_capture_not_the_datapath(tmp_path):
     cap = PcapCapture(tmp_path / "c.pcap")
 
-    class Full:
-        def write(self, data):
-            raise OSError(28, "No space left on device")
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
 
-        def flush(self):
-            pass
-
-        def close(self):
-            pass
-
-    cap._file = Full()
+    cap._os_write = full
     cap.write(fb.arp_request())  # logged, capture closed, nothing raised
     assert not cap.active
     cap.write(fb.arp_request())
@@ -128,3 +122,63 @@ def test_network_stack_start_and_stop_capture(tmp_path):
     stack.dispatcher.frames_received([fb.arp_request()])
     stack.stop_capture()
     assert len(read_pcap(tmp_path / "again.pcap")) == 2
+
+
+def test_a_slow_fifo_reader_gets_frames_dropped_never_the_writer_blocked(tmp_path):
+    """Nobody reads the FIFO: every write returns at once, the buffer stays
+    bounded, the excess frames are counted, and what was kept is valid pcap."""
+    fifo = tmp_path / "slow.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        cap = PcapCapture(fifo, max_buffer=256 * 1024)
+        frame = fb.udp(4000, 53, b"z" * 1400)
+        for _ in range(2000):                     # ~2.9 MB, the pipe holds 64 KiB
+            cap.write(frame)
+        stats = cap.stats()
+        assert stats["active"] and stats["dropped"] > 0
+        assert stats["frames"] + stats["dropped"] == 2000
+        assert cap.buffered <= 256 * 1024
+        # The reader catches up: every kept record arrives whole.
+        data = bytearray()
+        while True:
+            try:
+                chunk = os.read(reader, 1 << 20)
+            except BlockingIOError:
+                chunk = b""
+            if not chunk:
+                if not cap.buffered:
+                    break
+                cap.write(frame)                  # a new frame flushes what waits
+                continue
+            data += chunk
+        cap.close()
+        import io
+        records = [bytes(b) for _, b in dpkt.pcap.Reader(io.BytesIO(bytes(data)))]
+        assert records and all(r == frame for r in records)
+        assert len(records) == cap.frames
+    finally:
+        os.close(reader)
+
+
+def test_a_fifo_without_a_reader_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "nobody.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError):
+        PcapCapture(fifo)
+
+
+def test_exclusive_capture_never_truncates_nor_follows_a_symlink(tmp_path):
+    existing = tmp_path / "keep.txt"
+    existing.write_bytes(b"precious")
+    with pytest.raises(FileExistsError):
+        PcapCapture(existing, exclusive=True)
+    link = tmp_path / "link.pcap"
+    link.symlink_to(tmp_path / "target.pcap")
+    with pytest.raises(OSError):
+        PcapCapture(link, exclusive=True)
+    assert existing.read_bytes() == b"precious"
+    assert not (tmp_path / "target.pcap").exists()
+    cap = PcapCapture(tmp_path / "new.pcap", exclusive=True)
+    cap.close()
+    assert read_pcap(tmp_path / "new.pcap") == []
