@@ -52,6 +52,7 @@ def open_tap(options, config):
     (--netns-type=tapfd) or from the namespace helper."""
     from .nsjoin import open_tap_via_helper
     if options.tap_fd is not None:
+        os.set_blocking(options.tap_fd, False)
         return [options.tap_fd], False
     settings = None
     if options.configure:

@@ -811,3 +811,41 @@ def test_failures_are_one_line_and_exit_1(rootless):
                          check=False, cwd="/")
             assert result.returncode == 1, result
             assert result.stderr == f"arcbox-net-slirp4netns: {why}\n", result.stderr
+
+
+def test_tapfd():
+    """``--netns-type=tapfd FD`` (slirp4netns 1.3's form; Debian's 1.2 has none,
+    so arcbox-net only): a TAP fd the caller opened is served as it is (no
+    namespace joined); the guest, configured by hand, fetches via .2."""
+    require_root()
+    from arcbox_net.link.tap import close_all, open_tap_in_netns
+    program = SCRIPT
+    server = HostServer(lambda conn: conn.sendall(PAYLOAD))
+    with namespace("s4nt") as ns:
+        fds, _ = open_tap_in_netns(ns, "tap0", offload=False)
+        for args in (["addr", "add", "10.0.2.100/24", "dev", "tap0"],
+                     ["route", "add", "default", "via", "10.0.2.2"]):
+            run(["ip", "-n", ns, *args])
+        ready_r, ready_w = os.pipe()
+        env = {**os.environ, "ARCBOX_NET_SLIRP4NETNS_OPTS": SAFE_OPTS}
+        proc = subprocess.Popen([program, "-r", str(ready_w), "--netns-type=tapfd", str(fds[0])],
+                                pass_fds=(ready_w, fds[0]), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        os.close(ready_w)
+        close_all(fds)
+        try:
+            import select
+            ready, _, _ = select.select([ready_r], [], [], 30)
+            assert ready and os.read(ready_r, 1) == b"1", proc.stderr
+            fetch = run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                         "import hashlib, socket\n"
+                         f"c = socket.create_connection(('10.0.2.2', {server.port}), timeout=20)\n"
+                         "h = hashlib.sha256()\n"
+                         "while data := c.recv(65536):\n    h.update(data)\n"
+                         "print(h.hexdigest())"], timeout=60)
+            assert fetch.stdout.strip() == hashlib.sha256(PAYLOAD).hexdigest()
+        finally:
+            os.close(ready_r)
+            server.close()
+            proc.terminate()
+            proc.wait(10)
