@@ -77,7 +77,7 @@ def check_lease_and_ping(results, vm, ip):
     assert "3 packets transmitted, 3 packets received" in results["ping"], vm.console()
 
 
-@pytest.mark.parametrize("mtu", [1500])
+@pytest.mark.parametrize("mtu", [1500, 65520])
 def test_vm_on_vhost_user(vhost_vms, stack_factory, web, sink, marks, blob, iperf_server,
                           tmp_path, capsys, mtu):
     sock = tmp_path / "vhost.sock"
