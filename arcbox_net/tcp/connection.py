@@ -77,7 +77,12 @@ Guest to host (receiving)
 In-order data inside our window is delivered at once to ``take_received``.
 Out-of-order data inside the window is kept (copied, merged, bounded by the
 window) until the gap fills, and answered at once with a duplicate ACK: that
-is what drives the guest's fast retransmit. A FIN is taken in order only
+is what drives the guest's fast retransmit. When the guest's SYN offered SACK
+(RFC 2018) every ACK without data carries SACK blocks for what is held, the
+block of the latest arrival first, up to four: the guest then resends only
+the holes, several per round trip, instead of one hole per RTT or waiting for
+its RTO (without them a Linux guest moved 23 MB in 75 s through 5 % loss and
+25 % reordering). Data segments carry no options, so they stay one MSS. A FIN is taken in order only
 (a FIN seen ahead of a gap is remembered). Everything else is cumulative:
 ``flush`` sends one ACK for the whole batch if one is owed, so a burst of
 segments costs one ACK, not one each. Wholly old segments (our ACK was lost)
@@ -115,7 +120,27 @@ MSS 1 cannot turn a download into one frame per byte.
 
 There is no congestion control: the path to the guest is a local virtual
 link whose only real limit is the guest's receive window (which we obey).
-Loss there is rare and handled by retransmission alone.
+Loss there (full TAP queues, full datagram queues) is repaired by
+retransmission:
+
+- with SACK (the guest's blocks kept in a scoreboard, ``_sacked``), as RFC
+  6675: recovery starts at DupThresh (3) duplicate ACKs or 3 segments SACKed
+  above the first hole; each recovery *round* resends every hole that is
+  lost, once. A hole is lost when 3 segments above it are SACKed (IsLost)
+  *and* it is overdue: it left (``_xmit_log``, one entry per flush) more
+  than the reordering wait ago, a quarter more than the longer of SRTT and
+  the recent round trip of SACKed data (RACK's idea, RFC 8985; a timer,
+  ``_reo_timer``, looks again when a held-back hole comes due). So a link
+  that reorders does not make us resend what is merely late. A resend that
+  is itself lost shows as data sent after the round being SACKed while the
+  hole stays: a new round starts (``tcp-lost-retransmit``) without an RTO.
+  After an RTO every hole is resent. Partial ACKs move the round on;
+- without SACK, NewReno: one fast retransmit at the 3rd duplicate ACK, then
+  the next hole on each partial ACK.
+
+The counters (``tcp-fast-recovery``, ``tcp-retransmits``, ``tcp-rto``,
+``tcp-lost-retransmit``, ``tcp-ooo-received``) go to ``counters``, which the
+adapter points at the stack's, so /stats shows them.
 
 Timers
 ------
@@ -126,13 +151,15 @@ meaningful at a time:
   then TimedOut (active open) or RST + GuestReset (passive open);
 - retransmission (RFC 6298: SRTT/RTTVAR from samples of segments never
   retransmitted, clamped to [rto_min, rto_max], doubled on each timeout and
-  reset by an ACK of new data); it resends the first unacknowledged segment.
-  Further holes are repaired on partial ACKs (NewReno-style), and the 3rd
-  duplicate ACK triggers one fast retransmit. After ``max_retransmits``
+  reset by an ACK of new data); it resends the first unacknowledged segment
+  (with a SACK scoreboard: every hole). Loss recovery before the RTO is
+  above. After ``max_retransmits``
   timeouts in a row: RST to the guest, GuestReset, CLOSED;
 - persist: with data waiting and a zero guest window, 1-byte probes with
   backoff; any ACK from the guest resets the give-up count, so a live guest
   that keeps its window shut is probed forever;
+- reordering: when a hole held back by the reordering wait comes due
+  (``_reo_timer``, beside the others: ``next_deadline`` is the earliest);
 - TIME-WAIT: ``time_wait`` seconds (bounded; the guest is on a local link);
 - idle: FIN_WAIT_2 without guest data for ``fin_wait2_timeout`` (60 s, as
   Linux's tcp_fin_timeout) and CLOSE_WAIT without host data for
@@ -149,10 +176,11 @@ Sequence numbers are 32-bit and wrap; all comparisons go through seq_diff.
 """
 
 import enum
+from collections import Counter, deque
 
 import attrs
 
-from ..wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
+from ..wire.tcp import ACK, FIN, MAX_SACK_BLOCKS, PSH, RST, SYN, TcpSegment
 from .sendbuf import SendBuffer
 
 MASK = 0xFFFFFFFF
@@ -251,6 +279,21 @@ class TcpParams:
     #: more is left for the next turn (``wants_flush``), so one connection
     #: with a huge window and a tiny MSS cannot starve the others.
     burst_segments: int = 128
+    #: Offer and accept SACK (RFC 2018): SACK blocks for the guest's
+    #: out-of-order data, and the guest's blocks to resend only the holes.
+    sack: bool = True
+    #: Segments SACKed above a hole before it counts as lost (RFC 6675's
+    #: DupThresh): fewer would resend what reordering merely delayed.
+    dup_threshold: int = 3
+    #: The probe timeout (SACK connections): with data in flight and no ACK
+    #: progress for max(2 RTT, probe_min) seconds, resend the holes (or the
+    #: first segment) once, without the RTO's backoff: a lost resend behind a
+    #: window the guest cannot open, or a lost tail, then costs milliseconds,
+    #: not the 200 ms+ of an RTO (RFC 8985's tail loss probe, loosely).
+    probe_min: float = 0.01
+    #: Added to the probe timeout when one segment is in flight: the guest may
+    #: be delaying its ACK (Linux: up to 200 ms).
+    max_ack_delay: float = 0.2
 
     def __attrs_post_init__(self):
         if not 1 <= self.mss_limit <= 65535:
@@ -390,9 +433,12 @@ class TcpConnection:
         "iss", "snd_una", "snd_nxt", "snd_wnd", "snd_shift", "send_mss",
         "_wl1", "_wl2", "_sendbuf", "_fin_queued", "_fin_sent",
         "_dupacks", "_in_recovery", "_recover", "_more", "_host_sent", "_idle_since",
+        "_sack_ok", "_sacked", "_rexmit_next", "_round_end", "_round_time", "_xmit_log",
+        "_rack_rtt", "_reo_timer", "_progress", "_probed",
+        "counters",
         # receive side
         "irs", "rcv_nxt", "rcv_shift", "_rcv_adv", "_receive_open", "_ack_owed",
-        "_ooo", "_ooo_fin", "_guest_wscale",
+        "_ooo", "_ooo_fin", "_ooo_last", "_dsack", "_guest_wscale",
         # timers
         "_timer", "_rto", "_cur_rto", "_srtt", "_rttvar", "_rtt_seq", "_rtt_time",
         "_retries",
@@ -426,6 +472,23 @@ class TcpConnection:
         self._more = False
         self._host_sent = False
         self._idle_since = now
+        self._sack_ok = False
+        self._sacked = []  # [left, right] seqs the guest SACKed, sorted, merged
+        self._rexmit_next = 0  # this recovery round has resent the holes below it
+        self._round_end = 0  # snd_nxt when the round began
+        self._round_time = 0.0
+        #: (snd_nxt after, time) per flush that sent new data, from snd_una on:
+        #: when each byte first left, for the time test of loss (RACK-like).
+        self._xmit_log = deque()
+        #: Round trip of SACKed data, from the log: rises at once, decays slowly.
+        self._rack_rtt = 0.0
+        #: When a hole held back only by the reordering wait becomes lost.
+        self._reo_timer = None
+        self._progress = now  # the last ACK of new data, or the first send after none
+        self._probed = False  # the probe has fired since that progress
+        #: Loss-recovery counters; the adapter hands every connection its own
+        #: stack-wide Counter, so /stats shows them.
+        self.counters = Counter()
         self.irs = 0
         self.rcv_nxt = 0
         self.rcv_shift = 0
@@ -434,6 +497,8 @@ class TcpConnection:
         self._ack_owed = False
         self._ooo = []  # [seq, bytes], sorted, non-overlapping
         self._ooo_fin = None
+        self._ooo_last = 0
+        self._dsack = None  # (left, right) of a duplicate to report (RFC 2883)
         self._guest_wscale = None
         self._timer = None
         self._rto = self._cur_rto = params.rto_initial
@@ -461,6 +526,7 @@ class TcpConnection:
         self._wl1 = self.irs
         self.snd_wnd = syn.window  # never scaled in a SYN
         self._negotiate(syn.mss, syn.wscale)
+        self._sack_ok = params.sack and syn.sack is True
         return self
 
     @classmethod
@@ -537,12 +603,32 @@ class TcpConnection:
     def next_deadline(self):
         """When ``on_timer`` is due, or None."""
         timer = self._timer
+        reo = self._reo_timer
+        if reo is not None and (timer is None or reo < timer):
+            timer = reo
+        if timer is not None and self._sack_ok and not self._probed:
+            probe = self._probe_deadline()
+            if probe is not None and probe < timer:
+                timer = probe
         st = self.state
         if st is FIN_WAIT_2 or st is CLOSE_WAIT:
             idle = self._idle_deadline()
             if timer is None or idle < timer:
                 return idle
         return timer
+
+    def _probe_deadline(self):
+        """When the probe is due (data in flight, no progress), or None."""
+        flight = (self.snd_nxt - self.snd_una) & MASK
+        if not flight or self._srtt is None:
+            return None
+        rtt = self._srtt if self._srtt > self._rack_rtt else self._rack_rtt
+        pto = 2 * rtt
+        if pto < self.params.probe_min:
+            pto = self.params.probe_min
+        if flight <= self.send_mss:
+            pto += self.params.max_ack_delay
+        return self._progress + pto
 
     def _idle_deadline(self):
         p = self.params
@@ -555,6 +641,21 @@ class TcpConnection:
         if (st is FIN_WAIT_2 or st is CLOSE_WAIT) and now >= self._idle_deadline():
             self._reset("idle-timeout", True)
             return
+        reo = self._reo_timer
+        if reo is not None and now >= reo:
+            self._reo_timer = None
+            if self._in_recovery and st in _SENDING:
+                self._repair(now, False)  # what was only late is lost by now
+        if self._sack_ok and not self._probed and st in _SENDING and self.snd_wnd:
+            probe = self._probe_deadline()
+            if probe is not None and now >= probe:
+                self._probed = True
+                self.counters["tcp-probe"] += 1
+                self._in_recovery = True
+                if self._sacked:
+                    self._new_round(now, True)
+                else:
+                    self._new_round(now)  # the first segment: its ACK tells the rest
         deadline = self._timer
         if deadline is None or now < deadline:
             return
@@ -586,9 +687,17 @@ class TcpConnection:
         if probing:
             self._probe()
         else:
-            self._retransmit()
+            self.counters["tcp-rto"] += 1
             self._in_recovery = True
-            self._recover = self.snd_nxt
+            if self._sack_ok and self._sacked:
+                self._new_round(now, True)  # every hole the scoreboard shows, not one
+            else:
+                n = self._retransmit()
+                self.counters["tcp-retransmits"] += 1
+                self._recover = self.snd_nxt
+                self._round_end = self.snd_nxt
+                # The first segment is resent: a partial ACK goes on from there.
+                self._rexmit_next = (self.snd_una + n) & MASK
         self._cur_rto = min(self._cur_rto * 2, p.rto_max)
         self._timer = now + self._cur_rto
 
@@ -661,6 +770,7 @@ class TcpConnection:
             self._timer = now + self.params.time_wait
         elif new is CLOSED:
             self._timer = None
+            self._reo_timer = None
             self._sendbuf.clear()
             self._ooo = []
             self._events.append(_CLOSED)  # once: CLOSED has no way out
@@ -709,6 +819,7 @@ class TcpConnection:
             self.rcv_nxt = (self.irs + 1) & MASK
             self._rcv_adv = (self.rcv_nxt + min(self.params.receive_window, 65535)) & MASK
             self._negotiate(seg.mss, seg.wscale)
+            self._sack_ok = self.params.sack and seg.sack is True
             self._handshake_done(seg, now, seg.window)
             self._emit(ACK, self.snd_nxt)
             self._transition("syn-ack", now)
@@ -734,6 +845,10 @@ class TcpConnection:
         if n or fin:
             if seq_le((seq + n + (1 if fin else 0)) & MASK, rcv_nxt):
                 self._ack_owed = True  # all old: our ACK was lost
+                if n and self._sack_ok:
+                    # D-SACK: the guest learns its resend was needless (it
+                    # undoes the cwnd cut and learns the link reorders).
+                    self._dsack = (seq, (seq + n) & MASK)
                 if fin and self.state is TIME_WAIT:
                     self._timer = now + self.params.time_wait
                 return
@@ -793,6 +908,8 @@ class TcpConnection:
                 buf.consume(acked)
                 self.bytes_to_guest += acked
             self.snd_una = ack
+            self._progress = now
+            self._probed = False
             if self._rtt_seq is not None and seq_lt(self._rtt_seq, ack):
                 self._rtt_sample(now - self._rtt_time)
                 self._rtt_seq = None
@@ -800,18 +917,39 @@ class TcpConnection:
             self._retries = 0
             self._dupacks = 0
             self._timer = None
+            if self._sacked:
+                self._prune_sacked(ack)
+            log = self._xmit_log
+            while log and seq_le(log[0][0], ack):
+                log.popleft()
+        more_sacked = (seg.sack is not None and self._sack_ok and acked >= 0
+                       and self._add_sack(seg.sack, now))
+        if acked > 0:
             if self._in_recovery:
                 if seq_lt(ack, self._recover):
-                    self._retransmit()  # partial ACK: the next hole
+                    self._partial_ack(ack, now)  # the next hole
                 else:
                     self._in_recovery = False
-        elif (acked == 0 and wnd and wnd == self.snd_wnd and self.snd_nxt != una
-              and not seg.payload and not seg.flags & FIN):
+                    self._reo_timer = None
+        elif (acked == 0 and self.snd_nxt != una and not seg.payload and not seg.flags & FIN
+              and (more_sacked or (wnd and wnd == self.snd_wnd))):
             self._dupacks += 1
-            if self._dupacks == 3 and not self._in_recovery:
-                self._retransmit()
-                self._in_recovery = True
-                self._recover = self.snd_nxt
+            if not self._in_recovery:
+                if self._dupacks >= self.params.dup_threshold or self._sack_says_lost():
+                    self.counters["tcp-fast-recovery"] += 1
+                    self._in_recovery = True
+                    self._new_round(now)
+            elif more_sacked:
+                if (self._sacked and now - self._round_time >= self._reorder_wait()
+                        and seq_diff(self._sacked[-1][1], self._round_end)
+                        >= self.params.dup_threshold * self.send_mss):
+                    # Data sent after this round's resends is SACKed and a hole
+                    # is still there: a resend was lost. Resend again now
+                    # rather than wait for the RTO.
+                    self.counters["tcp-lost-retransmit"] += 1
+                    self._new_round(now)
+                else:
+                    self._repair(now, False)  # holes the new blocks uncovered
         seq = seg.seq
         if acked >= 0 and (seq_lt(self._wl1, seq)
                            or (seq == self._wl1 and seq_le(self._wl2, ack))):
@@ -864,12 +1002,30 @@ class TcpConnection:
         else:
             if n:
                 self._store_ooo(payload, seq, n)
+                self._ooo_last = seq
+                self.counters["tcp-ooo-received"] += 1
             if fin:
                 self._ooo_fin = (seq + n) & MASK
             self._emit(ACK, self.snd_nxt)  # duplicate ACK, at once
 
     def _store_ooo(self, payload, seq, n):
-        """Keep the parts of an early segment not already held (copies: rare path)."""
+        """Keep the parts of an early segment not already held (copies).
+
+        Past a hole, segments mostly arrive in order: each then extends the
+        last piece (or starts one after it) without a walk of the list.
+        """
+        ooo = self._ooo
+        if not ooo:
+            ooo.append([seq, bytearray(payload)])
+            return
+        tail_seq, tail = ooo[-1]
+        after = seq_diff(seq, (tail_seq + len(tail)) & MASK)
+        if after == 0 and isinstance(tail, bytearray):
+            tail += payload
+            return
+        if after > 0:
+            ooo.append([seq, bytearray(payload)])
+            return
         rcv = self.rcv_nxt
         start = seq_diff(seq, rcv)
         end = start + n
@@ -892,6 +1048,8 @@ class TcpConnection:
         if new:
             self._ooo.extend(new)
             self._ooo.sort(key=lambda piece: seq_diff(piece[0], rcv))
+        elif self._sack_ok:
+            self._dsack = (seq, (seq + n) & MASK)  # all held already
 
     def _drain_ooo(self):
         ooo = self._ooo
@@ -936,6 +1094,8 @@ class TcpConnection:
         una = self.snd_una
         pos = (self.snd_nxt - una) & MASK  # bytes in flight
         end = len(buf)
+        if not pos:
+            self._progress = now  # the probe timeout counts from the first send
         if pos < end:
             limit = self.snd_wnd
             stop = end if end <= limit else limit
@@ -955,7 +1115,8 @@ class TcpConnection:
                     ack = self.rcv_nxt
                     wnd = self._window_field()
                     out = self._out
-                    if self._rtt_seq is None:
+                    if self._rtt_seq is None and not self._in_recovery:
+                        # (In recovery an ACK of it would wait for the holes.)
                         self._rtt_seq = (una + pos) & MASK
                         self._rtt_time = now
                     while pos < stop:
@@ -971,6 +1132,8 @@ class TcpConnection:
                         stop += 1
                     self.snd_nxt = (una + stop) & MASK
                     self._ack_owed = False  # the data carries it
+                    if self._sack_ok:
+                        self._xmit_log.append((self.snd_nxt, now))
         if pos == end and self._fin_queued and not self._fin_sent:
             # A FIN needs no window room: receivers take it at the right edge.
             if self._rtt_seq is None:
@@ -982,11 +1145,156 @@ class TcpConnection:
         if self._timer is None and (self.snd_nxt != una or self._has_unsent()):
             self._timer = now + self._cur_rto
 
+    # -- loss recovery (RFC 6675 with the guest's SACK blocks, else NewReno)
+
+    def _add_sack(self, edges, now):
+        """Merge the guest's SACK blocks into the scoreboard; True if they
+        covered data not SACKed before. Blocks outside (snd_una, snd_nxt] are
+        ignored (D-SACKs and nonsense)."""
+        una = self.snd_una
+        top = seq_diff(self.snd_nxt, una)
+        board = self._sacked
+        before = self._sacked_bytes()
+        for i in range(0, len(edges) - 1, 2):
+            left = seq_diff(edges[i], una)
+            right = seq_diff(edges[i + 1], una)
+            if left <= 0 or right <= left or right > top:
+                continue
+            newly = not any(seq_diff(l, una) < right <= seq_diff(r, una) for l, r in board)
+            board.append([edges[i] & MASK, edges[i + 1] & MASK])
+            sent = self._sent_time(right - 1) if newly else None
+            if sent is not None:
+                r = now - sent
+                rack = self._rack_rtt
+                self._rack_rtt = r if r > rack else rack - (rack - r) / 64
+        if len(board) < 2:
+            return self._sacked_bytes() > before
+        board.sort(key=lambda b: seq_diff(b[0], una))
+        merged = [board[0]]
+        for block in board[1:]:
+            last = merged[-1]
+            if seq_le(block[0], last[1]):
+                if seq_lt(last[1], block[1]):
+                    last[1] = block[1]
+            else:
+                merged.append(block)
+        self._sacked = merged
+        return self._sacked_bytes() > before
+
+    def _sacked_bytes(self):
+        return sum(seq_diff(r, l) for l, r in self._sacked)
+
+    def _prune_sacked(self, una):
+        board = [b for b in self._sacked if seq_lt(una, b[1])]
+        for block in board:
+            if seq_lt(block[0], una):
+                block[0] = una
+        self._sacked = board
+
+    def _sack_says_lost(self):
+        """RFC 6675 IsLost for the first hole: DupThresh segments SACKed above it."""
+        return bool(self._sacked) and \
+            self._sacked_bytes() >= self.params.dup_threshold * self.send_mss
+
+    def _new_round(self, now, all_lost=False):
+        """Start (or restart) resending the holes from snd_una."""
+        self._recover = self.snd_nxt
+        self._round_end = self.snd_nxt
+        self._round_time = now
+        self._rexmit_next = self.snd_una
+        self._repair(now, True, all_lost)
+
+    def _partial_ack(self, ack, now):
+        if not self._sack_ok:
+            self._retransmit()  # NewReno: the segment at the new snd_una
+            return
+        if seq_le(self._rexmit_next, ack):
+            self._rexmit_next = ack
+            self._repair(now, True)  # the hole at snd_una was not resent this round
+        else:
+            self._repair(now, False)
+
+    def _reorder_wait(self):
+        """How long after it left a segment may still be merely late: a
+        quarter more than the longer of SRTT and the recent round trip of
+        SACKed data (RACK's idea, RFC 8985: a hole is lost once data sent
+        after it has been delivered and it is overdue by more than the
+        reordering the link has shown)."""
+        srtt = self._srtt or 0.0
+        rack = self._rack_rtt
+        return 1.25 * (srtt if srtt > rack else rack)
+
+    def _sent_time(self, offset):
+        """When the byte at ``offset`` past snd_una first left, or None."""
+        una = self.snd_una
+        for end, t in self._xmit_log:
+            if seq_diff(end, una) > offset:
+                return t
+        return None
+
+    def _repair(self, now, first, all_lost=False):
+        """Resend the holes of this round: with ``first`` the one at
+        ``_rexmit_next`` in any case (the ACKs say it is missing), then every
+        hole with DupThresh segments SACKed above it (RFC 6675 IsLost; after
+        an RTO, ``all_lost``: every hole below the highest SACK), each once a
+        round, at most ``burst_segments`` segments. With SACK a hole must
+        also have left more than ``_reorder_wait`` ago: on a link that
+        reorders, a SACK above a hole is no proof that the hole is lost."""
+        if not self._sack_ok:
+            self._retransmit()
+            return
+        una = self.snd_una
+        flight = (self.snd_nxt - una) & MASK
+        data = flight - 1 if self._fin_sent else flight
+        pos = seq_diff(self._rexmit_next, una)
+        if pos < 0:
+            pos = 0
+        chunk = self._chunk()
+        need = 0 if all_lost else self.params.dup_threshold * self.send_mss
+        board = self._sacked
+        above = self._sacked_bytes()
+        budget = self.params.burst_segments
+        buf = self._sendbuf
+        sent = 0
+        sent_by = now - self._reorder_wait() if not all_lost else now
+        # Each hole ends where a SACKed block (or, last, snd_nxt) begins;
+        # ``above`` is what the guest has SACKed beyond it.
+        for left, right in board + [[self.snd_nxt, self.snd_nxt]]:
+            lo = seq_diff(left, una)
+            if lo > data:
+                lo = data
+            while pos < lo and sent < budget and (above >= need or (first and not sent)):
+                left_at = self._sent_time(pos)
+                if left_at is not None and left_at > sent_by:
+                    # Lost by the count, maybe only late by the clock: look
+                    # again once it is overdue.
+                    due = left_at + (now - sent_by)
+                    if self._reo_timer is None or due < self._reo_timer:
+                        self._reo_timer = due
+                    break
+                n = lo - pos if lo - pos < chunk else chunk
+                self._emit(ACK | PSH, (una + pos) & MASK, buf.slice(pos, pos + n))
+                pos += n
+                sent += 1
+            if pos < lo:
+                break  # not lost yet (nor any hole above it), or out of budget
+            hi = seq_diff(right, una)
+            if pos < hi:
+                pos = hi
+            above -= seq_diff(right, left)
+        if first and not sent and pos >= data and self._fin_sent and flight:
+            self._retransmit()  # only the FIN is missing
+            sent = 1
+        self._rexmit_next = (una + pos) & MASK
+        if sent:
+            self.counters["tcp-retransmits"] += sent
+            self._rtt_seq = None  # Karn
+
     def _retransmit(self):
-        """Resend the first unacknowledged segment."""
+        """Resend the first unacknowledged segment; returns its data length."""
         flight = (self.snd_nxt - self.snd_una) & MASK
         if not flight:
-            return
+            return 0
         data = flight - 1 if self._fin_sent else flight
         chunk = self._chunk()
         n = data if data < chunk else chunk
@@ -995,6 +1303,7 @@ class TcpConnection:
             flags |= FIN
         self._emit(flags, self.snd_una, self._sendbuf.slice(0, n))
         self._rtt_seq = None  # Karn; and a sample taken across a repair would be inflated
+        return n
 
     def _chunk(self):
         """Payload bytes per emitted segment: the MSS, or a multiple of it with GSO."""
@@ -1027,7 +1336,8 @@ class TcpConnection:
             SYN | ACK if passive else SYN, min(p.receive_window, 65535), b"",
             p.mss_limit,
             min(p.window_scale, 14) if (self._guest_wscale is not None or not passive)
-            else None))
+            else None,
+            self._sack_ok if passive else p.sack))
         if passive:
             self._rcv_adv = (self.rcv_nxt + min(p.receive_window, 65535)) & MASK
         if self._rtt_seq is None and self._retries == 0:
@@ -1039,11 +1349,41 @@ class TcpConnection:
         """Queue one segment; with ACK it carries rcv_nxt and our current window."""
         if flags & ACK:
             self._ack_owed = False
-            self._out.append(TcpSegment(self.local_port, self.guest_port, seq, self.rcv_nxt,
-                                        flags, self._window_field(), payload))
+            seg = TcpSegment(self.local_port, self.guest_port, seq, self.rcv_nxt, flags,
+                             self._window_field(), payload)
+            if (self._ooo or self._dsack) and self._sack_ok and not payload \
+                    and not flags & RST:
+                edges = self._sack_edges() if self._ooo else ()
+                if self._dsack is not None:
+                    edges = self._dsack + edges[:2 * MAX_SACK_BLOCKS - 2]
+                    self._dsack = None
+                seg.sack = edges
+            self._out.append(seg)
         else:
             self._out.append(TcpSegment(self.local_port, self.guest_port, seq, 0, flags, 0,
                                         payload))
+
+    def _sack_edges(self):
+        """Our SACK blocks, flat: first the block holding the latest arrival
+        (RFC 2018), then the others from the lowest, at most four in all."""
+        blocks = []
+        for s_seq, data in self._ooo:
+            end = (s_seq + len(data)) & MASK
+            if blocks and blocks[-1][1] == s_seq:
+                blocks[-1][1] = end
+            else:
+                blocks.append([s_seq, end])
+        last = self._ooo_last
+        first = 0
+        for i, (left, right) in enumerate(blocks):
+            if seq_le(left, last) and seq_lt(last, right):
+                first = i
+                break
+        edges = list(blocks[first])
+        for i, block in enumerate(blocks):
+            if i != first and len(edges) < 2 * MAX_SACK_BLOCKS:
+                edges += block
+        return tuple(edges)
 
     def _window_field(self):
         """The window to advertise, scaled; the right edge we accept never recedes.

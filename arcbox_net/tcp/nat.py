@@ -207,6 +207,7 @@ class TcpNat:
             return
         conn = TcpConnection.from_guest_syn(seg, self.reactor.seconds(),
                                             random.getrandbits(32), self.params)
+        conn.counters = self.counters
         splice = TcpSplice(self, key, conn, quote, target)
         splice.half_open = True
         self.half_open += 1
@@ -222,7 +223,10 @@ class TcpNat:
         """Send ``seg`` to the guest; ``mss`` > 0 lets a longer payload leave
         as one GSO frame cut into segments of that size where the link can."""
         guest_ip, _gport, remote_ip, _rport = key
-        options = tcp.syn_options(seg.mss, seg.wscale) if seg.flags & SYN else b""
+        if seg.flags & SYN:
+            options = tcp.syn_options(seg.mss, seg.wscale, seg.sack)
+        else:
+            options = tcp.sack_option(seg.sack) if seg.sack else b""
         self.framer.send_tcp(remote_ip, guest_ip, seg.src_port, seg.dst_port, seg.seq, seg.ack,
                              seg.flags, seg.window, seg.payload, options, mss)
 
@@ -604,6 +608,7 @@ class InboundSplice(TcpSplice):
         super().connectionMade()
         self.conn = TcpConnection.open_to_guest(src_port, guest_port, nat.reactor.seconds(),
                                                 random.getrandbits(32), nat.inbound_params)
+        self.conn.counters = nat.counters
         nat.connections[self.key] = self
         nat.counters["tcp-forward-opened"] += 1
         if nat.on_event is not None:

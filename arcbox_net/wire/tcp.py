@@ -1,7 +1,9 @@
 """TCP segment view and builder.
 
-Options are only decoded on SYN segments (MSS, window scale): that is the
-only time this stack needs them, and it keeps the per-segment path short.
+Options are decoded on SYN segments (MSS, window scale, SACK permitted)
+and, on other segments, only when the header has options at all: then the
+SACK blocks (RFC 2018) are picked out. A segment without options (the bulk
+of them) costs no option parsing.
 """
 
 import struct
@@ -26,6 +28,10 @@ OPT_END = 0
 OPT_NOP = 1
 OPT_MSS = 2
 OPT_WSCALE = 3
+OPT_SACK_PERMITTED = 4
+OPT_SACK = 5
+#: SACK blocks one option can carry alongside nothing else (40 option bytes).
+MAX_SACK_BLOCKS = 4
 
 _HEADER = struct.Struct("!HHIIBBHHH")
 #: Ethernet, IPv4 without options and TCP without options, in one pack.
@@ -38,10 +44,10 @@ class TcpSegment:
     """A parsed TCP segment; ``payload`` is a slice of the frame."""
 
     __slots__ = ("src_port", "dst_port", "seq", "ack", "flags", "window",
-                 "payload", "mss", "wscale")
+                 "payload", "mss", "wscale", "sack")
 
     def __init__(self, src_port, dst_port, seq, ack, flags, window,
-                 payload=b"", mss=None, wscale=None):
+                 payload=b"", mss=None, wscale=None, sack=None):
         self.src_port = src_port
         self.dst_port = dst_port
         self.seq = seq
@@ -51,11 +57,15 @@ class TcpSegment:
         self.payload = payload
         self.mss = mss
         self.wscale = wscale
+        #: On a SYN: True if SACK is permitted. Otherwise the SACK blocks as
+        #: one flat tuple of edges (left, right, left, right, ...), or None.
+        self.sack = sack
 
     def __repr__(self):
         return (f"TcpSegment({self.src_port}->{self.dst_port} seq={self.seq} "
                 f"ack={self.ack} flags={flags_str(self.flags)} win={self.window} "
-                f"len={len(self.payload)} mss={self.mss} wscale={self.wscale})")
+                f"len={len(self.payload)} mss={self.mss} wscale={self.wscale} "
+                f"sack={self.sack})")
 
     @property
     def seq_len(self):
@@ -80,9 +90,36 @@ def parse(frame, ip):
     if hlen < HEADER_LEN or off + hlen > end:
         raise MalformedFrame("bad-tcp-header-length")
     seg = TcpSegment(sport, dport, seq, ack, flags, window, frame[off + hlen:end])
-    if flags & SYN and hlen > HEADER_LEN:
-        _parse_syn_options(frame[off + HEADER_LEN:off + hlen], seg)
+    if hlen > HEADER_LEN:
+        if flags & SYN:
+            _parse_syn_options(frame[off + HEADER_LEN:off + hlen], seg)
+        else:
+            _parse_sack(frame[off + HEADER_LEN:off + hlen], seg)
     return seg
+
+
+def _parse_sack(opts, seg):
+    """The SACK blocks of a non-SYN segment, if it has any."""
+    i = 0
+    n = len(opts)
+    while i < n:
+        kind = opts[i]
+        if kind == OPT_END:
+            return
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= n:
+            return
+        length = opts[i + 1]
+        if length < 2 or i + length > n:
+            return
+        if kind == OPT_SACK:
+            count = (length - 2) // 8
+            if count and length == 2 + 8 * count:
+                seg.sack = struct.unpack_from(f"!{2 * count}I", opts, i + 2)
+            return
+        i += length
 
 
 def _parse_syn_options(opts, seg):
@@ -104,16 +141,28 @@ def _parse_syn_options(opts, seg):
             seg.mss = (opts[i + 2] << 8) | opts[i + 3]
         elif kind == OPT_WSCALE and length == 3:
             seg.wscale = min(opts[i + 2], 14)
+        elif kind == OPT_SACK_PERMITTED and length == 2:
+            seg.sack = True
         i += length
 
 
-def syn_options(mss=None, wscale=None):
+def syn_options(mss=None, wscale=None, sack_permitted=False):
     out = b""
     if mss is not None:
         out += struct.pack("!BBH", OPT_MSS, 4, mss)
     if wscale is not None:
         out += struct.pack("!BBBB", OPT_NOP, OPT_WSCALE, 3, wscale)
+    if sack_permitted:
+        out += bytes((OPT_NOP, OPT_NOP, OPT_SACK_PERMITTED, 2))
     return out
+
+
+def sack_option(edges):
+    """The SACK option for blocks given flat, (left, right, left, right, ...),
+    padded with two NOPs to a multiple of four bytes."""
+    count = len(edges) // 2
+    return struct.pack(f"!BBBB{2 * count}I", OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * count,
+                       *(e & 0xFFFFFFFF for e in edges))
 
 
 def header(sport, dport, seq, ack, flags, window, options=b""):

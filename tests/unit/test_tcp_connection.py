@@ -1291,3 +1291,191 @@ def test_timeouts_are_checked():
     for bad in (dict(fin_wait2_timeout=0), dict(close_wait_timeout=-1)):
         with pytest.raises(ValueError):
             TcpParams(**bad)
+
+
+# -- SACK (issue 20, item 1)
+
+def sack_established(params=TcpParams(), window=65535, mss=1000):
+    syn = TcpSegment(GP, LP, 5000, 0, SYN, window, mss=mss, wscale=7, sack=True)
+    c = TcpConnection.from_guest_syn(syn, 0.0, 1000, params)
+    c.accept(0.0)
+    synack = only(c.take_segments())
+    assert synack.sack is params.sack  # SACK permitted, as the guest offered
+    g = Guest(c, 5000)
+    g.send(window=window)
+    c.take_events()
+    return c, g
+
+
+def test_out_of_order_guest_data_is_sacked():
+    """Each early segment gets a duplicate ACK with SACK blocks, the block of
+    the latest arrival first; once the hole fills, plain ACKs again."""
+    c, g = sack_established()
+    base = g.giss + 1
+    g.send(off=1000, payload=b"b" * 1000)
+    dup = only(c.take_segments())
+    assert g.ack_of(dup) == 0 and dup.sack == ((base + 1000) & M, (base + 2000) & M)
+    g.send(off=2000, payload=b"c" * 1000)  # right after: the same block grows
+    assert only(c.take_segments()).sack == (base + 1000, base + 3000)
+    g.send(off=5000, payload=b"e" * 1000)  # a second hole: the newest block first
+    assert only(c.take_segments()).sack == (base + 5000, base + 6000, base + 1000, base + 3000)
+    g.send(off=0, payload=b"a" * 1000)  # the first hole fills
+    c.flush(0.0)
+    ack = only(c.take_segments())
+    assert g.ack_of(ack) == 3000 and ack.sack == (base + 5000, base + 6000)
+    assert b"".join(bytes(d) for d in c.take_received()) == b"a" * 1000 + b"b" * 1000 + b"c" * 1000
+    g.send(off=3000, payload=b"d" * 2000)
+    c.flush(0.0)
+    ack = only(c.take_segments())
+    assert g.ack_of(ack) == 6000 and ack.sack is None
+    assert c.counters["tcp-ooo-received"] == 3
+
+
+def test_no_sack_blocks_unless_the_guest_offered_sack():
+    c, g = established()
+    g.send(off=1000, payload=b"b" * 100)
+    assert only(c.take_segments()).sack is None
+    c, g = sack_established(TcpParams(sack=False))
+    g.send(off=1000, payload=b"b" * 100)
+    assert only(c.take_segments()).sack is None
+
+
+def test_sack_permitted_refused_when_disabled():
+    syn = TcpSegment(GP, LP, 5000, 0, SYN, 65535, mss=1000, wscale=7, sack=True)
+    c = TcpConnection.from_guest_syn(syn, 0.0, 1000, TcpParams(sack=False))
+    c.accept(0.0)
+    assert not only(c.take_segments()).sack
+    syn = TcpSegment(GP, LP, 5000, 0, SYN, 65535, mss=1000, wscale=7)
+    c = TcpConnection.from_guest_syn(syn, 0.0, 1000, TcpParams())
+    c.accept(0.0)
+    assert not only(c.take_segments()).sack
+
+
+def _sent_offsets(c, g):
+    return [(g.off_of(s), len(s.payload)) for s in c.take_segments() if s.payload]
+
+
+def _sack_ack(c, g, ack_off, *blocks, now):
+    base = c.iss + 1
+    edges = tuple((base + x) & M for b in blocks for x in b)
+    c.segment_received(g.seg(ack_off=ack_off, sack=edges or None), now)
+    c.flush(now)
+    return _sent_offsets(c, g)
+
+
+def _overdue(c, g):
+    """Run the reordering timer: what it resends."""
+    deadline = c.next_deadline()
+    c.on_timer(deadline)
+    return _sent_offsets(c, g), deadline
+
+
+def test_sack_recovery_resends_only_the_holes():
+    """Ten segments out, the 2nd and the 5th lost: the guest's SACKs make us
+    resend those two, and nothing it already has. A hole counts as lost once
+    DupThresh segments are SACKed above it and it is overdue by the
+    reordering wait (RACK): a quarter more than the round trip of the data
+    SACKed."""
+    c, g = sack_established()
+    c.send(bytes(10000))
+    c.flush(0.0)
+    assert len(_sent_offsets(c, g)) == 10
+    assert _sack_ack(c, g, 1000, now=0.01) == []  # the first segment arrived
+    assert _sack_ack(c, g, 1000, (2000, 3000), now=0.01) == []   # 1 segment above the hole
+    assert _sack_ack(c, g, 1000, (2000, 4000), now=0.01) == []   # 2
+    assert _sack_ack(c, g, 1000, (5000, 6000), (2000, 4000), now=0.01) == []  # 3: but early
+    assert c.counters["tcp-fast-recovery"] == 1
+    resent, when = _overdue(c, g)
+    assert resent == [(1000, 1000)] and when == pytest.approx(0.0125)
+    assert _sack_ack(c, g, 1000, (5000, 7000), (2000, 4000), now=0.013) == []  # 2nd hole: 2 above
+    assert _sack_ack(c, g, 1000, (5000, 8000), (2000, 4000), now=0.014) == []  # 3 above
+    resent, when = _overdue(c, g)
+    assert resent == [(4000, 1000)] and when == pytest.approx(0.0175)  # RTT now 14 ms
+    assert _sack_ack(c, g, 1000, (5000, 10000), (2000, 4000), now=0.021) == []  # not twice
+    # The resends arrive: all acknowledged, recovery over.
+    c.segment_received(g.seg(ack_off=10000), 0.03)
+    c.flush(0.03)
+    assert c.snd_una == c.snd_nxt and c.counters["tcp-retransmits"] == 2
+    assert c.next_deadline() is None
+
+
+def test_reordering_alone_resends_nothing():
+    """SACKs above a hole, then the hole's segment arrives late (reordered)
+    before the reordering wait is over: nothing was resent."""
+    c, g = sack_established()
+    c.send(bytes(6000))
+    c.flush(0.0)
+    _sent_offsets(c, g)
+    for right in (2000, 3000, 4000, 5000):
+        assert _sack_ack(c, g, 0, (1000, right), now=0.004) == []
+    assert c.next_deadline() == pytest.approx(0.005)
+    assert _sack_ack(c, g, 5000, now=0.0045) == []  # the late segment: all is here
+    c.on_timer(0.005)
+    assert _sent_offsets(c, g) == [] and c.counters["tcp-retransmits"] == 0
+
+
+def test_a_lost_resend_is_resent_once_later_data_is_sacked():
+    """The resend of a hole is lost too: when data sent after it has been
+    SACKed (DupThresh segments past the round), it is resent without an RTO."""
+    c, g = sack_established()
+    c.send(bytes(5000))
+    c.flush(0.0)
+    _sent_offsets(c, g)
+    for right in (2000, 3000, 4000, 5000):
+        assert _sack_ack(c, g, 0, (1000, right), now=0.01) == []
+    assert _overdue(c, g)[0] == [(0, 1000)]
+    c.send(bytes(4000))  # more data goes out after the resend
+    c.flush(0.02)
+    assert [o for o, _n in _sent_offsets(c, g)] == [5000, 6000, 7000, 8000]
+    assert _sack_ack(c, g, 0, (1000, 7000), now=0.03) == []
+    assert _sack_ack(c, g, 0, (1000, 8000), now=0.03) == [(0, 1000)]  # 3 past the round
+    assert c.counters["tcp-lost-retransmit"] == 1 and c.counters["tcp-rto"] == 0
+
+
+def test_probe_then_rto_with_a_scoreboard_resend_every_hole():
+    """No ACK progress: the probe timeout (max(2 RTT, 10 ms), no backoff)
+    resends every hole the scoreboard shows, the tail too; if that brings
+    nothing, the RTO does it again."""
+    c, g = sack_established()
+    c.send(bytes(6000))
+    c.flush(0.0)
+    _sent_offsets(c, g)
+    base = c.iss + 1
+    c.segment_received(g.seg(ack_off=0, sack=((base + 1000) & M, (base + 2000) & M,
+                                              (base + 3000) & M, (base + 4000) & M)), 0.001)
+    c.flush(0.001)
+    assert _sent_offsets(c, g) == []  # 2 segments SACKed: not yet lost
+    assert c.next_deadline() == pytest.approx(0.01)
+    c.on_timer(0.01)
+    holes = [(0, 1000), (2000, 1000), (4000, 1000), (5000, 1000)]
+    assert _sent_offsets(c, g) == holes
+    assert c.counters["tcp-probe"] == 1 and c.counters["tcp-rto"] == 0
+    rto = c.next_deadline()
+    assert rto == pytest.approx(0.2)  # the probe fires once per lack of progress
+    c.on_timer(rto)
+    assert _sent_offsets(c, g) == holes and c.counters["tcp-rto"] == 1
+    # Progress re-arms the probe.
+    c.segment_received(g.seg(ack_off=2000, sack=((base + 3000) & M, (base + 4000) & M)), 0.3)
+    c.flush(0.3)
+    assert c.next_deadline() == pytest.approx(0.31)
+
+
+def test_duplicates_are_reported_with_d_sack():
+    """A segment we already have (a needless resend of the guest's) is reported
+    as the first SACK block (RFC 2883), so the guest's sender can undo its
+    reaction and learn that the link reorders."""
+    c, g = sack_established()
+    base = g.giss + 1
+    g.send(off=0, payload=b"a" * 1000)
+    c.flush(0.0)
+    assert only(c.take_segments()).sack is None
+    g.send(off=0, payload=b"a" * 1000)  # again, wholly old
+    c.flush(0.0)
+    ack = only(c.take_segments())
+    assert g.ack_of(ack) == 1000 and ack.sack == (base, base + 1000)
+    g.send(off=2000, payload=b"c" * 500)  # held out of order
+    assert only(c.take_segments()).sack == (base + 2000, base + 2500)
+    g.send(off=2000, payload=b"c" * 500)  # and again: D-SACK, then the held block
+    assert only(c.take_segments()).sack == (base + 2000, base + 2500, base + 2000, base + 2500)
+    c.flush(0.0)
+    assert c.take_segments() == []  # reported once

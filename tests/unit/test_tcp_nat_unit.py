@@ -357,3 +357,24 @@ def test_fin_wait_2_timeout_reaches_the_adapter():
     assert rst.flags & dpkt.tcp.TH_RST
     assert nat.connections == {} and nat.counters["tcp-idle-timeout"] == 1
     assert transport.disconnecting or transport.disconnected
+
+
+# -- SACK on the wire (issue 20, item 1)
+
+def test_sack_permitted_and_sack_blocks_on_the_wire(nat):
+    """A guest SYN offering SACK gets SACK-permitted in the SYN-ACK; its
+    out-of-order data is answered with a duplicate ACK carrying the block."""
+    opts = b"\x02\x04\x05\xb4" + b"\x01\x03\x03\x07" + b"\x01\x01\x04\x02"
+    guest(nat, fb.tcp(40020, 80, seq=1000, flags=dpkt.tcp.TH_SYN, dst=REMOTE, opts=opts))
+    connect_succeeds(nat)
+    synack = nat_sent(nat).data.data
+    assert (dpkt.tcp.TCP_OPT_SACKOK, b"") in dpkt.tcp.parse_opts(synack.opts)
+    isn = synack.seq
+    ack = dpkt.tcp.TH_ACK
+    guest(nat, fb.tcp(40020, 80, seq=1001, ack=isn + 1, flags=ack, dst=REMOTE))
+    [dup] = guest(nat, fb.tcp(40020, 80, seq=2001, ack=isn + 1, flags=ack, dst=REMOTE,
+                              payload=b"z" * 500))
+    t = dup.data.data
+    assert t.ack == 1001 and len(dup) <= 1514
+    sack = dict(dpkt.tcp.parse_opts(t.opts))[dpkt.tcp.TCP_OPT_SACK]
+    assert sack == (2001).to_bytes(4, "big") + (2501).to_bytes(4, "big")

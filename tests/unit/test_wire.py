@@ -103,3 +103,25 @@ def test_large_buffers_take_the_numpy_path_with_the_same_result():
             for view in (data, bytearray(data), memoryview(data), memoryview(b"x" + data)[1:]):
                 assert ones_sum(view) == _naive_sum(data)
             assert ones_sum(data, 0xFFFF) == ones_sum(data[:4000] + data[4000:], 0xFFFF)
+
+
+def test_sack_options_parse_back_and_match_dpkt():
+    head, _ = tcp.build(SRC, DST, 1, 2, 100, 0, tcp.SYN, 65535, b"",
+                        tcp.syn_options(1460, 7, sack_permitted=True))
+    frame = b"\0" * 14 + ipv4.build_header(SRC, DST, 6, len(head)) + head
+    seg = tcp.parse(frame, ipv4.parse(frame, 14))
+    assert (seg.mss, seg.wscale, seg.sack) == (1460, 7, True)
+    assert (dpkt.tcp.TCP_OPT_SACKOK, b"") in dpkt.tcp.parse_opts(dpkt.tcp.TCP(head).opts)
+    edges = (1000, 2000, 0xFFFFFF00, 5)  # wraps
+    head, _ = tcp.build(SRC, DST, 1, 2, 100, 7, tcp.ACK, 512, b"", tcp.sack_option(edges))
+    frame = b"\0" * 14 + ipv4.build_header(SRC, DST, 6, len(head)) + head
+    seg = tcp.parse(frame, ipv4.parse(frame, 14))
+    assert seg.sack == edges and seg.payload == b""
+    opts = dict(dpkt.tcp.parse_opts(dpkt.tcp.TCP(head).opts))
+    assert opts[dpkt.tcp.TCP_OPT_SACK] == b"".join(e.to_bytes(4, "big") for e in edges)
+    # A segment with other options and no SACK, or a malformed SACK, has none.
+    for opts in (b"\x01\x01\x08\x0a" + bytes(8), b"\x01\x01\x05\x0b" + bytes(8)):
+        head, _ = tcp.build(SRC, DST, 1, 2, 100, 7, tcp.ACK, 512, b"x", opts)
+        frame = b"\0" * 14 + ipv4.build_header(SRC, DST, 6, len(head) + 1) + head + b"x"
+        seg = tcp.parse(frame, ipv4.parse(frame, 14))
+        assert seg.sack is None and seg.payload == b"x"

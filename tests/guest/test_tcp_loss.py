@@ -1,0 +1,87 @@
+"""TCP through a lossy, reordering link: a namespace's own Linux TCP against ours.
+
+The stack runs in-process on a TAP wrapped in ``impairment.ImpairedLink``
+(seeded loss, duplication, reordering and delay, both directions), so the
+guest's kernel meets the faults of a congested virtual link. Both directions
+must deliver every byte, and the stack's recovery (SACK both ways) shows in
+its /stats counters.
+"""
+
+import functools
+import hashlib
+import os
+import time
+
+import pytest_twisted
+from twisted.internet import threads
+
+from conftest import guest_tcp_client
+from hostside import HostServer, sender, sink_then_reply
+from impairment import Impairment, ImpairedLink
+
+from tcpclient import data_chunks  # noqa: E402
+
+guest_client = functools.partial(guest_tcp_client, timeout=300)
+#: Bytes each way; ARCBOX_LOSS_BYTES makes it the issue's 50 MB for a measurement.
+TOTAL = int(os.environ.get("ARCBOX_LOSS_BYTES", 8 << 20))
+
+
+def _impaired_stack(netns, reactor, seed, **faults):
+    from arcbox_net import NetworkStack, StackConfig
+    from arcbox_net.link import open_link
+
+    config = StackConfig(deny=("0.0.0.0/0",), allow=("127.0.0.0/8",))
+    # No offload: every frame is one MTU-sized segment, so a fault hits one
+    # segment (as on a real link), not a 64 KiB GSO burst.
+    inner = open_link(config, netns=netns, tap_name="tap0", configure=True, reactor=reactor,
+                      offload=False)
+    link = ImpairedLink(inner, reactor, to_guest=Impairment(seed, **faults),
+                        from_guest=Impairment(seed + 1, **faults))
+    stack = NetworkStack(link, config, reactor=reactor)
+    stack.startService()
+    return stack, link
+
+
+@pytest_twisted.inlineCallbacks
+def test_bulk_both_ways_through_loss_and_reordering(netns):
+    """5 % loss, 25 % reordering (the rest 1 ms late), 1 % duplicates, both
+    ways: a download and an upload each arrive byte-exact, recovered by SACK
+    (the guest's blocks as sender, ours as receiver), and /stats counts it."""
+    from twisted.internet import reactor
+
+    stack, link = _impaired_stack(netns, reactor, 20, loss=0.05, duplicate=0.01,
+                                  reorder=0.25, delay=0.001)
+    down = HostServer(sender(lambda: data_chunks(TOTAL, 7)))
+    up = HostServer(sink_then_reply)
+    try:
+        start = time.monotonic()
+        got = yield threads.deferToThread(guest_client, netns, "recv", "10.0.2.1", down.port)
+        down_s = time.monotonic() - start
+        down.wait()
+        assert not down.errors
+        assert got["bytes"] == TOTAL and got["sha256"] == down.results[0]
+
+        start = time.monotonic()
+        sent = yield threads.deferToThread(guest_client, netns, "send", "10.0.2.1", up.port,
+                                           TOTAL, 11)
+        up_s = time.monotonic() - start
+        up.wait()
+        assert not up.errors
+        expected = hashlib.sha256(b"".join(data_chunks(TOTAL, 11))).hexdigest()
+        assert sent["sent_sha256"] == expected
+        assert sent["reply"] == f"{expected}:{TOTAL}"
+
+        faults = link.to_guest.counts + link.from_guest.counts
+        assert faults["dropped"] > 100 and faults["reordered"] > 100
+        counters = stack.stats()["counters"]
+        print(f"\nloss test, {TOTAL} bytes each way: host->guest {down_s:.1f} s, "
+              f"guest->host {up_s:.1f} s; faults {dict(faults)}; "
+              f"tcp counters { {k: v for k, v in counters.items() if k.startswith('tcp-')} }")
+        # Recovery by SACK both ways, counted where /stats shows it.
+        assert counters["tcp-ooo-received"] > 0          # we SACKed the guest's data
+        assert counters["tcp-fast-recovery"] > 0         # the guest's SACKs drove resends
+        assert counters["tcp-retransmits"] > 0
+    finally:
+        down.close()
+        up.close()
+        stack.stopService()
