@@ -117,3 +117,25 @@ def test_control_api_starts_and_stops_a_capture(netns, stack_factory, tmp_path):
             and isinstance(f.data.data, dpkt.icmp.ICMP)]
     assert [m.type for m in icmp][:4] == [8, 0, 8, 0]
     assert api(sock, "GET", "/capture") == (200, {"active": False})
+
+
+def test_a_capture_fifo_nobody_reads_never_stalls_the_guest(netns, stack_factory, tmp_path):
+    """--pcap into a FIFO whose reader never reads: the pipe fills, the
+    capture drops frames (counted), and the guest's pings are all answered."""
+    from .test_forward_api import api
+    fifo = tmp_path / "slow.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    sock = tmp_path / "api.sock"
+    try:
+        stack_factory("--netns", netns, "--configure", "--deny", "0.0.0.0/0", "--allow",
+                      "127.0.0.0/8", "--pcap", str(fifo), "--api", str(sock))
+        # ~3000 x 1.4 KB each way: far more than the pipe and the capture buffer hold.
+        in_ns(netns, "ping", "-f", "-c", "3000", "-s", "1400", "-W", "1", "10.0.2.1",
+              timeout=120, check=False)
+        out = in_ns(netns, "ping", "-c", "5", "-i", "0.2", "-W", "2", "10.0.2.1", timeout=60)
+        assert " 0% packet loss" in out.stdout
+        code, capture = api(sock, "GET", "/capture")
+        assert code == 200 and capture["active"] and capture["dropped"] > 0
+    finally:
+        os.close(reader)
