@@ -128,7 +128,9 @@ def run_stack(name, mtu, round_no, opts, workloads, logdir, twistd):
         for wid, fn in todo:
             t0 = time.monotonic()
             try:
-                record(wid, fn(ctx), seconds=time.monotonic() - t0)
+                with stack.competitor():
+                    metrics = fn(ctx)
+                record(wid, metrics, seconds=time.monotonic() - t0)
             except Unsupported as e:
                 record(wid, error=str(e), unsupported=True)
             except Exception as e:

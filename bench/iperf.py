@@ -28,8 +28,9 @@ class IperfServer:
 
 
 def client(ns, host, port, duration, reverse=False, streams=1, udp_rate=None, length=None,
-           pid=None, timeout_extra=15, retries=2):
-    """One iperf3 client run; returns (the JSON's ``end``, the stack's CPU seconds)."""
+           pid=None, relay_pid=None, timeout_extra=15, retries=2):
+    """One iperf3 client run; returns (the JSON's ``end``, the stack's CPU seconds,
+    the relay's CPU seconds: QEMU or another VMM stand-in, None without one)."""
     cmd = ["iperf3", "-c", host, "-p", str(port), "-t", str(duration), "-J",
            "--connect-timeout", "5000"]
     if reverse:
@@ -41,9 +42,9 @@ def client(ns, host, port, duration, reverse=False, streams=1, udp_rate=None, le
     if length:
         cmd += ["-l", str(length)]
     for attempt in range(retries + 1):
-        cpu_before = cpu_seconds(pid)
+        cpu_before, relay_before = cpu_seconds(pid), cpu_seconds(relay_pid)
         result = run(cmd, ns=ns, timeout=duration + timeout_extra)
-        cpu_after = cpu_seconds(pid)
+        cpu_after, relay_after = cpu_seconds(pid), cpu_seconds(relay_pid)
         if result.returncode is None:
             raise RuntimeError(f"iperf3 gave no result within {duration + timeout_extra} s")
         try:
@@ -53,7 +54,8 @@ def client(ns, host, port, duration, reverse=False, streams=1, udp_rate=None, le
         error = report.get("error")
         if not error and result.returncode == 0:
             cpu = None if cpu_before is None else cpu_after - cpu_before
-            return report["end"], cpu
+            relay = None if relay_before is None else relay_after - relay_before
+            return report["end"], cpu, relay
         if attempt < retries and ("refused" in str(error) or "busy" in str(error)):
             # The server is still finishing the previous run, or restarting.
             time.sleep(1.0)
@@ -61,8 +63,18 @@ def client(ns, host, port, duration, reverse=False, streams=1, udp_rate=None, le
         raise RuntimeError(f"iperf3: {error or last_line(result.stderr)}")
 
 
-def bulk_metrics(end, cpu):
+def bulk_metrics(end, cpu, relay_cpu=None, relay_is_stack=False):
+    """Throughput and CPU per GB; with a relay also its CPU and the sum of both
+    (once when the relay is the stack's own process: QEMU running libslirp)."""
     received = end["sum_received"]
     gb = received["bytes"] / 1e9
-    return {"gbps": received["bits_per_second"] / 1e9,
-            "cpu_s_per_gb": None if cpu is None or gb == 0 else cpu / gb}
+
+    def per_gb(seconds):
+        return None if seconds is None or gb == 0 else seconds / gb
+
+    metrics = {"gbps": received["bits_per_second"] / 1e9, "cpu_s_per_gb": per_gb(cpu)}
+    if relay_cpu is not None:
+        metrics["relay_cpu_s_per_gb"] = per_gb(relay_cpu)
+        total = relay_cpu if relay_is_stack or cpu is None else cpu + relay_cpu
+        metrics["total_cpu_s_per_gb"] = per_gb(total)
+    return metrics

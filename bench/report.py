@@ -7,14 +7,31 @@ STACK_LABELS = {"arcbox-net": "arcbox-net", "arcbox-net-2q": "arcbox-net --queue
                 "arcbox-net-nopoll": "arcbox-net (no busy-poll)",
                 "arcbox-net-qemu": "arcbox-net via QEMU stream",
                 "arcbox-net-qemu-dgram": "arcbox-net via QEMU dgram",
+                "arcbox-net-qemu-fd": "arcbox-net --fd via QEMU dgram",
+                "arcbox-net-fd-vnet": "arcbox-net --fd --vnet-hdr",
+                "libslirp-qemu": "libslirp via QEMU",
                 "slirp4netns": "slirp4netns", "pasta": "pasta", "kernel": "kernel (veth)"}
 
-#: Ratio columns: (stack, header), each against slirp4netns in the same run.
-RATIOS = [("arcbox-net", "arcbox-net / slirp4netns"),
-          ("arcbox-net-2q", "--queues 2 / slirp4netns"),
-          ("arcbox-net-nooffload", "no offload / slirp4netns"),
-          ("arcbox-net-qemu", "via QEMU stream / slirp4netns"),
-          ("arcbox-net-qemu-dgram", "via QEMU dgram / slirp4netns")]
+#: Ratio columns: (stack, against, header), both from the same run.
+RATIOS = [("arcbox-net", "slirp4netns", "arcbox-net / slirp4netns"),
+          ("arcbox-net-2q", "slirp4netns", "--queues 2 / slirp4netns"),
+          ("arcbox-net-nooffload", "slirp4netns", "no offload / slirp4netns"),
+          ("arcbox-net-qemu", "slirp4netns", "via QEMU stream / slirp4netns"),
+          ("arcbox-net-qemu-dgram", "slirp4netns", "via QEMU dgram / slirp4netns"),
+          ("arcbox-net-qemu-fd", "slirp4netns", "--fd via QEMU / slirp4netns"),
+          ("arcbox-net-fd-vnet", "slirp4netns", "--fd --vnet-hdr / slirp4netns")]
+#: The VM links against libslirp behind the same QEMU relay, idle and with the competitor.
+for _mine, _short in (("arcbox-net-qemu", "stream"), ("arcbox-net-qemu-dgram", "dgram"),
+                      ("arcbox-net-qemu-fd", "--fd")):
+    RATIOS += [(_mine, "libslirp-qemu", f"via QEMU {_short} / libslirp"),
+               (f"{_mine}+hog", "libslirp-qemu+hog", f"via QEMU {_short} / libslirp, + hog")]
+
+
+def stack_label(stack):
+    if stack.endswith("+hog"):
+        return f"{stack_label(stack[:-4])} + CPU hog"
+    return STACK_LABELS.get(stack, stack)
+
 
 #: Table rows in order: (workload, metric, label, unit). Scale rows are added per N.
 ROWS = [
@@ -34,6 +51,12 @@ ROWS = [
     ("tcp_up_4", "cpu_s_per_gb", "Stack CPU, TCP guest→host 4 streams", "CPU s/GB"),
     ("tcp_down_4", "cpu_s_per_gb", "Stack CPU, TCP host→guest 4 streams", "CPU s/GB"),
     ("port_forward", "cpu_s_per_gb", "Stack CPU, port forward host→guest", "CPU s/GB"),
+    ("tcp_up_1", "relay_cpu_s_per_gb", "Relay CPU (QEMU, vnet_relay.py), TCP guest→host 1 stream",
+     "CPU s/GB"),
+    ("tcp_down_1", "relay_cpu_s_per_gb",
+     "Relay CPU (QEMU, vnet_relay.py), TCP host→guest 1 stream", "CPU s/GB"),
+    ("tcp_up_1", "total_cpu_s_per_gb", "Stack + relay CPU, TCP guest→host 1 stream", "CPU s/GB"),
+    ("tcp_down_1", "total_cpu_s_per_gb", "Stack + relay CPU, TCP host→guest 1 stream", "CPU s/GB"),
 ]
 
 SCALE_ROWS = [
@@ -84,16 +107,17 @@ def table_markdown(result):
             notes.append(text)
         return notes.index(text) + 1
 
-    head = ["Workload", "MTU", "Unit", *(STACK_LABELS.get(s, s) for s in stacks)]
-    ratios = [(mine, title) for mine, title in RATIOS
-              if mine in stacks and "slirp4netns" in stacks]
-    head += [title for _, title in ratios]
+    head = ["Workload", "MTU", "Unit", *(stack_label(s) for s in stacks)]
+    ratios = [(mine, base, title) for mine, base, title in RATIOS
+              if mine in stacks and base in stacks]
+    head += [title for _, _, title in ratios]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     spread = False
     for wid, metric, label, unit in rows(result):
         for mtu in meta["mtus"]:
             entries = [index.get((wid, mtu, s)) for s in stacks]
-            if not any(entries):
+            if not any(e and (e["rounds_ok"] == 0 or e["metrics"].get(metric) is not None)
+                       for e in entries):
                 continue
             cells = []
             values = {}
@@ -117,9 +141,9 @@ def table_markdown(result):
                     cell += f" [{note(partial)}]"
                 cells.append(cell)
             row = [label, str(mtu), unit, *cells]
-            for mine, _ in ratios:
-                a, s = values.get(mine), values.get("slirp4netns")
-                row.append(f"{a / s:.2f}×" if a is not None and s else "—")
+            for mine, base, _ in ratios:
+                a, b = values.get(mine), values.get(base)
+                row.append(f"{a / b:.2f}×" if a is not None and b else "—")
             lines.append("| " + " | ".join(row) + " |")
     if spread:
         lines += ["", "† the rounds differ by more than 2× (each round's figure is in "
@@ -142,7 +166,11 @@ def micro_markdown(micro):
 def header(result):
     meta = result["meta"]
     m = meta["machine"]
-    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+    by_version = {}                   # the QEMU stacks share one version: name it once
+    for name, version in meta["versions"].items():
+        if version:
+            by_version.setdefault(version, []).append(name)
+    versions = ", ".join(f"{'/'.join(names)} {v}" for v, names in by_version.items())
     mode = "smoke run" if meta["mode"] == "smoke" else "full run"
     return (f"{meta['date']}, {mode}: median of {meta['rounds']} round(s), "
             f"{meta['duration_s']:g} s per timed run, stacks alternating; "
@@ -154,9 +182,12 @@ def header(result):
 NOTES = """\
 - Guests are fresh network namespaces (one per stack, MTU and round). Servers (iperf3,
   bench/netprog.py) listen on the host's 127.0.0.1, reached from the guest at the stack's
-  host alias: arcbox-net 10.0.2.1, slirp4netns and pasta 10.0.2.2. The kernel row is a veth
-  pair to a second namespace (10.200.0.1/30), with its servers there: the physical limit.
-- Ratio is arcbox-net / slirp4netns: above 1 is better for throughput and rates, below 1 is
+  host alias: arcbox-net 10.0.2.1, slirp4netns, pasta and libslirp 10.0.2.2. The kernel row
+  is a veth pair to a second namespace (10.200.0.1/30), with its servers there: the
+  physical limit.
+- Ratios are a stack / the one it is compared with, both from this run (arcbox-net variants
+  against slirp4netns; the QEMU relay rows also against libslirp behind the same relay,
+  idle and with the CPU competitor): above 1 is better for throughput and rates, below 1 is
   better for latency, time, CPU and memory.
 - arcbox-net variants: "--queues 2" is the same TAP opened multi-queue and served by two
   processes (the guest's connections spread over them by the kernel's flow hash); "no
@@ -164,7 +195,22 @@ NOTES = """\
   stream" is `--listen-stream` with QEMU (no guest booted) relaying the namespace's tap0
   to its `-netdev stream`, the path a VM's NIC takes, with QEMU's own copy in it; "via
   QEMU dgram" is the same with `--listen-dgram` and `-netdev dgram` (bulk workloads only);
-  "no busy-poll" is `--busy-poll 0` and runs the latency workloads only.
+  "--fd via QEMU dgram" is a socketpair, one end `--fd N`, the other QEMU's `-netdev
+  dgram,local.type=fd` (bulk workloads only); "--fd --vnet-hdr" is `--fd N --vnet-hdr` on a
+  socketpair whose other end is tests/programs/vnet_relay.py, relaying the namespace's tap0
+  opened with IFF_VNET_HDR and offloads, virtio_net_hdr_v1 and all (TSO frames up to 64 KiB
+  both ways); "no busy-poll" is `--busy-poll 0` and runs the latency workloads only.
+- "libslirp via QEMU" is the same QEMU relay with QEMU's own `-netdev user` (libslirp) at
+  the other end. QEMU runs in the host's namespace (its TAP is made there and then moved
+  into the guest's), so libslirp's sockets see the host's loopback. The guest has routes
+  to 10.0.2.2 only (libslirp has no egress policy). QEMU 7.2 sets no MTU for libslirp:
+  it stays at 1500 and its MSS holds the guest to 1460 at MTU 65520 too. Its stack CPU is
+  QEMU's, relay included.
+- "+ CPU hog": the same stack with one busy loop per CPU but one (here: one) running during
+  each workload, unpinned, as a VM's busy vCPU beside the stack would be. One-stream bulk
+  workloads only.
+- Relay CPU is that of QEMU (or vnet_relay.py) per GB; "stack + relay" adds the stack's
+  (for libslirp they are the one QEMU process, counted once).
 - Stack CPU is the user+system time per GB received of the stack's process and its child
   processes (from /proc/PID/stat; RSS and fds count them too); the kernel row has no
   process to measure. The port forward of pasta splices loopback sockets (no frames
@@ -219,7 +265,7 @@ def plot(out_dir, result):
                     value /= 1000
                 heights.append(value or 0)
             xs = [x + (i - (len(stacks) - 1) / 2) * width for x in range(len(THROUGHPUT))]
-            bars = ax.bar(xs, heights, width, label=STACK_LABELS.get(stack, stack))
+            bars = ax.bar(xs, heights, width, label=stack_label(stack))
             for bar, h in zip(bars, heights):
                 ax.annotate(fmt(h) if h else "n/a", (bar.get_x() + bar.get_width() / 2, h or 0.01),
                             ha="center", va="bottom", fontsize=7, rotation=90)
@@ -241,13 +287,14 @@ def plot(out_dir, result):
             e = index.get(("tcp_rr", mtu, stack))
             pct = e["metrics"].get("percentiles_us") if e and e["rounds_ok"] else None
             if pct:
-                ax.plot(pct, range(101), label=STACK_LABELS.get(stack, stack))
+                ax.plot(pct, range(101), label=stack_label(stack))
         ax.set_xscale("log")
         ax.set_xlabel("round trip, µs (log)")
         ax.set_ylabel("percentile")
         ax.set_title(f"TCP 1-byte request/response, MTU {mtu}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "latency.png"), dpi=90)
     plt.close(fig)

@@ -8,6 +8,8 @@ workloads need from it:
   server_addr   address the host-side servers bind
   gateway       address the guest uses to reach ``server_addr``
   pid           the stack's process (CPU, RSS, fds), None for the kernel
+  relay_pid     the VMM stand-in frames cross on the way (QEMU, vnet_relay.py),
+                whose CPU is counted apart; None without one
   forward()     (namespace, address, port) a host client uses to reach the
                 guest's port 5201, or Unsupported
   dns           (server, name) for the DNS workload, or None and ``dns_reason``
@@ -17,18 +19,21 @@ the kernel veth, itself in a namespace of its own), arcbox-net runs with
 ``--deny 0.0.0.0/0 --allow 127.0.0.0/8`` and DNS upstreams on loopback only.
 """
 
+import contextlib
 import itertools
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
 import time
 
-from .common import (Unsupported, free_port, last_line, netns_add, netns_del, spawn, stop,
-                     wait_ready_fd)
+from .common import (PYTHON, REPO, Unsupported, free_port, last_line, netns_add, netns_del,
+                     spawn, stop, wait_ready_fd)
 
 GUEST_PORT = 5201          # the guest's iperf3 server for the port-forward workload
+VNET_RELAY = os.path.join(REPO, "tests", "programs", "vnet_relay.py")
 _ids = itertools.count()
 
 
@@ -41,6 +46,7 @@ class Stack:
     host_ns = None
     server_addr = "127.0.0.1"
     pid = None
+    relay_pid = None
     dns = None
     dns_reason = "this stack offers no resolver with a local name"
     #: Workload ids this stack runs (None: all); a variant that differs from its
@@ -73,6 +79,11 @@ class Stack:
     def forward(self):
         raise Unsupported("no port forwarding")
 
+    @contextlib.contextmanager
+    def competitor(self):
+        """What runs beside the stack during each workload (the +hog variants)."""
+        yield
+
     def stop(self):
         stop(self.proc)
         self.proc = None
@@ -103,7 +114,7 @@ class ArcboxNet(Stack):
         self.guest_ns = netns_add(_ns_name("arcbox"))
         self._start_twistd(["--netns", self.guest_ns, "--configure"])
 
-    def _start_twistd(self, link_args):
+    def _start_twistd(self, link_args, pass_fds=()):
         """twistd arcbox-net on ``link_args``, with the options this version has."""
         help_text = self.options()
         args = [*link_args, "--mtu", str(self.mtu), "--deny", "0.0.0.0/0",
@@ -120,7 +131,7 @@ class ArcboxNet(Stack):
         read_fd, write_fd = os.pipe()
         cmd = [self.twistd, "-n", "--pidfile=", "arcbox-net", *args, "--ready-fd", str(write_fd)]
         with self._log() as log:
-            self.proc = spawn(cmd, log=log, pass_fds=(write_fd,))
+            self.proc = spawn(cmd, log=log, pass_fds=(write_fd, *pass_fds))
         os.close(write_fd)
         if not wait_ready_fd(read_fd, self.proc, timeout=30):
             raise RuntimeError(f"arcbox-net did not become ready: {self.log_tail()}")
@@ -146,14 +157,61 @@ class ArcboxNetNoOffload(ArcboxNet):
     extra_args = ["--no-offload"]
 
 
-class ArcboxNetQemuStream(ArcboxNet):
+def _qemu_version(qemu):
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except OSError:
+        return None
+    return out.split("\n", 1)[0].replace("QEMU emulator version ", "qemu ")
+
+
+def _ip(ns, *args):
+    subprocess.run(["ip", *(["-n", ns] if ns else []), *args], check=True, capture_output=True)
+
+
+class QemuRelay:
+    """QEMU with no guest (``-machine none``) joining a TAP and a second netdev
+    through its hub: the copy every frame of a VM's NIC takes through QEMU."""
+
+    qemu = "qemu-system-x86_64"
+    qemu_proc = None
+
+    def _start_qemu(self, netdev, ns, ifname, pass_fds=()):
+        """QEMU in ``ns`` (None: this host) with TAP ``ifname`` and ``netdev`` (id s0)."""
+        if shutil.which(self.qemu) is None:
+            raise Unsupported(f"{self.qemu} is not installed")
+        with self._log() as log:
+            self.qemu_proc = spawn([self.qemu, "-machine", "none", "-nodefaults", "-display",
+                                    "none", "-netdev", f"tap,id=t0,ifname={ifname},script=no,"
+                                    "downscript=no,vnet_hdr=off", "-netdev", netdev,
+                                    "-netdev", "hubport,id=h0,hubid=0,netdev=t0",
+                                    "-netdev", "hubport,id=h1,hubid=0,netdev=s0"],
+                                   ns=ns, log=log, pass_fds=pass_fds)
+        self.relay_pid = self.qemu_proc.pid
+        deadline = time.monotonic() + 15
+        while subprocess.run(["ip", *(["-n", ns] if ns else []), "link", "show", ifname],
+                             capture_output=True).returncode != 0:
+            if self.qemu_proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"QEMU made no {ifname}: {self.log_tail()}")
+            time.sleep(0.05)
+
+    def _stop_qemu(self):
+        stop(self.qemu_proc)
+        self.qemu_proc = None
+
+    @classmethod
+    def version(cls):
+        return _qemu_version(cls.qemu)
+
+
+class ArcboxNetQemuStream(QemuRelay, ArcboxNet):
     """The socket-link path a VM uses: arcbox-net on ``--listen-stream`` and QEMU
     (no guest booted, ``-machine none``) relaying the namespace's tap0 to its
     ``-netdev stream`` through a hub, so every frame also crosses QEMU. Plain
     frames of at most the MTU, no offload metadata, as with --fd and dgram."""
 
     name = "arcbox-net-qemu"
-    qemu = "qemu-system-x86_64"
 
     #: QEMU 7.2 aborts ("iov_copy: Assertion `offset == 0' failed") relaying
     #: frames this large from its tap to -netdev stream under load (seen at
@@ -163,10 +221,10 @@ class ArcboxNetQemuStream(ArcboxNet):
                  "(iov_copy assertion, QEMU 7.2)")
 
     def link_and_netdev(self):
-        """(arcbox-net's link options, QEMU's -netdev for the other end)."""
+        """(arcbox-net's link options, QEMU's -netdev for the other end, fds QEMU needs)."""
         path = self._socket_path("stream")
         return (["--listen-stream", path],
-                f"stream,id=s0,server=off,addr.type=unix,addr.path={path}")
+                f"stream,id=s0,server=off,addr.type=unix,addr.path={path}", ())
 
     def _socket_path(self, tag):
         return os.path.join(self.logdir, f"{tag}-{os.getpid()}-{next(_ids)}.sock")
@@ -177,39 +235,21 @@ class ArcboxNetQemuStream(ArcboxNet):
         if self.max_mtu is not None and self.mtu > self.max_mtu:
             raise Unsupported(self.too_large.format(max_mtu=self.max_mtu))
         self.guest_ns = netns_add(_ns_name("abxq"))
-        link_args, netdev = self.link_and_netdev()
+        link_args, netdev, qemu_fds = self.link_and_netdev()
         self._start_twistd(link_args)
-        with self._log() as log:
-            self.qemu_proc = spawn([self.qemu, "-machine", "none", "-nodefaults", "-display",
-                                    "none", "-netdev", "tap,id=t0,ifname=tap0,script=no,"
-                                    "downscript=no,vnet_hdr=off", "-netdev", netdev,
-                                    "-netdev", "hubport,id=h0,hubid=0,netdev=t0",
-                                    "-netdev", "hubport,id=h1,hubid=0,netdev=s0"],
-                                   ns=self.guest_ns, log=log)
-        deadline = time.monotonic() + 15
-        while subprocess.run(["ip", "-n", self.guest_ns, "link", "show", "tap0"],
-                             capture_output=True).returncode != 0:
-            if self.qemu_proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"QEMU made no tap0: {self.log_tail()}")
-            time.sleep(0.05)
+        self._start_qemu(netdev, self.guest_ns, "tap0", pass_fds=qemu_fds)
+        self.link_started()
         for ip_args in (["link", "set", "tap0", "mtu", str(self.mtu), "up"],
                         ["addr", "add", "10.0.2.2/24", "dev", "tap0"],
                         ["route", "add", "default", "via", self.gateway]):
-            subprocess.run(["ip", "-n", self.guest_ns, *ip_args], check=True, capture_output=True)
+            _ip(self.guest_ns, *ip_args)
+
+    def link_started(self):
+        """Both ends run: close what the parent still holds for them."""
 
     def stop(self):
-        stop(getattr(self, "qemu_proc", None))
-        self.qemu_proc = None
+        self._stop_qemu()
         super().stop()
-
-    @classmethod
-    def version(cls):
-        try:
-            out = subprocess.run([cls.qemu, "--version"], capture_output=True, text=True,
-                                 timeout=10).stdout
-        except OSError:
-            return None
-        return out.split("\n", 1)[0].replace("QEMU emulator version ", "qemu ")
 
 
 class ArcboxNetQemuDgram(ArcboxNetQemuStream):
@@ -225,7 +265,142 @@ class ArcboxNetQemuDgram(ArcboxNetQemuStream):
         ours, theirs = self._socket_path("dgram"), self._socket_path("qemu")
         return (["--listen-dgram", ours],
                 f"dgram,id=s0,local.type=unix,local.path={theirs},"
-                f"remote.type=unix,remote.path={ours}")
+                f"remote.type=unix,remote.path={ours}", ())
+
+
+class ArcboxNetQemuFd(ArcboxNetQemuStream):
+    """The same relay with a socketpair between them: one end ``--fd N`` for
+    arcbox-net, the other QEMU's ``-netdev dgram,local.type=fd`` (a VMM that
+    hands the stack a socket it made). One frame per datagram, no MTU limit.
+    Bulk workloads only."""
+
+    name = "arcbox-net-qemu-fd"
+    max_mtu = None
+    only_workloads = ("tcp_up_1", "tcp_down_1", "port_forward")
+    _pair = ()
+
+    def link_and_netdev(self):
+        self._pair = ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        return (["--fd", str(ours.fileno())], f"dgram,id=s0,local.type=fd,local.str="
+                f"{theirs.fileno()}", (theirs.fileno(),))
+
+    def _start_twistd(self, link_args, pass_fds=()):
+        super()._start_twistd(link_args, pass_fds=(*pass_fds, self._pair[0].fileno()))
+
+    def link_started(self):
+        for end in self._pair:
+            end.close()
+        self._pair = ()
+
+    def stop(self):
+        self.link_started()
+        super().stop()
+
+
+class ArcboxNetFdVnet(ArcboxNet):
+    """``--fd N --vnet-hdr``: the namespace's tap0 opened with IFF_VNET_HDR and
+    offloads by tests/programs/vnet_relay.py, which passes each frame with its
+    12-byte virtio_net_hdr_v1 over a socketpair, as a VMM speaking virtio-net
+    would: TSO frames up to 64 KiB and partial checksums cross it both ways.
+    The relay (two Python threads) counts as relay CPU, as QEMU does."""
+
+    name = "arcbox-net-fd-vnet"
+    relay_proc = None
+
+    def start(self):
+        self.guest_ns = netns_add(_ns_name("abxv"))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            with self._log() as log:
+                self.relay_proc = spawn([PYTHON, VNET_RELAY, "tap0", str(theirs.fileno())],
+                                        ns=self.guest_ns, pass_fds=(theirs.fileno(),),
+                                        stdout=subprocess.PIPE, stderr=log, text=True)
+            ready, _, _ = select.select([self.relay_proc.stdout], [], [], 15)
+            if not ready or self.relay_proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"vnet_relay.py did not start: {self.log_tail()}")
+            self.relay_pid = self.relay_proc.pid
+            self._start_twistd(["--fd", str(ours.fileno()), "--vnet-hdr"],
+                               pass_fds=(ours.fileno(),))
+        finally:
+            ours.close()
+            theirs.close()
+        for ip_args in (["link", "set", "tap0", "mtu", str(self.mtu), "up"],
+                        ["addr", "add", "10.0.2.2/24", "dev", "tap0"],
+                        ["route", "add", "default", "via", self.gateway]):
+            _ip(self.guest_ns, *ip_args)
+
+    def stop(self):
+        stop(self.relay_proc)
+        self.relay_proc = None
+        super().stop()
+
+
+class LibslirpQemu(QemuRelay, Stack):
+    """libslirp, through the same QEMU relay: the namespace's tap0, QEMU's hub,
+    and QEMU's own ``-netdev user`` at the other end. QEMU runs in this host's
+    namespace, so libslirp's host sockets see its loopback (10.0.2.2 is that
+    loopback to the guest): the TAP is made here, then moved into the guest's
+    namespace (QEMU's fd keeps working).
+
+    libslirp has no egress policy, so the guest gets no default route: only
+    10.0.2.2, the host's loopback, is routed (not even libslirp's DNS at
+    10.0.2.3, which forwards to the host's resolver), and IPv6 is off."""
+
+    name = "libslirp-qemu"
+    gateway = "10.0.2.2"
+    guest_addr = "10.0.2.15"       # libslirp's first DHCP address, hostfwd's default target
+    dns_reason = ("libslirp's DNS (10.0.2.3) only forwards to the host's resolver: no local "
+                  "name, and the benchmark sends nothing off this machine")
+
+    def start(self):
+        self.guest_ns = netns_add(_ns_name("lslirp"))
+        ifname = f"abxl{os.getpid() % 100000}-{next(_ids)}"[:15]
+        self._start_qemu(f"user,id=s0,net=10.0.2.0/24,host={self.gateway},ipv6=off,"
+                         f"hostfwd=tcp:127.0.0.1:{self.forward_port}-:{GUEST_PORT}",
+                         None, ifname)
+        self.pid = self.qemu_proc.pid
+        try:
+            _ip(None, "link", "set", ifname, "netns", self.guest_ns)
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"could not move {ifname} into {self.guest_ns}: "
+                               f"{e.stderr.decode().strip()}")
+        for ip_args in (["link", "set", ifname, "name", "tap0"],
+                        ["link", "set", "tap0", "mtu", str(self.mtu), "up"],
+                        ["addr", "add", f"{self.guest_addr}/32", "dev", "tap0"],
+                        ["route", "add", f"{self.gateway}/32", "dev", "tap0"]):
+            _ip(self.guest_ns, *ip_args)
+
+    def forward(self):
+        return None, "127.0.0.1", self.forward_port
+
+    def stop(self):
+        self._stop_qemu()
+        super().stop()
+
+
+def with_competitor(base):
+    """``base`` with a CPU competitor during each workload: one busy loop per CPU
+    but one, unpinned, as a VM's busy vCPU threads beside the stack (on this
+    2-core machine: one vCPU flat out, placed by the scheduler as QEMU leaves
+    it). Only the one-stream bulk workloads, where a starved link shows."""
+
+    class WithCompetitor(base):
+        name = f"{base.name}+hog"
+        only_workloads = ("tcp_up_1", "tcp_down_1")
+        hogs = max(1, (os.cpu_count() or 2) - 1)
+
+        @contextlib.contextmanager
+        def competitor(self):
+            procs = [spawn([PYTHON, "-c", "while True: pass"]) for _ in range(self.hogs)]
+            try:
+                time.sleep(0.2)             # let the scheduler place them first
+                yield
+            finally:
+                for proc in procs:
+                    stop(proc)
+
+    WithCompetitor.__name__ = WithCompetitor.__qualname__ = f"{base.__name__}WithCompetitor"
+    return WithCompetitor
 
 
 class ArcboxNetNoBusyPoll(ArcboxNet):
@@ -371,6 +546,11 @@ class Kernel(Stack):
         return os.uname().release
 
 
+#: The VM-link stacks that also run with a CPU competitor.
+_CONTENDED = (ArcboxNetQemuStream, ArcboxNetQemuDgram, ArcboxNetQemuFd, LibslirpQemu)
+
 STACKS = {cls.name: cls for cls in (ArcboxNet, ArcboxNetQueues, ArcboxNetNoOffload,
                                        ArcboxNetQemuStream, ArcboxNetQemuDgram,
+                                       ArcboxNetQemuFd, ArcboxNetFdVnet, LibslirpQemu,
+                                       *map(with_competitor, _CONTENDED),
                                        ArcboxNetNoBusyPoll, Slirp4netns, Pasta, Kernel)}

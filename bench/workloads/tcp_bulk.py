@@ -11,12 +11,13 @@ from ..stacks import GUEST_PORT
 def bulk(ctx, reverse, streams):
     stack = ctx.stack
     try:
-        end, cpu = iperf.client(stack.guest_ns, stack.gateway, ctx.iperf.port, ctx.duration,
-                                reverse=reverse, streams=streams, pid=stack.pid)
+        end, cpu, relay = iperf.client(stack.guest_ns, stack.gateway, ctx.iperf.port,
+                                       ctx.duration, reverse=reverse, streams=streams,
+                                       pid=stack.pid, relay_pid=stack.relay_pid)
     except Exception:
         ctx.iperf.restart()
         raise
-    return iperf.bulk_metrics(end, cpu)
+    return iperf.bulk_metrics(end, cpu, relay, stack.relay_pid == stack.pid)
 
 
 def port_forward(ctx):
@@ -26,10 +27,11 @@ def port_forward(ctx):
     server = spawn(["iperf3", "-s", "-p", str(GUEST_PORT)], ns=stack.guest_ns)
     try:
         time.sleep(0.3)
-        end, cpu = iperf.client(ns, addr, port, ctx.duration, pid=stack.pid, retries=3)
+        end, cpu, relay = iperf.client(ns, addr, port, ctx.duration, pid=stack.pid,
+                                       relay_pid=stack.relay_pid, retries=3)
     finally:
         stop(server)
-    return iperf.bulk_metrics(end, cpu)
+    return iperf.bulk_metrics(end, cpu, relay, stack.relay_pid == stack.pid)
 
 
 WORKLOADS = [

@@ -15,8 +15,9 @@ def udp_iperf(ctx):
     # Datagrams that fit the MTU: no IP fragments (a stack may drop those).
     length = min(ctx.mtu - 28, 32000)
     try:
-        end, _cpu = iperf.client(stack.guest_ns, stack.gateway, ctx.iperf.port, ctx.duration,
-                                 udp_rate=ctx.udp_rate, length=length, pid=stack.pid)
+        end, _cpu, _relay = iperf.client(stack.guest_ns, stack.gateway, ctx.iperf.port,
+                                         ctx.duration, udp_rate=ctx.udp_rate, length=length,
+                                         pid=stack.pid)
     except Exception:
         ctx.iperf.restart()
         raise
