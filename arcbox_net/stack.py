@@ -42,6 +42,11 @@ class NetworkStack(service.Service):
         self.link = link
         self.dispatcher = self.dispatcher_class(self.config, link)
         self.dispatcher.on_link_lost = self._link_lost
+        mac = getattr(link, "guest_mac", None)
+        if mac:
+            # The link gave the guest its address (--netns --configure): that
+            # address is this MAC's for good, before any frame claims it.
+            self.dispatcher.neighbours.bind(self.config.guest.packed, mac, float("inf"))
         self.arp = ArpHandler(self.dispatcher)
         self.dhcp = DhcpHandler(self.dispatcher, self.config, clock=reactor.seconds)
         self.icmp = IcmpHandler(self.dispatcher)

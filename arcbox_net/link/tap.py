@@ -24,6 +24,7 @@ from .vnethdr import VnetFraming
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+_SIOCGIFHWADDR = 0x8927
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
@@ -171,6 +172,16 @@ def resolve_netns(name_or_path):
     return path
 
 
+def interface_mac(fd):
+    """The MAC of the TAP interface behind ``fd`` (SIOCGIFHWADDR on the fd
+    itself works from any namespace), or None."""
+    try:
+        ifr = fcntl.ioctl(fd, _SIOCGIFHWADDR, bytes(40))
+    except OSError:
+        return None
+    return bytes(ifr[18:24])
+
+
 def open_tap_in_netns(netns, name, configure=None, offload=False, queues=1):
     """Create TAP ``name`` inside ``netns``; return (fds, offloads_on) as open_tap.
 
@@ -255,7 +266,13 @@ class TapLink(FrameLink):
     def open_in_netns(cls, netns, name="tap0", mtu=1500, configure=None, reactor=None,
                       offload=True, queues=1):
         fds, offloads = open_tap_in_netns(netns, name, configure, offload, queues)
-        return cls.from_fds(fds, offload, offloads, f"tap {name} in netns {netns}", mtu, reactor)
+        link = cls.from_fds(fds, offload, offloads, f"tap {name} in netns {netns}", mtu,
+                            reactor)
+        if configure is not None:
+            # The stack gave this interface the guest address itself: its MAC
+            # is the one the address belongs to (neighbours.py binds them).
+            link.guest_mac = interface_mac(fds[0])
+        return link
 
     def stop(self):
         super().stop()

@@ -103,6 +103,28 @@ def test_arp_from_a_second_mac_during_a_download_does_not_take_the_traffic(
     assert stats["neighbours"] == {"10.0.2.2": ":".join(f"{b:02x}" for b in guest_mac(netns))}
 
 
+def test_with_configure_a_claim_before_the_guest_speaks_takes_nothing(
+        netns, stack_factory, tmp_path):
+    """--configure gave the TAP the guest address, so the TAP's MAC owns it
+    from the start: claims from another MAC before the guest's first frame
+    lose too."""
+    sock = tmp_path / "api.sock"
+    stack_factory("--netns", netns, "--configure", *SAFE, "--api", str(sock))
+    rawsend(netns, 50, 0.001, arp(2, OTHER_MAC, "10.0.2.2"),
+            udp_frame(OTHER_MAC, "10.0.2.2", "203.0.113.10", 9)).wait(30)
+    size = 4 * 1024 * 1024
+    server = HostServer(sender(lambda: data_chunks(size, 6)), host="127.0.0.2")
+    try:
+        out = client(netns, "recv", "203.0.113.10", server.port)
+        server.wait()
+        assert out["bytes"] == size and out["sha256"] == server.results[0]
+    finally:
+        server.close()
+    code, stats = api(sock, "GET", "/stats")
+    assert stats["drops"]["arp-spoofed-sender"] == 50
+    assert stats["drops"]["spoofed-source"] == 50
+
+
 def test_forged_source_addresses_are_dropped_and_counted(netns, stack_factory, tmp_path):
     sock = tmp_path / "api.sock"
     stack_factory("--netns", netns, "--configure", *SAFE, "--api", str(sock))
