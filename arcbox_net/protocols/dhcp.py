@@ -97,6 +97,7 @@ class DhcpServer:
         self._previous = {}    # mac -> address it last held, oldest first
         self._declined = {}    # address -> time it may be offered again, oldest first
         self._expiries = []    # heap of (expiry, mac, address) for _leases, some stale
+        self._offered = {}     # macs whose lease is an unanswered offer, oldest first
         self._static = dict(config.static_leases)
         self._static_owner = {ip: mac for mac, ip in config.static_leases}
         net = config.subnet
@@ -171,6 +172,8 @@ class DhcpServer:
     def _discover(self, msg, opts):
         mac = msg.chaddr
         address = self._choose(mac, _ip_opt(opts, _D.DHCP_OPT_REQ_IP))
+        if address is None and self._reclaim_offer(mac):
+            address = self._choose(mac)
         if address is None:
             self.drops["dhcp-pool-exhausted"] += 1
             return None
@@ -269,6 +272,17 @@ class DhcpServer:
             return requested
         return self._take_free(mac)
 
+    def _reclaim_offer(self, mac) -> bool:
+        """The pool is full: take back the oldest unanswered offer (not
+        ``mac``'s), so a DISCOVER flood from made-up MACs cannot keep a real
+        client out for OFFER_HOLD. Its client, if real, gets a NAK and starts over."""
+        for other in self._offered:
+            if other != mac:
+                self._remove(other)
+                self.drops["dhcp-offer-reclaimed"] += 1
+                return True
+        return False
+
     def _take_free(self, mac):
         """The next free pool address (returned ones first, lowest never-used
         otherwise), or None; O(1) amortized. An address taken here stays on
@@ -292,6 +306,8 @@ class DhcpServer:
         address = lease.address
         self._leases[lease.mac] = lease
         self._holder[address] = lease.mac
+        if lease.state == "offered":
+            self._offered[lease.mac] = None
         self._previous.pop(lease.mac, None)
         self._previous[lease.mac] = address
         if len(self._previous) > REMEMBERED:
@@ -314,6 +330,7 @@ class DhcpServer:
 
     def _remove(self, mac):
         lease = self._leases.pop(mac, None)
+        self._offered.pop(mac, None)
         if lease is not None:
             del self._holder[lease.address]
             self._give_back(lease.address)

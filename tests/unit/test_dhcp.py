@@ -428,3 +428,18 @@ def test_fuzz_never_raises(server, clock):
         clock.now += rng.random() * 20
     assert replies > 50 and sum(server.drops.values()) > 500
     assert all(l.address in ipaddress.IPv4Network("10.0.2.0/24") for l in server.leases())
+
+
+def test_a_discover_flood_cannot_keep_a_real_client_out(clock):
+    """A /29 (pool .2-.6) flooded by DISCOVERs from made-up MACs: the real
+    client still gets an address at once (the oldest offer is taken back)."""
+    server = make(clock, subnet="10.9.0.0/29", gateway="10.9.0.1", guest="10.9.0.2")
+    for i in range(50):
+        server.handle(client_msg(D.DHCPDISCOVER, b"\x02\x99" + i.to_bytes(4, "big")))
+    assert dora(server, MAC1) in {IP(f"10.9.0.{i}") for i in range(2, 7)}
+    assert server.drops["dhcp-offer-reclaimed"] >= 46
+    # Bound leases are never taken back: a full pool of bindings stays full.
+    for i in range(2, 6):
+        dora(server, bytes([0x52, 0x54, 0, 0, 2, i]))
+    assert server.handle(client_msg(D.DHCPDISCOVER, MAC2)) is None
+    assert server.drops["dhcp-pool-exhausted"] == 1
