@@ -137,12 +137,14 @@ class FrameDispatcher:
         """Is this IPv4 frame's source address its MAC's? (The fast path,
         one lookup, is in ``_dispatch_ipv4``.) A valid one is learned."""
         src = bytes(ip.src)
+        l4 = 14 + ip.header_len
+        if ip.protocol == 17 and len(frame) >= l4 + 4 and frame[l4 + 2] == 0 \
+                and frame[l4 + 3] == _DHCP_SERVER_PORT:
+            # DHCP decides for itself (it NAKs what it never leased): a client
+            # before it has an address (0.0.0.0), or renewing one this stack
+            # does not know (after a restart), must reach it. Nothing is learned.
+            return
         if src == _ZERO_IP:
-            # A DHCP client before it has an address; nothing else.
-            if ip.protocol == 17 and len(frame) >= 14 + ip.header_len + 4 and \
-                    frame[14 + ip.header_len + 2] == 0 and \
-                    frame[14 + ip.header_len + 3] == _DHCP_SERVER_PORT:
-                return
             raise MalformedFrame("spoofed-source")
         src_mac = bytes(src_mac)
         if not self.neighbours.valid_source(src, src_mac, self._now):

@@ -213,3 +213,17 @@ def test_a_queue_workers_table_takes_the_main_tables_lease_bindings():
                 from_guest(MAC_A, ".".join(map(str, addr_b))))
     assert worker.udp.seen == [(MAC_B, addr_b)]
     assert worker.dispatcher.drops["spoofed-source"] == 1
+
+
+def test_a_renewal_of_an_unknown_lease_reaches_dhcp_and_gets_a_nak():
+    """After a restart the guest renews from an address this stack never
+    leased: the frame is not NATed or learned, but DHCP answers it."""
+    net = Net()
+    renew = fb.udp(68, 67, client_msg(D.DHCPREQUEST, MAC_B, ciaddr="10.0.2.9"),
+                   src="10.0.2.9", dst="10.0.2.1")
+    frame = bytearray(renew)
+    frame[6:12] = MAC_B
+    net.send(bytes(frame))
+    (nak,) = net.link.take()
+    assert dpkt.dhcp.DHCP(nak.data.data.data).opts[0] == (53, bytes([D.DHCPNAK]))
+    assert net.dispatcher.neighbours.macs == {}
