@@ -4,15 +4,17 @@ The guest (tests/vmguest.py's image) runs the same checks as on every other
 transport (test_vm_guest.py's FULL: DHCP, ping of the gateway, local DNS
 names, 16 MB down and up by sha256, iperf3 each way, a port forward into the
 guest's httpd), here with its RAM in a shared memfd so the stack reads and
-writes the virtqueues itself. Then a second QEMU is SIGKILLed mid-run and a
-third connects to the same socket: each gets a fresh device, the stack
-stays up. The stack runs with ``--deny 0.0.0.0/0 --allow 127.0.0.0/8``.
+writes the virtqueues itself. Then a second guest reboots (``reboot -f``,
+QEMU without ``-no-reboot``) and leases again on the same connection, its
+QEMU is SIGKILLed, and a third connects to the same socket: each QEMU gets a fresh
+device, the stack stays up. The stack runs with ``--deny 0.0.0.0/0 --allow 127.0.0.0/8``.
 
 Figures (MB/s and the stack's CPU seconds per GB, utime+stime from
 /proc/PID/stat) are printed as ``VM_STATS`` lines, never asserted.
 """
 
 import os
+import time
 
 import pytest
 
@@ -27,8 +29,9 @@ NETDEV = "vhost-user,id=n0,chardev=c0"
 class VhostUserVM(vmguest.VirtualMachine):
     """A VM whose RAM is a shared memfd and whose NIC is a vhost-user socket."""
 
-    def __init__(self, *args, socket_path, **kwargs):
+    def __init__(self, *args, socket_path, reboot=False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.reboot = reboot
         self.socket_path = str(socket_path)
 
     def command(self):
@@ -38,6 +41,8 @@ class VhostUserVM(vmguest.VirtualMachine):
         cmd = [a.replace("virtio-net-pci,netdev=n0,", "virtio-net-pci,netdev=n0,vectors=0,")
                if a.startswith("virtio-net-pci") and os.environ.get("ARCBOX_VM_KVM") != "1"
                else a for a in cmd]
+        if self.reboot:  # a guest that reboots stays in the same QEMU
+            cmd.remove("-no-reboot")
         at = cmd.index("-netdev")
         return [*cmd[:at],
                 "-object", f"memory-backend-memfd,id=mem0,size={self.memory}M,share=on",
@@ -64,9 +69,10 @@ def vhost_vms(vm_image, tmp_path):
             vm.kill()
 
 
-LEASE_PING_WAIT = LEASE_AND_PING + """
+LEASE_PING_REBOOT = LEASE_AND_PING + """
 echo "MARK leased"
-sleep 600
+sleep 1
+reboot -f
 """
 
 
@@ -93,10 +99,17 @@ def test_vm_on_vhost_user(vhost_vms, stack_factory, web, sink, marks, blob, iper
     log = stack.log()
     assert "checksum offload True, TSO4 True" in log, log
 
-    # A QEMU killed mid-run, then a new one on the same socket: a fresh device each.
-    killed = vms(NETDEV, LEASE_PING_WAIT, mac="52:54:00:19:00:02")
+    # A guest that reboots (every boot leases, pings and reboots): its driver
+    # sets the device up again on the same connection, and the next boot leases.
+    killed = vms(NETDEV, LEASE_PING_REBOOT, mac="52:54:00:19:00:02", reboot=True)
     killed.wait_for("MARK leased", timeout=120)
     check_lease_and_ping(killed.results(), killed, "10.0.2.3")
+    deadline = time.monotonic() + 120
+    while killed.console().count("MARK leased") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert killed.console().count("MARK leased") >= 2, killed.console()
+    check_lease_and_ping(killed.results(), killed, "10.0.2.3")
+    # Then the QEMU is killed and a new one connects to the same socket.
     killed.kill()
     wait_for_log(stack, "front-end disconnected", timeout=10)
     again = vms(NETDEV, LEASE_AND_PING, mac="52:54:00:19:00:03")
@@ -105,5 +118,6 @@ def test_vm_on_vhost_user(vhost_vms, stack_factory, web, sink, marks, blob, iper
     assert stack.proc.poll() is None, stack.log()
     log = stack.log()
     assert log.count("front-end connected (a fresh device)") == 3
+    assert log.count("features negotiated") >= 4  # the rebooted guest negotiated again
     assert "Traceback" not in log and "device broken" not in log, log
     report(f"vhost-user mtu {mtu}", stats, capsys)
