@@ -423,6 +423,9 @@ class VhostUserDevice:
         pending, self._call_pending = self._call_pending, set()
         if self.closed:
             return
+        # Our used.idx stores must be visible before we read the driver's
+        # flags: it re-enables interrupts, then reads used.idx.
+        _barrier()
         for index in pending:
             ring = self.rings[index]
             queue = ring.queue
