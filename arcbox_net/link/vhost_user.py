@@ -28,6 +28,7 @@ refused if asked for. One front-end at a time.
 """
 
 import errno
+import fcntl
 import mmap
 import os
 import socket
@@ -176,6 +177,7 @@ class VhostUserDevice:
         self.closed = False
         self._call_pending = set()
         self._refused = set()
+        self._warned_unsealed = False
 
     # -- negotiated
 
@@ -271,6 +273,7 @@ class VhostUserDevice:
             for region, fd in zip(regions, msg.fds):
                 end = region.mmap_offset + region.size
                 st = os.fstat(fd)
+                self._check_sealed(fd)
                 if stat.S_ISREG(st.st_mode) and st.st_size < end:
                     # Touching a page past the file's end would be SIGBUS.
                     raise DeviceBroken(f"memory region of {region.size} bytes at offset "
@@ -309,6 +312,23 @@ class VhostUserDevice:
         if old_memory is not None:
             old_memory.release()
         _unmap(old_maps)
+
+    def _check_sealed(self, fd):
+        """Warn once about guest memory its owner may shrink under us.
+
+        A page past the end of a shrunk file is SIGBUS, which would kill the
+        stack; QEMU seals its memfd backends against shrinking (seal=on, the
+        default). Other memory (hugetlbfs, unsealed memfd) works, with that risk.
+        """
+        try:
+            sealed = fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        except OSError:
+            sealed = False
+        if not sealed and not self._warned_unsealed:
+            self._warned_unsealed = True
+            self.log.warn("vhost-user: guest memory is not sealed against shrinking "
+                          "(memory-backend-memfd seal=on is the safe default); a front-end "
+                          "that shrinks it would crash the stack")
 
     def _set_vring_num(self, msg):
         index, num = vu.vring_state(msg.payload)

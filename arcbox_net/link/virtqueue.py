@@ -235,12 +235,15 @@ def put_frame(vq, header, parts, length, mergeable):
     Returns False when the driver has not posted enough buffers yet: the
     chains taken so far stay in ``vq.reserved`` for the next try, so a
     64 KiB frame waiting for 40 small buffers walks each chain once, not once
-    per kick. Raises FrameTooBig when a frame can never fit one buffer.
+    per kick. Raises FrameTooBig when a frame can never fit: one buffer
+    without MRG_RXBUF, the whole ring with it.
     """
     need = len(header) + length
     chains = vq.reserved
     room = vq.reserved_room
     while room < need and (mergeable or not chains):
+        if len(chains) >= vq.num:
+            break  # the whole ring cannot hold it: it never will
         chain = vq.pop()
         if chain is None:
             vq.reserved_room = room

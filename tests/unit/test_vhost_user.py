@@ -174,6 +174,17 @@ def test_without_mergeable_buffers_a_frame_must_fit_one():
     assert drv.used_entries() == [(0, 52)]
 
 
+def test_a_frame_larger_than_the_whole_ring_is_dropped_not_waited_for():
+    drv, vq = make_queue()
+    for _ in range(NUM):
+        drv.post_rx(16)
+    with pytest.raises(FrameTooBig):
+        put_frame(vq, HEADER, [FRAME], len(FRAME), mergeable=True)
+    # The ring's buffers still serve frames that fit.
+    assert put_frame(vq, HEADER, [FRAME[:20]], 20, mergeable=True)
+    assert len(drv.used_entries()) == 2
+
+
 def test_chains_taken_while_a_frame_waits_are_not_walked_again():
     drv, vq = make_queue()
     drv.post_rx(64)
