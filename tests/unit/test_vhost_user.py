@@ -633,3 +633,19 @@ def test_the_link_finishes_frames_for_a_guest_that_declined_offloads(vlink):
         assert data[:2] == b"\0\0"  # complete frames: no offload flags
         ours, theirs, _ = _with_dpkt_sums(data[12:])
         assert ours == theirs
+
+
+def test_embedders_open_the_link_by_path(tmp_path):
+    from arcbox_net.config import StackConfig
+    from arcbox_net.link import open_link
+    path = tmp_path / "embed.sock"
+    link = open_link(StackConfig(mtu=9000), vhost_user=str(path), reactor=MemoryReactorClock())
+    try:
+        assert isinstance(link, link_vu.VhostUserLink)
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert link.capabilities.max_frame == 9014 and link.capabilities.vnet_header_len == 12
+    finally:
+        link.stop()
+    assert not path.exists()
+    with pytest.raises(ValueError, match="exactly one"):
+        open_link(StackConfig(), vhost_user=str(path), listen_stream=str(path))
