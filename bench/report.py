@@ -7,6 +7,7 @@ STACK_LABELS = {"arcbox-net": "arcbox-net", "arcbox-net-2q": "arcbox-net --queue
                 "arcbox-net-nopoll": "arcbox-net (no busy-poll)",
                 "arcbox-net-qemu": "arcbox-net via QEMU stream",
                 "arcbox-net-qemu-dgram": "arcbox-net via QEMU dgram",
+                "arcbox-net-qemu-dgram-qlen512": "arcbox-net via QEMU dgram, QEMU qlen 512",
                 "arcbox-net-qemu-fd": "arcbox-net --fd via QEMU dgram",
                 "arcbox-net-fd-vnet": "arcbox-net --fd --vnet-hdr",
                 "libslirp-qemu": "libslirp via QEMU",
@@ -22,6 +23,7 @@ RATIOS = [("arcbox-net", "slirp4netns", "arcbox-net / slirp4netns"),
           ("arcbox-net-fd-vnet", "slirp4netns", "--fd --vnet-hdr / slirp4netns")]
 #: The VM links against libslirp behind the same QEMU relay, idle and with the competitor.
 for _mine, _short in (("arcbox-net-qemu", "stream"), ("arcbox-net-qemu-dgram", "dgram"),
+                      ("arcbox-net-qemu-dgram-qlen512", "dgram qlen 512"),
                       ("arcbox-net-qemu-fd", "--fd")):
     RATIOS += [(_mine, "libslirp-qemu", f"via QEMU {_short} / libslirp"),
                (f"{_mine}+hog", "libslirp-qemu+hog", f"via QEMU {_short} / libslirp, + hog")]
@@ -196,7 +198,9 @@ NOTES = """\
   to its `-netdev stream`, the path a VM's NIC takes, with QEMU's own copy in it; "via
   QEMU dgram" is the same with `--listen-dgram` and `-netdev dgram` (bulk workloads only);
   "--fd via QEMU dgram" is a socketpair, one end `--fd N`, the other QEMU's `-netdev
-  dgram,local.type=fd` (bulk workloads only); "--fd --vnet-hdr" is `--fd N --vnet-hdr` on a
+  dgram,local.type=fd` (bulk workloads only); "QEMU qlen 512" is the dgram relay with
+  `net.unix.max_dgram_qlen=512` in QEMU's namespace (QEMU's socket is not connected to
+  ours, so that qlen bounds our sends to it; default 10); "--fd --vnet-hdr" is `--fd N --vnet-hdr` on a
   socketpair whose other end is tests/programs/vnet_relay.py, relaying the namespace's tap0
   opened with IFF_VNET_HDR and offloads, virtio_net_hdr_v1 and all (TSO frames up to 64 KiB
   both ways); "no busy-poll" is `--busy-poll 0` and runs the latency workloads only.

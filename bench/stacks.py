@@ -219,6 +219,8 @@ class ArcboxNetQemuStream(QemuRelay, ArcboxNet):
     max_mtu = 32000
     too_large = ("QEMU's -netdev stream aborts relaying frames over {max_mtu} bytes "
                  "(iov_copy assertion, QEMU 7.2)")
+    #: sysctls set in the guest namespace (where QEMU runs) before QEMU starts.
+    qemu_sysctls = ()
 
     def link_and_netdev(self):
         """(arcbox-net's link options, QEMU's -netdev for the other end, fds QEMU needs)."""
@@ -235,6 +237,9 @@ class ArcboxNetQemuStream(QemuRelay, ArcboxNet):
         if self.max_mtu is not None and self.mtu > self.max_mtu:
             raise Unsupported(self.too_large.format(max_mtu=self.max_mtu))
         self.guest_ns = netns_add(_ns_name("abxq"))
+        for setting in self.qemu_sysctls:
+            subprocess.run(["ip", "netns", "exec", self.guest_ns, "sysctl", "-qw", setting],
+                           check=True, capture_output=True)
         link_args, netdev, qemu_fds = self.link_and_netdev()
         self._start_twistd(link_args)
         self._start_qemu(netdev, self.guest_ns, "tap0", pass_fds=qemu_fds)
@@ -266,6 +271,17 @@ class ArcboxNetQemuDgram(ArcboxNetQemuStream):
         return (["--listen-dgram", ours],
                 f"dgram,id=s0,local.type=unix,local.path={theirs},"
                 f"remote.type=unix,remote.path={ours}", ())
+
+
+class ArcboxNetQemuDgramQlen(ArcboxNetQemuDgram):
+    """The dgram relay with QEMU's socket made at ``net.unix.max_dgram_qlen`` 512.
+    QEMU's -netdev dgram socket is not connected to ours (it uses sendto), so the
+    kernel holds our sends to it to its receive queue's qlen (default 10) and each
+    full queue waits for QEMU to be scheduled. The limit is per network namespace,
+    read when a socket is made: what raising it (as a user could) buys."""
+
+    name = "arcbox-net-qemu-dgram-qlen512"
+    qemu_sysctls = ("net.unix.max_dgram_qlen=512",)
 
 
 class ArcboxNetQemuFd(ArcboxNetQemuStream):
@@ -547,10 +563,12 @@ class Kernel(Stack):
 
 
 #: The VM-link stacks that also run with a CPU competitor.
-_CONTENDED = (ArcboxNetQemuStream, ArcboxNetQemuDgram, ArcboxNetQemuFd, LibslirpQemu)
+_CONTENDED = (ArcboxNetQemuStream, ArcboxNetQemuDgram, ArcboxNetQemuDgramQlen, ArcboxNetQemuFd,
+              LibslirpQemu)
 
 STACKS = {cls.name: cls for cls in (ArcboxNet, ArcboxNetQueues, ArcboxNetNoOffload,
                                        ArcboxNetQemuStream, ArcboxNetQemuDgram,
-                                       ArcboxNetQemuFd, ArcboxNetFdVnet, LibslirpQemu,
+                                       ArcboxNetQemuDgramQlen, ArcboxNetQemuFd,
+                                       ArcboxNetFdVnet, LibslirpQemu,
                                        *map(with_competitor, _CONTENDED),
                                        ArcboxNetNoBusyPoll, Slirp4netns, Pasta, Kernel)}
