@@ -125,7 +125,11 @@ def arcbox(args):
         finally:
             for s in servers:
                 s.close()
-        counters = {k: v for k, v in stack.stats()["counters"].items() if k.startswith("tcp-")}
+        stats = stack.stats()
+        counters = {k: v for k, v in stats["counters"].items() if k.startswith("tcp-")}
+        counters.update({f"drop:{k}": v for k, v in stats["drops"].items()})
+        counters.update({f"fault:{k}": v
+                         for k, v in (link.to_guest.counts + link.from_guest.counts).items()})
         return result, counters
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -134,7 +134,15 @@ retransmission:
   that reorders does not make us resend what is merely late. A resend that
   is itself lost shows as data sent after the round being SACKed while the
   hole stays: a new round starts (``tcp-lost-retransmit``) without an RTO.
-  After an RTO every hole is resent. Partial ACKs move the round on;
+  After an RTO every hole is resent. Partial ACKs move the round on.
+  D-SACK (RFC 2883) tells the guest of its needless resends;
+- the probe timeout (SACK connections): data in flight and no ACK progress
+  for max(2 RTT, 10 ms) (plus 200 ms of the guest's delayed ACK when one
+  segment is out): every hole of the scoreboard (or the first segment) is
+  resent, up to 3 times (1, 3, 7 PTOs), before the RTO. The guest cannot
+  open its window past a hole, so a lost resend there would otherwise wait
+  the 200 ms+ of an RTO with nothing else to send (RFC 8985's tail loss
+  probe, loosely);
 - without SACK, NewReno: one fast retransmit at the 3rd duplicate ACK, then
   the next hole on each partial ACK.
 
@@ -144,8 +152,7 @@ adapter points at the stack's, so /stats shows them.
 
 Timers
 ------
-One deadline (``next_deadline``) serves every timer, as only one is ever
-meaningful at a time:
+One deadline (``next_deadline``, the earliest of them) serves every timer:
 
 - SYN / SYN-ACK retransmission, ``syn_retries`` (3) times with doubling RTO,
   then TimedOut (active open) or RST + GuestReset (passive open);
@@ -159,7 +166,8 @@ meaningful at a time:
   backoff; any ACK from the guest resets the give-up count, so a live guest
   that keeps its window shut is probed forever;
 - reordering: when a hole held back by the reordering wait comes due
-  (``_reo_timer``, beside the others: ``next_deadline`` is the earliest);
+  (``_reo_timer``), and the probe (see above), beside the others:
+  ``next_deadline`` is the earliest;
 - TIME-WAIT: ``time_wait`` seconds (bounded; the guest is on a local link);
 - idle: FIN_WAIT_2 without guest data for ``fin_wait2_timeout`` (60 s, as
   Linux's tcp_fin_timeout) and CLOSE_WAIT without host data for
@@ -294,6 +302,9 @@ class TcpParams:
     #: Added to the probe timeout when one segment is in flight: the guest may
     #: be delaying its ACK (Linux: up to 200 ms).
     max_ack_delay: float = 0.2
+    #: Probes in a row without progress (at 1, 3, 7 PTOs) before only the RTO
+    #: is left.
+    max_probes: int = 3
 
     def __attrs_post_init__(self):
         if not 1 <= self.mss_limit <= 65535:
@@ -434,7 +445,7 @@ class TcpConnection:
         "_wl1", "_wl2", "_sendbuf", "_fin_queued", "_fin_sent",
         "_dupacks", "_in_recovery", "_recover", "_more", "_host_sent", "_idle_since",
         "_sack_ok", "_sacked", "_rexmit_next", "_round_end", "_round_time", "_xmit_log",
-        "_rack_rtt", "_reo_timer", "_progress", "_probed",
+        "_rack_rtt", "_reo_timer", "_progress", "_probes",
         "counters",
         # receive side
         "irs", "rcv_nxt", "rcv_shift", "_rcv_adv", "_receive_open", "_ack_owed",
@@ -485,7 +496,7 @@ class TcpConnection:
         #: When a hole held back only by the reordering wait becomes lost.
         self._reo_timer = None
         self._progress = now  # the last ACK of new data, or the first send after none
-        self._probed = False  # the probe has fired since that progress
+        self._probes = 0  # probes fired since that progress
         #: Loss-recovery counters; the adapter hands every connection its own
         #: stack-wide Counter, so /stats shows them.
         self.counters = Counter()
@@ -606,7 +617,7 @@ class TcpConnection:
         reo = self._reo_timer
         if reo is not None and (timer is None or reo < timer):
             timer = reo
-        if timer is not None and self._sack_ok and not self._probed:
+        if timer is not None and self._sack_ok and self._probes < self.params.max_probes:
             probe = self._probe_deadline()
             if probe is not None and probe < timer:
                 timer = probe
@@ -628,7 +639,8 @@ class TcpConnection:
             pto = self.params.probe_min
         if flight <= self.send_mss:
             pto += self.params.max_ack_delay
-        return self._progress + pto
+        # Each probe in a row waits twice as long as the one before.
+        return self._progress + pto * ((1 << (self._probes + 1)) - 1)
 
     def _idle_deadline(self):
         p = self.params
@@ -646,10 +658,11 @@ class TcpConnection:
             self._reo_timer = None
             if self._in_recovery and st in _SENDING:
                 self._repair(now, False)  # what was only late is lost by now
-        if self._sack_ok and not self._probed and st in _SENDING and self.snd_wnd:
+        if self._sack_ok and self._probes < self.params.max_probes and st in _SENDING \
+                and self.snd_wnd:
             probe = self._probe_deadline()
             if probe is not None and now >= probe:
-                self._probed = True
+                self._probes += 1
                 self.counters["tcp-probe"] += 1
                 self._in_recovery = True
                 if self._sacked:
@@ -909,7 +922,7 @@ class TcpConnection:
                 self.bytes_to_guest += acked
             self.snd_una = ack
             self._progress = now
-            self._probed = False
+            self._probes = 0
             if self._rtt_seq is not None and seq_lt(self._rtt_seq, ack):
                 self._rtt_sample(now - self._rtt_time)
                 self._rtt_seq = None
@@ -1160,7 +1173,11 @@ class TcpConnection:
             right = seq_diff(edges[i + 1], una)
             if left <= 0 or right <= left or right > top:
                 continue
-            newly = not any(seq_diff(l, una) < right <= seq_diff(r, una) for l, r in board)
+            # A round trip from data sent once: not from a hole resent this
+            # round (its logged time is the first sending's).
+            newly = (not (self._in_recovery and right <= seq_diff(self._rexmit_next, una))
+                     and not any(seq_diff(l, una) < right <= seq_diff(r, una)
+                                 for l, r in board))
             board.append([edges[i] & MASK, edges[i + 1] & MASK])
             sent = self._sent_time(right - 1) if newly else None
             if sent is not None:

@@ -1433,9 +1433,9 @@ def test_a_lost_resend_is_resent_once_later_data_is_sacked():
 
 
 def test_probe_then_rto_with_a_scoreboard_resend_every_hole():
-    """No ACK progress: the probe timeout (max(2 RTT, 10 ms), no backoff)
-    resends every hole the scoreboard shows, the tail too; if that brings
-    nothing, the RTO does it again."""
+    """No ACK progress: the probe timeout (max(2 RTT, 10 ms)) resends every
+    hole the scoreboard shows, the tail too, up to three times; if that
+    brings nothing, the RTO does it again."""
     c, g = sack_established()
     c.send(bytes(6000))
     c.flush(0.0)
@@ -1450,8 +1450,13 @@ def test_probe_then_rto_with_a_scoreboard_resend_every_hole():
     holes = [(0, 1000), (2000, 1000), (4000, 1000), (5000, 1000)]
     assert _sent_offsets(c, g) == holes
     assert c.counters["tcp-probe"] == 1 and c.counters["tcp-rto"] == 0
+    for due in (0.03, 0.07):  # two more probes, each waiting twice as long
+        assert c.next_deadline() == pytest.approx(due)
+        c.on_timer(due)
+        assert _sent_offsets(c, g) == holes
+    assert c.counters["tcp-probe"] == 3
     rto = c.next_deadline()
-    assert rto == pytest.approx(0.2)  # the probe fires once per lack of progress
+    assert rto == pytest.approx(0.2)  # then only the RTO is left
     c.on_timer(rto)
     assert _sent_offsets(c, g) == holes and c.counters["tcp-rto"] == 1
     # Progress re-arms the probe.
