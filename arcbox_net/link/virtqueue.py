@@ -55,48 +55,49 @@ class GuestMemory:
                 raise VirtqueueError(f"region at {guest_addr:#x} wraps the address space")
             self._regions.append((guest_addr, guest_addr + size, user_addr,
                                   user_addr + size, view[:size]))
-
-    def _find(self, addr, length, base, end, kind):
-        for region in self._regions:
-            start, stop = region[base], region[end]
-            if start <= addr and addr + length <= stop:
-                offset = addr - start
-                return region[4][offset:offset + length]
-        raise VirtqueueError(f"{length} bytes at {kind} address {addr:#x} are outside "
-                             "every memory region")
+        # (start, stop, view) by guest address, the last hit first: a guest's
+        # buffers mostly sit in one region.
+        self._guest = [(r[0], r[1], r[4]) for r in self._regions]
 
     def guest(self, addr, length):
         """A view of ``length`` bytes at guest physical ``addr`` (descriptors)."""
-        return self._find(addr, length, 0, 1, "guest")
+        end = addr + length
+        table = self._guest
+        for i, (start, stop, view) in enumerate(table):
+            if start <= addr and end <= stop:
+                if i:
+                    table.insert(0, table.pop(i))
+                return view[addr - start:end - start]
+        raise VirtqueueError(f"{length} bytes at guest address {addr:#x} are outside "
+                             "every memory region")
 
     def user(self, addr, length):
         """A view of ``length`` bytes at front-end virtual ``addr`` (rings)."""
-        return self._find(addr, length, 2, 3, "front-end")
+        for _, _, start, stop, view in self._regions:
+            if start <= addr and addr + length <= stop:
+                return view[addr - start:addr - start + length]
+        raise VirtqueueError(f"{length} bytes at front-end address {addr:#x} are outside "
+                             "every memory region")
 
     def release(self):
         """Drop every view, so the mappings under them can be closed."""
         for region in self._regions:
             region[4].release()
         self._regions = []
+        self._guest = []
 
 
 class Chain:
     """One descriptor chain: its head, readable then writable buffers."""
 
-    __slots__ = ("head", "readable", "writable")
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
 
-    def __init__(self, head, readable, writable):
+    def __init__(self, head, readable, writable, readable_len, writable_len):
         self.head = head
         self.readable = readable
         self.writable = writable
-
-    @property
-    def readable_len(self):
-        return sum(len(b) for b in self.readable)
-
-    @property
-    def writable_len(self):
-        return sum(len(b) for b in self.writable)
+        self.readable_len = readable_len
+        self.writable_len = writable_len
 
 
 class Virtqueue:
@@ -134,12 +135,24 @@ class Virtqueue:
         return n
 
     def pop(self):
-        if not self.pending():
+        last = self.last_avail
+        n = (U16.unpack_from(self.avail, 2)[0] - last) & 0xFFFF
+        if not n:
             return None
-        slot = 4 + 2 * (self.last_avail % self.num)
-        head = U16.unpack_from(self.avail, slot)[0]
-        chain = self._chain(head)
-        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        num = self.num
+        if n > num:
+            raise VirtqueueError(f"available index ran {n} ahead on a ring of {num}")
+        head = U16.unpack_from(self.avail, 4 + 2 * (last % num))[0]
+        if head >= num:
+            raise VirtqueueError(f"available head {head} is not below the ring size {num}")
+        addr, length, flags, nxt = DESC.unpack_from(self.desc, 16 * head)
+        if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):  # one descriptor: the common case
+            buf = self.memory.guest(addr, length)
+            chain = (Chain(head, (), [buf], 0, length) if flags & DESC_F_WRITE
+                     else Chain(head, [buf], (), length, 0))
+        else:
+            chain = self._chain(head)
+        self.last_avail = (last + 1) & 0xFFFF
         return chain
 
     def rewind(self, count):
@@ -147,9 +160,8 @@ class Virtqueue:
 
     def _chain(self, head):
         num = self.num
-        if head >= num:
-            raise VirtqueueError(f"available head {head} is not below the ring size {num}")
         readable, writable = [], []
+        rlen = wlen = 0
         desc, guest = self.desc, self.memory.guest
         index = head
         for _ in range(num):
@@ -159,12 +171,14 @@ class Virtqueue:
             buf = guest(addr, length)
             if flags & DESC_F_WRITE:
                 writable.append(buf)
+                wlen += length
             elif writable:
                 raise VirtqueueError("a readable descriptor after a writable one")
             else:
                 readable.append(buf)
+                rlen += length
             if not flags & DESC_F_NEXT:
-                return Chain(head, readable, writable)
+                return Chain(head, readable, writable, rlen, wlen)
             if nxt >= num:
                 raise VirtqueueError(f"descriptor {index} chains to {nxt}, past the "
                                      f"ring size {num}")
@@ -177,6 +191,16 @@ class Virtqueue:
         USED_ELEM.pack_into(self.used, slot, chain.head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         U16.pack_into(self.used, 2, self.used_idx)
+
+    def push_many(self, entries):
+        """Return several chains, ``(head, written)`` each; used.idx moves once,
+        after all of them are in the ring."""
+        used, num, idx = self.used, self.num, self.used_idx
+        for head, written in entries:
+            USED_ELEM.pack_into(used, 4 + 8 * (idx % num), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        U16.pack_into(used, 2, idx)
 
     @property
     def next_avail(self):
@@ -267,10 +291,12 @@ def put_frame(vq, header, parts, length, mergeable):
     if len(header) >= 12:
         header = bytes(header[:10]) + U16.pack(len(mine)) + bytes(header[12:])
     copy_into([b for c in mine for b in c.writable], [header, *parts])
+    used = []
     for chain in mine:
         n = min(chain.writable_len, need)
-        vq.push(chain, n)
+        used.append((chain.head, n))
         need -= n
+    vq.push_many(used)
     return True
 
 
