@@ -85,3 +85,31 @@ def test_bulk_both_ways_through_loss_and_reordering(netns):
         down.close()
         up.close()
         stack.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_guest_that_never_sends_its_fin_is_reset_after_the_fin_timeout(netns):
+    """The host closes; the guest reads the EOF but keeps its socket open and
+    silent: after --tcp-fin-timeout (1 s here) the stack resets it, frees the
+    host socket, and the guest's late write meets the reset."""
+    from twisted.internet import reactor
+    from arcbox_net import NetworkStack, StackConfig
+    from arcbox_net.link import open_link
+
+    config = StackConfig(deny=("0.0.0.0/0",), allow=("127.0.0.0/8",), tcp_fin_timeout=1.0)
+    link = open_link(config, netns=netns, tap_name="tap0", configure=True, reactor=reactor)
+    stack = NetworkStack(link, config, reactor=reactor)
+    stack.startService()
+    server = HostServer(sender(lambda: [b"bye"]))
+    try:
+        got = yield threads.deferToThread(guest_client, netns, "eof-then-linger", "10.0.2.1",
+                                          server.port, 3)
+        # The reset came before the guest wrote: its first write fails (had the
+        # connection still been there, the first would go and draw the host's RST).
+        assert got["bytes"] == 3 and got.get("attempt") == 1, got
+        assert got["result"] in ("ConnectionResetError", "BrokenPipeError"), got
+        assert stack.stats()["counters"]["tcp-idle-timeout"] == 1
+        assert stack.tcp.connections == {}
+    finally:
+        server.close()
+        stack.stopService()

@@ -9,6 +9,7 @@ Prints one JSON object with what it saw. Modes:
   reset HOST PORT              send a little, then reset (SO_LINGER 0 close)
   readerr HOST PORT            read until EOF or error; report which
   halfclose-reply HOST PORT    read to EOF, then send back b"got:<sha256>" and close
+  eof-then-linger HOST PORT S  read to EOF, stay silent S seconds (no FIN), then send
   slowrecv HOST PORT NBYTES    read NBYTES slowly (64 KiB every 10 ms)
 """
 
@@ -94,6 +95,21 @@ def main(mode, host, port, *args):
                 n += len(data)
         except OSError as e:
             out = {"result": type(e).__name__, "bytes": n}
+    elif mode == "eof-then-linger":
+        # Read to EOF, keep the socket open SECONDS without a word (no FIN),
+        # then send: what the peer did meanwhile shows as the error, if any.
+        seconds = float(args[0])
+        s = socket.create_connection((host, port), timeout=30)
+        sha, n = read_all(s)
+        time.sleep(seconds)
+        out = {"result": "sent", "bytes": n}
+        for attempt in (1, 2):  # the second meets a reset the first one drew
+            try:
+                s.sendall(b"late")
+            except OSError as e:
+                out = {"result": type(e).__name__, "bytes": n, "attempt": attempt}
+                break
+            time.sleep(0.5)
     elif mode == "halfclose-reply":
         s = socket.create_connection((host, port), timeout=60)
         sha, n = read_all(s)
