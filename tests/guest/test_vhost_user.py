@@ -4,7 +4,8 @@ The guest (tests/vmguest.py's image) runs the same checks as on every other
 transport (test_vm_guest.py's FULL: DHCP, ping of the gateway, local DNS
 names, 16 MB down and up by sha256, iperf3 each way, a port forward into the
 guest's httpd), here with its RAM in a shared memfd so the stack reads and
-writes the virtqueues itself. Then a second guest reboots (``reboot -f``,
+writes the virtqueues itself. Before it, a broken front-end (a message of
+the wrong size) is closed with one log line. Then a second guest reboots (``reboot -f``,
 QEMU without ``-no-reboot``) and leases again on the same connection, its
 QEMU is SIGKILLed, and a third connects to the same socket: each QEMU gets a fresh
 device, the stack stays up. The stack runs with ``--deny 0.0.0.0/0 --allow 127.0.0.0/8``.
@@ -14,6 +15,8 @@ Figures (MB/s and the stack's CPU seconds per GB, utime+stime from
 """
 
 import os
+import socket
+import struct
 import time
 
 import pytest
@@ -94,6 +97,15 @@ def test_vm_on_vhost_user(vhost_vms, stack_factory, web, sink, marks, blob, iper
     def vms(netdev, script, **kwargs):
         return vhost_vms(netdev, script, socket_path=sock, **kwargs)
 
+    # A broken front-end first: a message of the wrong size closes its
+    # connection (one log line) and the stack serves the QEMUs that follow.
+    with socket.socket(socket.AF_UNIX) as bad:
+        bad.settimeout(10)
+        bad.connect(str(sock))
+        bad.sendall(struct.pack("<III", 8, 1, 3) + b"\0\0\0")  # SET_VRING_NUM of 3 bytes
+        assert bad.recv(1) == b""
+    wait_for_log(stack, "device broken")
+
     stats = full_run(stack, vms, NETDEV, web, sink, marks, blob, fwd, iperf_server)
     wait_for_log(stack, "front-end disconnected")
     log = stack.log()
@@ -117,7 +129,7 @@ def test_vm_on_vhost_user(vhost_vms, stack_factory, web, sink, marks, blob, iper
     check_lease_and_ping(again.results(), again, "10.0.2.4")
     assert stack.proc.poll() is None, stack.log()
     log = stack.log()
-    assert log.count("front-end connected (a fresh device)") == 3
+    assert log.count("front-end connected (a fresh device)") == 4
     assert log.count("features negotiated") >= 4  # the rebooted guest negotiated again
-    assert "Traceback" not in log and "device broken" not in log, log
+    assert "Traceback" not in log and log.count("device broken") == 1, log
     report(f"vhost-user mtu {mtu}", stats, capsys)
