@@ -54,3 +54,51 @@ def test_a_tiny_guest_mss_gets_48_byte_segments_not_one_frame_per_byte(netns):
     finally:
         server.close()
         stack.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_connect_flood_fills_the_half_open_cap_and_a_transfer_carries_on(netns):
+    """64 guest connects to a host port whose connects hang (a listener with
+    a full backlog: the host kernel drops the SYNs). Only --max-half-open (8)
+    host connects are started, the other 56 SYNs get RST at once, and a
+    download that was established before keeps going to the end."""
+    import socket
+    import time
+    from twisted.internet import reactor
+    from arcbox_net import NetworkStack, StackConfig
+    from arcbox_net.link import open_link
+
+    config = StackConfig(deny=("0.0.0.0/0",), allow=("127.0.0.0/8",), max_half_open=8)
+    link = open_link(config, netns=netns, tap_name="tap0", configure=True, reactor=reactor)
+    stack = NetworkStack(link, config, reactor=reactor)
+    stack.startService()
+    # A listener that never accepts: its backlog fills, then SYNs to it are dropped.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    filler = [socket.create_connection(blackhole.getsockname())]  # the one it holds
+    total = 4 << 20
+
+    def slow_chunks():
+        for chunk in data_chunks(total, 5, chunk=128 << 10):
+            time.sleep(0.05)  # 32 chunks: ~1.6 s, so the flood comes in the middle
+            yield chunk
+
+    download = HostServer(sender(slow_chunks))
+    try:
+        transfer = threads.deferToThread(guest_client, netns, "recv", "10.0.2.1", download.port)
+        yield threads.deferToThread(time.sleep, 0.3)
+        flood = yield threads.deferToThread(guest_client, netns, "flood", "10.0.2.1",
+                                            blackhole.getsockname()[1], 64, 1.0)
+        assert flood["refused"] == 56 and flood["pending"] == 8, flood
+        assert stack.stats()["drops"]["tcp-half-open-limit"] == 56
+        assert stack.tcp.half_open == 8
+        got = yield transfer
+        download.wait()
+        assert got["bytes"] == total and got["sha256"] == download.results[0]
+    finally:
+        download.close()
+        for s in filler:
+            s.close()
+        blackhole.close()
+        stack.stopService()

@@ -10,6 +10,7 @@ Prints one JSON object with what it saw. Modes:
   readerr HOST PORT            read until EOF or error; report which
   halfclose-reply HOST PORT    read to EOF, then send back b"got:<sha256>" and close
   eof-then-linger HOST PORT S  read to EOF, stay silent S seconds (no FIN), then send
+  flood HOST PORT N S          N connects at once; after S seconds count refused/pending/connected
   slowrecv HOST PORT NBYTES    read NBYTES slowly (64 KiB every 10 ms)
 """
 
@@ -110,6 +111,32 @@ def main(mode, host, port, *args):
                 out = {"result": type(e).__name__, "bytes": n, "attempt": attempt}
                 break
             time.sleep(0.5)
+    elif mode == "flood":
+        # N connects at once, none completed by us; after SECONDS, how each
+        # one stands: refused (an RST), still pending, or connected.
+        count, seconds = int(args[0]), float(args[1])
+        socks = []
+        for _ in range(count):
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex((host, port))
+            socks.append(c)
+        time.sleep(seconds)
+        tally = {"refused": 0, "pending": 0, "connected": 0, "other": 0}
+        for c in socks:
+            err = c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 111:
+                tally["refused"] += 1
+            elif err:
+                tally["other"] += 1
+            else:
+                try:
+                    c.getpeername()
+                    tally["connected"] += 1
+                except OSError:
+                    tally["pending"] += 1
+            c.close()
+        out = tally
     elif mode == "halfclose-reply":
         s = socket.create_connection((host, port), timeout=60)
         sha, n = read_all(s)
