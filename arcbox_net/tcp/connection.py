@@ -82,8 +82,12 @@ is what drives the guest's fast retransmit. When the guest's SYN offered SACK
 block of the latest arrival first, up to four: the guest then resends only
 the holes, several per round trip, instead of one hole per RTT or waiting for
 its RTO (without them a Linux guest moved 23 MB in 75 s through 5 % loss and
-25 % reordering). Data segments carry no options, so they stay one MSS. A FIN is taken in order only
-(a FIN seen ahead of a gap is remembered). Everything else is cumulative:
+25 % reordering). A segment we already hold (wholly old, or out of order and
+held) is reported as a D-SACK block first (RFC 2883): the guest's sender then
+knows its resend was needless, undoes its cwnd cut and learns the link
+reorders. Data segments carry no options, so they stay one MSS, and there
+are no timestamps (RFC 7323) yet. A FIN is taken in order only (a FIN seen
+ahead of a gap is remembered). Everything else is cumulative:
 ``flush`` sends one ACK for the whole batch if one is owed, so a burst of
 segments costs one ACK, not one each. Wholly old segments (our ACK was lost)
 and data beyond the window are re-ACKed; pure ACKs are never answered, so
@@ -134,8 +138,7 @@ retransmission:
   that reorders does not make us resend what is merely late. A resend that
   is itself lost shows as data sent after the round being SACKed while the
   hole stays: a new round starts (``tcp-lost-retransmit``) without an RTO.
-  After an RTO every hole is resent. Partial ACKs move the round on.
-  D-SACK (RFC 2883) tells the guest of its needless resends;
+  After an RTO every hole is resent. Partial ACKs move the round on;
 - the probe timeout (SACK connections): data in flight and no ACK progress
   for max(2 RTT, 10 ms) (plus 200 ms of the guest's delayed ACK when one
   segment is out): every hole of the scoreboard (or the first segment) is
@@ -147,7 +150,7 @@ retransmission:
   the next hole on each partial ACK.
 
 The counters (``tcp-fast-recovery``, ``tcp-retransmits``, ``tcp-rto``,
-``tcp-lost-retransmit``, ``tcp-ooo-received``) go to ``counters``, which the
+``tcp-probe``, ``tcp-lost-retransmit``, ``tcp-ooo-received``) go to ``counters``, which the
 adapter points at the stack's, so /stats shows them.
 
 Timers
@@ -159,22 +162,20 @@ One deadline (``next_deadline``, the earliest of them) serves every timer:
 - retransmission (RFC 6298: SRTT/RTTVAR from samples of segments never
   retransmitted, clamped to [rto_min, rto_max], doubled on each timeout and
   reset by an ACK of new data); it resends the first unacknowledged segment
-  (with a SACK scoreboard: every hole). Loss recovery before the RTO is
-  above. After ``max_retransmits``
-  timeouts in a row: RST to the guest, GuestReset, CLOSED;
+  (with a SACK scoreboard: every hole); loss recovery before the RTO is
+  above. After ``max_retransmits`` timeouts in a row: RST to the guest,
+  GuestReset, CLOSED;
 - persist: with data waiting and a zero guest window, 1-byte probes with
   backoff; any ACK from the guest resets the give-up count, so a live guest
   that keeps its window shut is probed forever;
 - reordering: when a hole held back by the reordering wait comes due
-  (``_reo_timer``), and the probe (see above), beside the others:
-  ``next_deadline`` is the earliest;
+  (``_reo_timer``), and the probe (see above);
 - TIME-WAIT: ``time_wait`` seconds (bounded; the guest is on a local link);
 - idle: FIN_WAIT_2 without guest data for ``fin_wait2_timeout`` (60 s, as
   Linux's tcp_fin_timeout) and CLOSE_WAIT without host data for
   ``close_wait_timeout``: RST to the guest, GuestReset("idle"), CLOSED, so
   neither a guest that never sends its FIN nor a host peer that never closes
-  holds a host socket for ever. This deadline runs beside the others
-  (``next_deadline`` is the earlier of the two).
+  holds a host socket for ever.
 
 There is no delayed ACK: ``flush`` at the end of each batch is the ACK
 clock, which coalesces as well and adds no latency (a delayed-ACK timer was
