@@ -396,8 +396,9 @@ class TcpSplice(Protocol):
         else:
             self.nat.counters["tcp-host-reset"] += 1
             self.conn.reset()
-        self.pump()
+        # Before pump: the events it emits must not touch the closed transport.
         self._host_closed = True
+        self.pump()
 
     # -- IPushProducer: the host transport asks us to slow the guest down
 
@@ -449,7 +450,7 @@ class TcpSplice(Protocol):
     def _on_event(self, event):
         transport = self.transport
         if isinstance(event, GuestEndOfData):
-            if transport is not None:
+            if transport is not None and not self._host_closed:
                 if self._producer_registered:
                     self._producer_registered = False
                     transport.unregisterProducer()
@@ -481,7 +482,7 @@ class TcpSplice(Protocol):
 
     def _reset_host(self):
         transport = self.transport
-        if transport is None:
+        if transport is None or self._host_closed:
             return
         try:
             transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
