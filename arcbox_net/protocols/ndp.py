@@ -166,6 +166,18 @@ class NdpResponder:
         self.drops = Counter()
         self.replies = 0
 
+    def solicit(self, target):
+        """The NS that resolves a guest address (the framer's unresolved-MAC
+        path, as ARP requests are for IPv4): multicast to the target's
+        solicited-node group, from the owned address of the same scope."""
+        target = ipv6.packed(target)
+        src = ipv6.ROUTER_LINK_LOCAL.packed if ipv6.is_link_local(target) else next(
+            (a for a in sorted(self.owned) if not ipv6.is_link_local(a)),
+            ipv6.ROUTER_LINK_LOCAL.packed)
+        group = ipv6.solicited_node(target)
+        return NdpReply(ipv6.multicast_mac(group), src, group,
+                        icmpv6.neighbor_solicitation(src, group, target, self.mac))
+
     def handle(self, ip, message, src_mac, now):
         """Never raises on guest input."""
         message = bytes(message)

@@ -274,3 +274,20 @@ def test_handle_never_raises_on_hostile_ndp(kind, code, body, src):
     message = icmpv6.build(src, ipv6.ALL_ROUTERS, kind, code, body[:4].ljust(4, b"\0"), body[4:])
     for reply in _deliver(responder, src, ipv6.ALL_ROUTERS, message):
         assert icmpv6.verify(reply.src_ip, reply.dst_ip, reply.message)
+
+
+def test_solicit_resolves_a_guest_address_from_the_same_scope():
+    responder = _stack()
+    ns = responder.solicit(GUEST)
+    assert (ns.dst_mac, ns.dst_ip, ns.src_ip) == (
+        bytes.fromhex("3333ff000002"), ipv6.solicited_node(GUEST), GATEWAY)
+    assert icmpv6.verify(ns.src_ip, ns.dst_ip, ns.message)
+    assert icmpv6.parse_neighbor_solicitation(ns.message) == \
+        icmpv6.NeighborSolicitation(GUEST, GW_MAC)
+    assert responder.solicit(GUEST_LL).src_ip == ROUTER
+    # The guest's answer, as its kernel sends it, teaches the MAC.
+    told = []
+    responder.learn = lambda address, mac: told.append((address, mac)) or True
+    na = icmpv6.neighbor_advertisement(GUEST, GATEWAY, GUEST, GUEST_MAC, solicited=True)
+    assert _deliver(responder, GUEST, GATEWAY, na) == []
+    assert told == [(GUEST, GUEST_MAC)]
