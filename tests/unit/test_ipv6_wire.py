@@ -443,3 +443,12 @@ def test_dns_names_round_trip_and_match_dpkt_dns_encoding():
 
 def test_ethernet_knows_the_ipv6_ethertype():
     assert ethernet.ETHERTYPE_IPV6 == 0x86DD
+
+
+def test_parse_takes_a_memoryview_or_bytearray_like_bytes():
+    hop = _ext(17, b"\x05\x02\x00\x00")
+    raw = b"E" * 14 + _packet(GUEST, GATEWAY, 0, hop + bytes(12))
+    for frame in (memoryview(raw), bytearray(raw)):
+        h = ipv6.parse(frame, 14)
+        assert (h.src, h.dst, h.protocol, h.payload_offset) == (GUEST, GATEWAY, 17, 14 + 48)
+        assert isinstance(h.src, bytes)
