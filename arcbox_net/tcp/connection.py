@@ -134,7 +134,9 @@ retransmission:
   *and* it is overdue: it left (``_xmit_log``, one entry per flush) more
   than the reordering wait ago, a quarter more than the longer of SRTT and
   the recent round trip of SACKed data (RACK's idea, RFC 8985; a timer,
-  ``_reo_timer``, looks again when a held-back hole comes due). So a link
+  ``_reo_timer``, looks again when a held-back hole comes due). Each D-SACK
+  from the guest (a resend it already had) makes the quarter a sixteenth
+  more, up to a whole RTT (RACK's reo_wnd adaptation). So a link
   that reorders does not make us resend what is merely late. A resend that
   is itself lost shows as data sent after the round being SACKed while the
   hole stays: a new round starts (``tcp-lost-retransmit``) without an RTO.
@@ -150,7 +152,8 @@ retransmission:
   the next hole on each partial ACK.
 
 The counters (``tcp-fast-recovery``, ``tcp-retransmits``, ``tcp-rto``,
-``tcp-probe``, ``tcp-lost-retransmit``, ``tcp-ooo-received``) go to ``counters``, which the
+``tcp-probe``, ``tcp-lost-retransmit``, ``tcp-dsack-received``,
+``tcp-ooo-received``) go to ``counters``, which the
 adapter points at the stack's, so /stats shows them.
 
 Timers
@@ -446,7 +449,7 @@ class TcpConnection:
         "_wl1", "_wl2", "_sendbuf", "_fin_queued", "_fin_sent",
         "_dupacks", "_in_recovery", "_recover", "_more", "_host_sent", "_idle_since",
         "_sack_ok", "_sacked", "_rexmit_next", "_round_end", "_round_time", "_xmit_log",
-        "_rack_rtt", "_reo_timer", "_progress", "_probes",
+        "_rack_rtt", "_reo_timer", "_progress", "_probes", "_reo_factor",
         "counters",
         # receive side
         "irs", "rcv_nxt", "rcv_shift", "_rcv_adv", "_receive_open", "_ack_owed",
@@ -498,6 +501,9 @@ class TcpConnection:
         self._reo_timer = None
         self._progress = now  # the last ACK of new data, or the first send after none
         self._probes = 0  # probes fired since that progress
+        #: The reordering wait in RTTs: 1.25, raised by the guest's D-SACKs
+        #: of needless resends (RACK's reo_wnd adaptation), up to 2.
+        self._reo_factor = 1.25
         #: Loss-recovery counters; the adapter hands every connection its own
         #: stack-wide Counter, so /stats shows them.
         self.counters = Counter()
@@ -1169,6 +1175,16 @@ class TcpConnection:
         top = seq_diff(self.snd_nxt, una)
         board = self._sacked
         before = self._sacked_bytes()
+        if len(edges) >= 2:
+            # D-SACK (RFC 2883): a first block below snd_una or inside the
+            # second says a resend of ours was needless: wait longer.
+            left = seq_diff(edges[0], una)
+            right = seq_diff(edges[1], una)
+            if right <= 0 or (len(edges) >= 4 and seq_diff(edges[2], una) <= left
+                              and right <= seq_diff(edges[3], una)):
+                self.counters["tcp-dsack-received"] += 1
+                if self._reo_factor < 2.0:
+                    self._reo_factor += 0.0625
         for i in range(0, len(edges) - 1, 2):
             left = seq_diff(edges[i], una)
             right = seq_diff(edges[i + 1], una)
@@ -1240,7 +1256,7 @@ class TcpConnection:
         reordering the link has shown)."""
         srtt = self._srtt or 0.0
         rack = self._rack_rtt
-        return 1.25 * (srtt if srtt > rack else rack)
+        return self._reo_factor * (srtt if srtt > rack else rack)
 
     def _sent_time(self, offset):
         """When the byte at ``offset`` past snd_una first left, or None."""

@@ -1484,3 +1484,23 @@ def test_duplicates_are_reported_with_d_sack():
     assert only(c.take_segments()).sack == (base + 2000, base + 2500, base + 2000, base + 2500)
     c.flush(0.0)
     assert c.take_segments() == []  # reported once
+
+
+def test_the_guests_d_sacks_lengthen_the_reordering_wait():
+    """A D-SACK (first block below snd_una, or inside the next) says a resend
+    was needless: each one makes the wait a sixteenth of an RTT longer, up
+    to two RTTs, so a link that reorders a lot stops drawing resends."""
+    c, g = sack_established()
+    c.send(bytes(8000))
+    c.flush(0.0)
+    _sent_offsets(c, g)
+    base = c.iss + 1
+    _sack_ack(c, g, 0, (1000, 2000), now=0.01)  # RTT of SACKed data: 10 ms
+    assert c._reorder_wait() == pytest.approx(0.0125)
+    _sack_ack(c, g, 2000, (0, 1000), now=0.011)  # below snd_una: D-SACK
+    _sack_ack(c, g, 2000, (3000, 4000), (3000, 5000), now=0.012)  # inside the next: D-SACK
+    assert c.counters["tcp-dsack-received"] == 2
+    assert c._reo_factor == pytest.approx(1.375)
+    for _ in range(40):
+        _sack_ack(c, g, 2000, (0, 1000), now=0.013)
+    assert c._reo_factor == 2.0
