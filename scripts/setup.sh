@@ -27,6 +27,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 # An editable install in compat mode: twistd finds the plugin from the source tree.
+# The fast extra (numpy) too: the tests check both checksum paths, and the bench measures with it.
 .venv/bin/python -m pip install -q --disable-pip-version-check \
   --config-settings editable_mode=compat -e '.[test,fast]'
-# The fast extra (numpy) too: the tests check both checksum paths, and the bench measures with it.
