@@ -98,8 +98,9 @@ def parse(frame, ip):
     return seg
 
 
-def _parse_sack(opts, seg):
-    """The SACK blocks of a non-SYN segment, if it has any."""
+def _options(opts):
+    """(kind, offset, length) of each option, stopping at END or at the first
+    option whose length is impossible (the rest cannot be trusted)."""
     i = 0
     n = len(opts)
     while i < n:
@@ -114,36 +115,28 @@ def _parse_sack(opts, seg):
         length = opts[i + 1]
         if length < 2 or i + length > n:
             return
+        yield kind, i, length
+        i += length
+
+
+def _parse_sack(opts, seg):
+    """The SACK blocks of a non-SYN segment, if it has any."""
+    for kind, i, length in _options(opts):
         if kind == OPT_SACK:
             count = (length - 2) // 8
             if count and length == 2 + 8 * count:
                 seg.sack = struct.unpack_from(f"!{2 * count}I", opts, i + 2)
             return
-        i += length
 
 
 def _parse_syn_options(opts, seg):
-    i = 0
-    n = len(opts)
-    while i < n:
-        kind = opts[i]
-        if kind == OPT_END:
-            break
-        if kind == OPT_NOP:
-            i += 1
-            continue
-        if i + 1 >= n:
-            break
-        length = opts[i + 1]
-        if length < 2 or i + length > n:
-            break
+    for kind, i, length in _options(opts):
         if kind == OPT_MSS and length == 4:
             seg.mss = (opts[i + 2] << 8) | opts[i + 3]
         elif kind == OPT_WSCALE and length == 3:
             seg.wscale = min(opts[i + 2], 14)
         elif kind == OPT_SACK_PERMITTED and length == 2:
             seg.sack = True
-        i += length
 
 
 def syn_options(mss=None, wscale=None, sack_permitted=False):
