@@ -104,6 +104,13 @@ def netns_add(name):
     return name
 
 
+def netns_attach(name, pid):
+    """Name ``pid``'s network namespace (one a process made, e.g. rootlesskit's child)."""
+    subprocess.run(["ip", "netns", "attach", name, str(pid)], check=True, capture_output=True)
+    _namespaces.append(name)
+    return name
+
+
 def netns_del(name):
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
     if name in _namespaces:

@@ -11,6 +11,8 @@ STACK_LABELS = {"arcbox-net": "arcbox-net", "arcbox-net-2q": "arcbox-net --queue
                 "arcbox-net-qemu-fd": "arcbox-net --fd via QEMU dgram",
                 "arcbox-net-fd-vnet": "arcbox-net --fd --vnet-hdr",
                 "libslirp-qemu": "libslirp via QEMU",
+                "arcbox-net-rootlesskit": "arcbox-net via rootlesskit",
+                "slirp4netns-rootlesskit": "slirp4netns via rootlesskit",
                 "slirp4netns": "slirp4netns", "pasta": "pasta", "kernel": "kernel (veth)"}
 
 #: Ratio columns: (stack, against, header), both from the same run.
@@ -20,7 +22,9 @@ RATIOS = [("arcbox-net", "slirp4netns", "arcbox-net / slirp4netns"),
           ("arcbox-net-qemu", "slirp4netns", "via QEMU stream / slirp4netns"),
           ("arcbox-net-qemu-dgram", "slirp4netns", "via QEMU dgram / slirp4netns"),
           ("arcbox-net-qemu-fd", "slirp4netns", "--fd via QEMU / slirp4netns"),
-          ("arcbox-net-fd-vnet", "slirp4netns", "--fd --vnet-hdr / slirp4netns")]
+          ("arcbox-net-fd-vnet", "slirp4netns", "--fd --vnet-hdr / slirp4netns"),
+          ("arcbox-net-rootlesskit", "slirp4netns-rootlesskit",
+           "via rootlesskit / slirp4netns via rootlesskit")]
 #: The VM links against libslirp behind the same QEMU relay, idle and with the competitor.
 for _mine, _short in (("arcbox-net-qemu", "stream"), ("arcbox-net-qemu-dgram", "dgram"),
                       ("arcbox-net-qemu-dgram-qlen512", "dgram qlen 512"),
@@ -210,6 +214,12 @@ NOTES = """\
   to 10.0.2.2 only (libslirp has no egress policy). QEMU 7.2 sets no MTU for libslirp:
   it stays at 1500 and its MSS holds the guest to 1460 at MTU 65520 too. Its stack CPU is
   QEMU's, relay included.
+- "via rootlesskit": Debian's rootlesskit (`--net=slirp4netns --port-driver=slirp4netns`,
+  its `--mtu`) run rootless by an unprivileged user, a `sleep` as its child, whose network
+  namespace is the guest; `--slirp4netns-binary` is arcbox-net-slirp4netns (with `--deny
+  0.0.0.0/0 --allow 127.0.0.0/8` in ARCBOX_NET_SLIRP4NETNS_OPTS) or slirp4netns. It runs
+  in a fresh namespace with only lo, the servers on its 127.0.0.1, reached at 10.0.2.2
+  (rootlesskit 1.1 allows the host's loopback unless `--disable-host-loopback`).
 - "+ CPU hog": the same stack with one busy loop per CPU but one (here: one) running during
   each workload, unpinned, as a VM's busy vCPU beside the stack would be. One-stream bulk
   workloads only.

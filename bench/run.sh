@@ -8,7 +8,8 @@
 #   ./bench/run.sh --help     every option
 #
 # Installs what it needs first, idempotently: Debian's slirp4netns, passt (pasta),
-# QEMU (the VM-transport relay), iperf3 and iproute2, the project's .venv
+# QEMU (the VM-transport relay), rootlesskit and uidmap (the rootless rows), iperf3 and
+# iproute2, the project's .venv
 # (scripts/setup.sh), and matplotlib and pytest-benchmark into that venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ for arg in "$@"; do
 done
 
 if ! $micro; then
-  APT_PACKAGES=(iproute2 iperf3 slirp4netns passt qemu-system-x86)
+  APT_PACKAGES=(iproute2 iperf3 slirp4netns passt qemu-system-x86 rootlesskit uidmap)
   missing=()
   for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

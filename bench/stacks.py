@@ -29,8 +29,8 @@ import socket
 import subprocess
 import time
 
-from .common import (PYTHON, REPO, Unsupported, free_port, last_line, netns_add, netns_del,
-                     spawn, stop, wait_ready_fd)
+from .common import (PYTHON, REPO, Unsupported, free_port, last_line, netns_add, netns_attach,
+                     netns_del, spawn, stop, wait_ready_fd)
 
 GUEST_PORT = 5201          # the guest's iperf3 server for the port-forward workload
 VNET_RELAY = os.path.join(REPO, "tests", "programs", "vnet_relay.py")
@@ -481,6 +481,127 @@ class Slirp4netns(Stack):
         return out.splitlines()[0].split()[-1] if out else None
 
 
+class Rootlesskit(Stack):
+    """Debian's rootlesskit, run rootless as Docker's rootless mode runs it, with
+    ``--net=slirp4netns`` and a ``sleep`` as its child: the child's network
+    namespace (named with ``ip netns attach``) is the guest. rootlesskit and its
+    network binary run as an unprivileged user (bench/rootless.py) inside a fresh
+    "host" namespace that has only lo, where the servers bind 127.0.0.1: whatever
+    the binary does, nothing leaves it. rootlesskit 1.1 allows the host's
+    loopback unless ``--disable-host-loopback``, so 10.0.2.2 is that loopback.
+    The stack's figures are the network binary's process (and its children)."""
+
+    gateway = "10.0.2.2"
+    binary = None               # the --slirp4netns-binary, from the user's venv or $PATH
+    dns_reason = ("rootlesskit's slirp4netns DNS (10.0.2.3) only forwards to the host's "
+                  "resolver: no local name, and the benchmark sends nothing off this machine")
+    only_workloads = ("tcp_up_1", "tcp_down_1", "tcp_up_4", "tcp_down_4", "tcp_rr",
+                      "conn_rate", "port_forward")
+    _user = None
+    _session = None
+
+    def binary_path(self, user):
+        raise NotImplementedError
+
+    def start(self):
+        from . import rootless
+        if shutil.which("rootlesskit") is None:
+            raise Unsupported("rootlesskit is not installed (Debian rootlesskit, uidmap)")
+        self._user = user = rootless.user()
+        self.host_ns = netns_add(_ns_name("rkhost"))
+        state = user.state_dir(self.name)
+        binary = self.binary_path(user)
+        cmd = ["runuser", "-u", rootless.USER, "--", "env",
+               "ARCBOX_NET_SLIRP4NETNS_OPTS=--deny 0.0.0.0/0 --allow 127.0.0.0/8",
+               "rootlesskit", "--debug", f"--state-dir={state}/rk", "--net=slirp4netns",
+               f"--slirp4netns-binary={binary}", f"--mtu={self.mtu}",
+               "--port-driver=slirp4netns", "-p", f"127.0.0.1:{self.forward_port}:{GUEST_PORT}/tcp",
+               "sleep", "infinity"]
+        with self._log() as log:
+            self.proc = spawn(cmd, ns=self.host_ns, log=log, start_new_session=True, cwd="/")
+        self._session = self.proc.pid
+        child_pid = os.path.join(state, "rk", "child_pid")
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rootlesskit exited ({self.proc.returncode}): "
+                                   f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rootlesskit did not start its child: {self.log_tail()}")
+            if self.guest_ns is None and os.path.exists(child_pid):
+                with open(child_pid) as f:
+                    pid = f.read().strip()
+                if pid:
+                    self.guest_ns = netns_attach(_ns_name("rkguest"), pid)
+            if self.guest_ns is not None:
+                addr = subprocess.run(["ip", "-n", self.guest_ns, "-4", "addr", "show", "tap0"],
+                                      capture_output=True, text=True).stdout
+                if "10.0.2.100/" in addr and (self.pid or self._find_binary(binary)):
+                    return
+            time.sleep(0.1)
+
+    def _find_binary(self, binary):
+        """The network binary's pid: the user's process running it (rootlesskit is
+        multithreaded, so its children are not all listed under its main thread)."""
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                if os.stat(f"/proc/{pid}").st_uid != self._user.uid:
+                    continue
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if binary in argv[:2]:
+                self.pid = pid
+                return pid
+        return None
+
+    def forward(self):
+        return self.host_ns, "127.0.0.1", self.forward_port
+
+    def stop(self):
+        if self._session is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._session, 15)
+            self._session = None
+        super().stop()
+        if self._user is not None:
+            self._user.end_processes()
+        if self.host_ns:
+            netns_del(self.host_ns)
+            self.host_ns = None
+
+    @staticmethod
+    def version():
+        out = subprocess.run(["rootlesskit", "--version"], capture_output=True, text=True).stdout
+        return out.split()[-1] if out else None
+
+
+class ArcboxNetRootlesskit(Rootlesskit):
+    """arcbox-net-slirp4netns as rootlesskit's --slirp4netns-binary, with
+    ``--deny 0.0.0.0/0 --allow 127.0.0.0/8`` through ARCBOX_NET_SLIRP4NETNS_OPTS."""
+
+    name = "arcbox-net-rootlesskit"
+
+    def binary_path(self, user):
+        return user.script
+
+
+class Slirp4netnsRootlesskit(Rootlesskit):
+    """Debian's slirp4netns as rootlesskit's --slirp4netns-binary."""
+
+    name = "slirp4netns-rootlesskit"
+
+    def binary_path(self, user):
+        path = shutil.which("slirp4netns")
+        if path is None:
+            raise Unsupported("slirp4netns is not installed")
+        return path
+
+
 class Pasta(Stack):
     name = "pasta"
     gateway = "10.0.2.2"           # pasta maps its gateway address to the host's loopback
@@ -571,4 +692,6 @@ STACKS = {cls.name: cls for cls in (ArcboxNet, ArcboxNetQueues, ArcboxNetNoOfflo
                                        ArcboxNetQemuDgramQlen, ArcboxNetQemuFd,
                                        ArcboxNetFdVnet, LibslirpQemu,
                                        *map(with_competitor, _CONTENDED),
-                                       ArcboxNetNoBusyPoll, Slirp4netns, Pasta, Kernel)}
+                                       ArcboxNetNoBusyPoll, Slirp4netns,
+                                       ArcboxNetRootlesskit, Slirp4netnsRootlesskit,
+                                       Pasta, Kernel)}
