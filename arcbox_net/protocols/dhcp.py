@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from ..interfaces import IUDPService
 
+from ..wire import dnsname
 from ..wire.ethernet import BROADCAST, is_unicast
 
 _D = dpkt.dhcp
@@ -57,20 +58,8 @@ class DhcpReply:
     message_type: int
 
 
-def _labels(name: str) -> list:
-    """ASCII labels as they go on the wire; IDNA only where needed."""
-    out = []
-    for label in name.strip(".").split("."):
-        raw = label.encode("ascii") if label.isascii() else label.encode("idna")
-        if not 0 < len(raw) < 64:
-            raise ValueError(f"bad DNS label {label!r} in {name!r}")
-        out.append(raw)
-    return out
-
-
-def encode_name(name: str) -> bytes:
-    """RFC 1035 3.1 wire form without compression, as RFC 3397 allows."""
-    return b"".join(bytes([len(raw)]) + raw for raw in _labels(name)) + b"\x00"
+#: RFC 1035 3.1 wire form without compression, as RFC 3397 allows (option 119).
+encode_name = dnsname.encode
 
 
 def _split(code: int, value: bytes) -> list:
@@ -117,7 +106,7 @@ class DhcpServer:
                 (_D.DHCP_OPT_DNS_SVRS, config.dns_server.packed),
                 (_D.DHCP_OPT_MTUSIZE, struct.pack("!H", config.mtu))]
         if config.domain:
-            opts.append((_D.DHCP_OPT_DOMAIN, b".".join(_labels(config.domain))))
+            opts.append((_D.DHCP_OPT_DOMAIN, b".".join(dnsname.labels(config.domain))))
         if config.search:
             opts += _split(119, b"".join(encode_name(n) for n in config.search))
         self._config_opts = opts

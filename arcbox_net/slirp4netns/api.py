@@ -17,13 +17,15 @@ after a short wait, whichever is first.
 import ipaddress
 import json
 import os
-import stat
+import socket
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from ..link.unixsock import remove_stale_socket
 
 #: slirp4netns reads one request into a 4096-byte buffer.
 MAX_REQUEST = 4096
@@ -218,16 +220,10 @@ class SlirpApiFactory(Factory):
 
 
 def listen_slirp_api(api, path, reactor):
-    """Listen on unix socket ``path`` (an old socket file there is replaced, as
-    slirp4netns does); returns the listening port."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(f"{path} exists and is not a socket")
-        os.unlink(path)
+    """Listen on unix socket ``path`` (a stale socket file there is replaced, as
+    slirp4netns does; a live one or another kind of file is an error); returns
+    the listening port."""
+    remove_stale_socket(path, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
         return reactor.listenUNIX(path, SlirpApiFactory(api, reactor), mode=0o600)
