@@ -1,231 +1,264 @@
-"""slirp4netns's JSON API (``--api-socket``) over the stack's forwards.
+"""The control API: HTTP/JSON on a unix socket (``--api PATH``, mode 0600).
 
-One request per connection, as slirp4netns: ``{"execute": "add_hostfwd" |
-"list_hostfwd" | "remove_hostfwd", "arguments": {...}}`` answered with
-``{"return": {...}}`` or ``{"error": {"desc": "..."}}``, then the connection
-is closed. The field names (proto, host_addr, host_port, guest_addr,
-guest_port, id) and the error texts are slirp4netns's. The forwards are the
-stack's own (``NetworkStack.add_forward`` and friends), so they also show in
-arcbox-net's control API, and a forward made there is listed here.
+Routes (see docs/control-api.md):
+  GET /forwards, POST /forwards, DELETE /forwards/{id}
+  GET /leases, GET /connections, GET /stats, GET /metrics (Prometheus text)
 
-``SlirpApi`` is the protocol core (bytes in, a Deferred of bytes out);
-``SlirpApiProtocol`` reads one request from a connection: it answers as
-soon as what came parses as JSON, at the client's half-close or end, or
-after a short wait, whichever is first.
+A thin twisted.web layer over NetworkStack's embedding API; every error is
+a JSON ``{"error": ...}`` with a 4xx status, and nothing a client sends can
+raise out of here (a JSON body nested too deeply is a 400 like any bad
+JSON). A body longer than ``MAX_BODY`` is refused with 413 as soon as its
+length is known or its bytes pass the limit (``LimitedRequest``), before
+it is spooled anywhere; the connection is then closed. ``POST /capture``
+only creates a new file (O_EXCL|O_NOFOLLOW): it never truncates one and
+never follows a symlink.
 """
 
-import ipaddress
+import io
 import json
 import os
 import socket
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.logger import Logger
-from zope.interface import implementer
+from twisted.web import resource, server
 
-from ..link.unixsock import remove_stale_socket
+from .forward import ForwardError
+from .config import ConfigError, ForwardSpec
+from .link.unixsock import remove_stale_socket
+from .ratelimit import LimitedLog
 
-#: slirp4netns reads one request into a 4096-byte buffer.
-MAX_REQUEST = 4096
-#: How long an unfinished request may wait for the rest (seconds).
-REQUEST_WAIT = 1.0
-
-
-def _dumps(value):
-    return json.dumps(value, separators=(",", ":")).encode()
+MAX_BODY = 64 * 1024
+_BAD_JSON = (ValueError, UnicodeDecodeError, RecursionError)
+_limited_log = LimitedLog(Logger(namespace=__name__))
 
 
-def error(desc):
-    return _dumps({"error": {"desc": desc}})
+class LimitedRequest(server.Request):
+    """A request whose body is kept in memory up to MAX_BODY and refused
+    (413, connection closed) the moment it would exceed it: by its declared
+    Content-Length, or by the bytes of a chunked body as they arrive."""
+
+    _refused = False
+
+    def gotLength(self, length):
+        self._received = 0
+        self.content = io.BytesIO()
+        if length is not None and length > MAX_BODY:
+            self._refuse()
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > MAX_BODY:
+            self.content = io.BytesIO()
+            self._refuse()
+            return
+        self.content.write(data)
+
+    def _refuse(self):
+        self._refused = True
+        body = json.dumps({"error": f"request body over {MAX_BODY} bytes"}).encode() + b"\n"
+        transport = self.channel.transport
+        transport.write(b"HTTP/1.1 413 Request Entity Too Large\r\n"
+                        b"Content-Type: application/json\r\nConnection: close\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        transport.loseConnection()
+
+    def process(self):
+        if self._refused:
+            return
+        super().process()
 
 
-def _number(arguments, name):
-    """What slirp4netns's json_object_dotget_number gives: the integer part of
-    a JSON number, 0 when absent or not a number."""
-    value = arguments.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return 0
-    return int(value)
-
-
-class SlirpApi:
-    """slirp4netns's three API calls on ``stack`` (a NetworkStack or anything
-    with add_forward/remove_forward/forwards); ``default_guest`` is the
-    address a forward without guest_addr goes to (slirp4netns's .100)."""
-
+class ApiResource(resource.Resource):
+    isLeaf = True
     log = Logger()
 
-    def __init__(self, stack, default_guest):
+    def __init__(self, stack):
+        super().__init__()
         self.stack = stack
-        self.default_guest = ipaddress.IPv4Address(default_guest)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StackCollector(stack))
 
-    def handle(self, data):
-        """A Deferred firing with the reply (bytes) to request ``data``."""
-        if len(data) >= MAX_REQUEST:
-            return defer.succeed(error("bad request: too large message"))
+    def render(self, request):
         try:
-            request = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            return defer.succeed(error("bad request: cannot parse JSON"))
-        if not isinstance(request, dict):
-            return defer.succeed(error("bad request: json_object() failed"))
-        execute = request.get("execute")
-        if not isinstance(execute, str):
-            return defer.succeed(error("bad request: no execute found"))
-        arguments = request.get("arguments")
-        if not isinstance(arguments, dict):
-            arguments = {}
-        handler = {"add_hostfwd": self.add_hostfwd, "list_hostfwd": self.list_hostfwd,
-                   "remove_hostfwd": self.remove_hostfwd}.get(execute)
-        if handler is None:
-            return defer.succeed(error("bad request: unknown execute"))
-        return defer.maybeDeferred(handler, arguments)
+            return self._route(request)
+        except Exception:
+            _limited_log.failure("control API request failed")
+            return _json(request, 500, {"error": "internal error"})
 
-    def add_hostfwd(self, arguments):
-        bad = "bad request: add_hostfwd: bad arguments."
-        proto = arguments.get("proto")
-        if proto not in ("tcp", "udp"):
-            return error(bad + "proto")
-        host_addr = arguments.get("host_addr") or "0.0.0.0"
+    def _route(self, request):
+        method = request.method.decode("ascii", "replace")
+        parts = [p for p in request.path.decode("utf-8", "replace").split("/") if p]
+        stack = self.stack
+        if parts == ["forwards"]:
+            if method == "GET":
+                return _json(request, 200, stack.forwards())
+            if method == "POST":
+                return self._add_forward(request)
+            return _method_not_allowed(request, "GET, POST")
+        if len(parts) == 2 and parts[0] == "forwards":
+            if method == "GET":
+                for f in stack.forwards():
+                    if f["id"] == parts[1]:
+                        return _json(request, 200, f)
+                return _json(request, 404, {"error": f"no forward with id {parts[1]!r}"})
+            if method == "DELETE":
+                return self._remove_forward(request, parts[1])
+            return _method_not_allowed(request, "GET, DELETE")
+        views = {"leases": stack.leases, "connections": stack.connections, "stats": stack.stats}
+        if len(parts) == 1 and parts[0] in views:
+            if method != "GET":
+                return _method_not_allowed(request, "GET")
+            return _json(request, 200, views[parts[0]]())
+        if parts == ["capture"]:
+            return self._capture(request, method)
+        if parts == ["metrics"]:
+            if method != "GET":
+                return _method_not_allowed(request, "GET")
+            request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+            return generate_latest(self.registry)
+        return _json(request, 404, {"error": f"no such route: {method} {request.path.decode('utf-8', 'replace')}"})
+
+    def _add_forward(self, request):
+        body = request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            return _json(request, 413, {"error": "request body too large"})
         try:
-            host_addr = ipaddress.IPv4Address(host_addr)
-        except ValueError:
-            return error(bad + "host_addr")
-        host_port = _number(arguments, "host_port")
-        if not 0 < host_port < 65536:
-            return error(bad + "host_port")
-        guest_addr = arguments.get("guest_addr") or self.default_guest
+            data = json.loads(body)
+        except _BAD_JSON as e:
+            return _json(request, 400, {"error": f"bad JSON: {_first_line(e)}"})
         try:
-            guest_addr = ipaddress.IPv4Address(guest_addr)
-        except ValueError:
-            return error(bad + "guest_addr")
-        guest_port = _number(arguments, "guest_port")
-        if not 0 < guest_port < 65536:
-            return error(bad + "guest_port")
-        spec = f"{proto}:{host_addr}:{host_port}:{guest_addr}:{guest_port}"
-        d = defer.maybeDeferred(self.stack.add_forward, spec)
+            spec = ForwardSpec.from_json(data)
+        except ConfigError as e:
+            return _json(request, 400, {"error": str(e)})
+        d = self.stack.add_forward(spec)
+        d.addCallback(lambda forward: _finish(request, 201, forward))
+        d.addErrback(lambda f: _finish(request, *_error_of(f)))
+        return server.NOT_DONE_YET
 
-        def added(forward):
-            return _dumps({"return": {"id": int(forward["id"])}})
+    def _capture(self, request, method):
+        """GET: the running capture; POST {"path": FILE}: start one; DELETE: stop it."""
+        stack = self.stack
+        current = stack.dispatcher.capture
+        if method == "GET":
+            if current is None or not current.active:
+                return _json(request, 200, {"active": False})
+            return _json(request, 200, {"active": True, **current.stats()})
+        if method == "POST":
+            body = request.content.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                return _json(request, 413, {"error": "request body too large"})
+            try:
+                data = json.loads(body)
+            except _BAD_JSON as e:
+                return _json(request, 400, {"error": f"bad JSON: {_first_line(e)}"})
+            if not isinstance(data, dict) or set(data) != {"path"} \
+                    or not isinstance(data["path"], str) or not data["path"] \
+                    or "\x00" in data["path"]:
+                return _json(request, 400, {"error": 'expected {"path": "FILE"}'})
+            try:
+                capture = stack.start_capture(data["path"], exclusive=True)
+            except RuntimeError as e:
+                return _json(request, 409, {"error": str(e)})
+            except FileExistsError:
+                return _json(request, 409, {"error": f"{data['path']} exists; a capture "
+                                                     "only creates a new file"})
+            except (OSError, ValueError) as e:
+                reason = getattr(e, "strerror", None) or str(e)
+                return _json(request, 400, {"error": f"cannot create {data['path']}: {reason}"})
+            return _json(request, 201, {"active": True, **capture.stats()})
+        if method == "DELETE":
+            stats = stack.stop_capture()
+            if stats is None:
+                return _json(request, 404, {"error": "no capture is running"})
+            return _json(request, 200, {"active": False, **stats})
+        return _method_not_allowed(request, "GET, POST, DELETE")
 
-        def failed(failure):
-            reason = failure.getErrorMessage()
-            self.log.warn("add_hostfwd {spec}: {reason}", spec=spec, reason=reason)
-            return error(f"bad request: add_hostfwd: {reason}")
-        return d.addCallbacks(added, failed)
-
-    def list_hostfwd(self, arguments):
-        entries = []
-        for forward in self.stack.forwards():
-            entry = entry_of(forward)
-            if entry is not None:
-                entries.append(entry)
-        # slirp4netns 1.2 answers {"entries": [...]} without "return"; clients
-        # written to either form find theirs.
-        return _dumps({"return": {"entries": entries}, "entries": entries})
-
-    def remove_hostfwd(self, arguments):
-        fid = _number(arguments, "id")
-        known = {str(f["id"]) for f in self.stack.forwards()}
-        if fid <= 0 or str(fid) not in known:
-            return error("bad request: remove_hostfwd: bad arguments.id")
-        d = defer.maybeDeferred(self.stack.remove_forward, str(fid))
-        return d.addCallbacks(
-            lambda _: _dumps({"return": {}}),
-            lambda f: error(f"bad request: remove_hostfwd: {f.getErrorMessage()}"))
-
-
-def entry_of(forward):
-    """A stack forward's JSON (id, protocol, listen, guest) as slirp4netns's
-    list_hostfwd entry; None if it does not fit (a non-numeric id)."""
-    try:
-        fid = int(forward["id"])
-        host_addr, _, host_port = forward["listen"].rpartition(":")
-        guest_addr, _, guest_port = forward["guest"].rpartition(":")
-        return {"id": fid, "proto": forward["protocol"], "host_addr": host_addr,
-                "host_port": int(host_port), "guest_addr": guest_addr,
-                "guest_port": int(guest_port)}
-    except (KeyError, ValueError, AttributeError):
-        return None
-
-
-@implementer(IHalfCloseableProtocol)
-class SlirpApiProtocol(Protocol):
-    """One connection: read one request, write the reply, close."""
-
-    def __init__(self, api, clock):
-        self.api = api
-        self.clock = clock
-        self.buffer = b""
-        self.answered = False
-        self._wait = None
-
-    def connectionMade(self):
-        self._wait = self.clock.callLater(REQUEST_WAIT, self._answer)
-
-    def dataReceived(self, data):
-        if self.answered:
-            return
-        self.buffer += data
-        if len(self.buffer) >= MAX_REQUEST:
-            self._answer()
-            return
-        try:
-            json.loads(self.buffer)
-        except ValueError:
-            return  # maybe more is coming
-        self._answer()
-
-    def readConnectionLost(self):
-        self._answer()
-
-    def writeConnectionLost(self):
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason):
-        self._cancel_wait()
-        self.answered = True
-
-    def _cancel_wait(self):
-        if self._wait is not None and self._wait.active():
-            self._wait.cancel()
-        self._wait = None
-
-    def _answer(self):
-        if self.answered:
-            return
-        self.answered = True
-        self._cancel_wait()
-        d = self.api.handle(self.buffer)
-
-        def reply(data):
-            if self.transport is not None and self.transport.connected:
-                self.transport.write(data)
-                self.transport.loseConnection()
-        d.addCallback(reply)
-        d.addErrback(lambda f: self.transport.loseConnection())
+    def _remove_forward(self, request, fid):
+        d = self.stack.remove_forward(fid)
+        d.addCallback(lambda _: _finish(request, 204, None))
+        d.addErrback(lambda f: _finish(request, *_error_of(f)))
+        return server.NOT_DONE_YET
 
 
-class SlirpApiFactory(Factory):
-    noisy = False
-
-    def __init__(self, api, clock):
-        self.api = api
-        self.clock = clock
-
-    def buildProtocol(self, addr):
-        return SlirpApiProtocol(self.api, self.clock)
+def _first_line(error):
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
-def listen_slirp_api(api, path, reactor):
-    """Listen on unix socket ``path`` (a stale socket file there is replaced, as
-    slirp4netns does; a live one or another kind of file is an error); returns
-    the listening port."""
+def _error_of(failure):
+    if failure.check(ForwardError):
+        return failure.value.status, {"error": str(failure.value)}
+    return 500, {"error": failure.getErrorMessage()}
+
+
+def _json(request, status, value):
+    request.setResponseCode(status)
+    if value is None:
+        return b""
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(value, indent=1).encode() + b"\n"
+
+
+def _finish(request, status, value):
+    if request._disconnected:
+        return
+    body = _json(request, status, value)
+    if body:
+        request.write(body)
+    request.finish()
+
+
+def _method_not_allowed(request, allowed):
+    request.setHeader(b"allow", allowed.encode())
+    return _json(request, 405, {"error": f"method not allowed; use {allowed}"})
+
+
+class StackCollector:
+    """Prometheus view of NetworkStack.stats(), read at scrape time."""
+
+    def __init__(self, stack):
+        self.stack = stack
+
+    def collect(self):
+        stats = self.stack.stats()
+        frames = CounterMetricFamily("arcbox_frames", "Ethernet frames", labels=["direction"])
+        frames.add_metric(["in"], stats["frames_in"])
+        frames.add_metric(["out"], stats["frames_out"])
+        yield frames
+        drops = CounterMetricFamily("arcbox_drops", "Dropped frames and datagrams by reason",
+                                    labels=["reason"])
+        for reason, n in sorted(stats["drops"].items()):
+            drops.add_metric([reason], n)
+        yield drops
+        events = CounterMetricFamily("arcbox_events", "Protocol events", labels=["event"])
+        for name, n in sorted(stats.get("counters", {}).items()):
+            events.add_metric([name], n)
+        yield events
+        flows = GaugeMetricFamily("arcbox_flows", "Open TCP connections and UDP/ICMP flows",
+                                  labels=["protocol"])
+        counts = {}
+        for flow in self.stack.connections():
+            counts[flow["protocol"]] = counts.get(flow["protocol"], 0) + 1
+        for proto in ("tcp", "udp", "icmp"):
+            flows.add_metric([proto], counts.get(proto, 0))
+        yield flows
+        yield GaugeMetricFamily("arcbox_leases", "DHCP leases", value=len(self.stack.leases()))
+        yield GaugeMetricFamily("arcbox_forwards", "Port forwards", value=len(self.stack.forwards()))
+        yield GaugeMetricFamily("arcbox_link_queued_frames", "Frames waiting for the guest link",
+                                value=stats["link"]["queued_frames"])
+
+
+def listen_api(stack, path, reactor):
+    """Serve the API on unix socket ``path`` (mode 0600); returns the listening port."""
     remove_stale_socket(path, socket.SOCK_STREAM)
+    site = server.Site(ApiResource(stack), requestFactory=LimitedRequest)
+    site.noisy = False
+    site.displayTracebacks = False
     old = os.umask(0o177)
     try:
-        return reactor.listenUNIX(path, SlirpApiFactory(api, reactor), mode=0o600)
+        return reactor.listenUNIX(path, site, mode=0o600)
     finally:
         os.umask(old)
