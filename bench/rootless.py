@@ -74,7 +74,7 @@ class RootlessUser:
         self.uid, self.gid = pwd.getpwnam(USER).pw_uid, grp.getgrnam(USER).gr_gid
         self.added = [(p, _add_subids(p, USER)) for p in ("/etc/subuid", "/etc/subgid")]
         self.tun_mode = os.stat("/dev/net/tun").st_mode & 0o777
-        os.chmod("/dev/net/tun", 0o666)
+        self.open_tun()
         self.base = tempfile.mkdtemp(prefix="arcbox-bench-rk-", dir="/tmp")
         os.chmod(self.base, 0o755)
         self.python, self.script = self._venv(os.path.join(self.base, "venv"))
@@ -120,6 +120,12 @@ class RootlessUser:
             f.write(f"#!{python}\n{body}")
         os.chmod(script, 0o755)
         return python, script
+
+    def open_tun(self):
+        """/dev/net/tun mode 0666, as stock Debian has it: set again before each
+        stack, since a test beside the bench (the drop-in test) restores its own
+        saved mode when it ends."""
+        os.chmod("/dev/net/tun", 0o666)
 
     def state_dir(self, tag):
         path = os.path.join(self.base, f"{tag}-{time.monotonic_ns()}")
