@@ -23,8 +23,9 @@ import pytest
 
 import vmguest
 
-from .test_vm_guest import (LEASE_AND_PING, blob, free_port, full_run, iperf_server,  # noqa: F401
-                            marks, report, sink, stack_args, vm_image, wait_for_log, web)
+from .test_vm_guest import (LEASE_AND_PING, Marks, blob, free_port, full_run,  # noqa: F401
+                            host_sink, iperf_server, marks, report, sink, stack_args, vm_image,
+                            wait_for_log, web)
 
 NETDEV = "vhost-user,id=n0,chardev=c0"
 
@@ -86,6 +87,41 @@ def check_lease_and_ping(results, vm, ip):
     assert "3 packets transmitted, 3 packets received" in results["ping"], vm.console()
 
 
+def full_run_past_a_stall(stack, vms, web, sink, marks, blob, fwd, iperf_port, capsys):
+    """full_run, once more with a fresh VM if the first guest stalls.
+
+    Known open bug (issue 15, user guide "Known issue"): under TCG about one
+    run in fifteen the guest stops moving data (once a soft lockup in its
+    iperf3) while the stack sits idle and healthy. The stall is reported, the
+    stack must have stayed up, and the second run must pass every check.
+    Any other failure fails at once. Returns (figures, stalls).
+    """
+    started = []
+
+    def recording(*args, **kwargs):
+        vm = vms(*args, **kwargs)
+        started.append(vm)
+        return vm
+
+    try:
+        return full_run(stack, recording, NETDEV, web, sink, marks, blob, fwd, iperf_port), 0
+    except AssertionError as e:
+        if "no 'MARK serving'" not in str(e) or not started:
+            raise
+        with capsys.disabled():
+            print(f"\nVHOST_USER_STALL (known issue 15): {str(e).splitlines()[0]}")
+    assert stack.proc.poll() is None, stack.log()
+    started[-1].kill()
+    wait_for_log(stack, "front-end disconnected", timeout=10)
+    fresh_marks = Marks()
+    fresh_sink = host_sink(fresh_marks)
+    try:
+        return full_run(stack, vms, NETDEV, web, fresh_sink, fresh_marks, blob, fwd,
+                        iperf_port), 1
+    finally:
+        fresh_sink.close()
+
+
 @pytest.mark.parametrize("mtu", [1500, 65520])
 def test_vm_on_vhost_user(vhost_vms, stack_factory, web, sink, marks, blob, iperf_server,
                           tmp_path, capsys, mtu):
@@ -106,7 +142,8 @@ def test_vm_on_vhost_user(vhost_vms, stack_factory, web, sink, marks, blob, iper
         assert bad.recv(1) == b""
     wait_for_log(stack, "device broken")
 
-    stats = full_run(stack, vms, NETDEV, web, sink, marks, blob, fwd, iperf_server)
+    stats, stalls = full_run_past_a_stall(stack, vms, web, sink, marks, blob, fwd,
+                                          iperf_server, capsys)
     wait_for_log(stack, "front-end disconnected")
     log = stack.log()
     assert "checksum offload True, TSO4 True" in log, log
@@ -129,7 +166,7 @@ def test_vm_on_vhost_user(vhost_vms, stack_factory, web, sink, marks, blob, iper
     check_lease_and_ping(again.results(), again, "10.0.2.4")
     assert stack.proc.poll() is None, stack.log()
     log = stack.log()
-    assert log.count("front-end connected (a fresh device)") == 4
+    assert log.count("front-end connected (a fresh device)") == 4 + stalls
     assert log.count("features negotiated") >= 4  # the rebooted guest negotiated again
     assert "Traceback" not in log and log.count("device broken") == 1, log
     report(f"vhost-user mtu {mtu}", stats, capsys)

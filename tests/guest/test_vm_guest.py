@@ -115,6 +115,15 @@ def marks():
 @pytest.fixture
 def sink(marks):
     """The host's upload sink on 127.0.0.1: hashes what it receives, marking start and end."""
+    server = host_sink(marks)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def host_sink(marks):
+    """A HostServer that hashes an upload, marking its start and end in ``marks``."""
     def receive(conn):
         marks.mark("up-start")
         h = hashlib.sha256()
@@ -125,11 +134,7 @@ def sink(marks):
         marks.mark("up-end")
         return h.hexdigest(), n
 
-    server = HostServer(receive)
-    try:
-        yield server
-    finally:
-        server.close()
+    return HostServer(receive)
 
 
 @pytest.fixture
