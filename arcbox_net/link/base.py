@@ -335,3 +335,60 @@ def drop_oversize(link, count=1):
                       "(MTU {mtu}); counted as oversize-frame",
                       link=link.description, limit=link.max_frame, mtu=link.mtu)
     link.drops["oversize-frame"] += count
+
+
+#: accept() errors that leave the listening socket usable: out of fds or
+#: memory, or a client that went away while queued.
+_ACCEPT_TRANSIENT = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                     errno.ECONNABORTED, errno.EPROTO)
+
+
+class OnePeerListener:
+    """The listening socket of a link that serves one peer at a time (the
+    IReadDescriptor part of ``--listen-stream`` and ``--vhost-user``).
+
+    Every waiting connection is accepted: the first while no peer is served
+    goes to ``_accepted(sock)``, the others are closed at once and counted
+    (``peers_refused``). A transient accept() failure (no fd left) is logged,
+    rate-limited, and tried again at the next wakeup; any other failure loses
+    the link. Needs ``_listener``, ``_stopped``, ``description``,
+    ``peers_served``/``peers_refused``, ``_serving()`` and ``_accepted(sock)``.
+    """
+
+    #: What a refused second connection is called in the log line.
+    refused_text = "another peer"
+
+    def fileno(self):
+        return -1 if self._stopped else self._listener.fileno()
+
+    def doRead(self):
+        while not self._stopped:
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return None
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno in _ACCEPT_TRANSIENT:
+                    limited_log.warn("guest link {link}: accept failed: {error}",
+                                     link=self.description, error=describe_error(e))
+                    return None
+                self._listener_lost(e)
+                return None
+            if self._serving():
+                self.peers_refused += 1
+                limited_log.warn("guest link {link}: refusing {what} while one is connected",
+                                 link=self.description, what=self.refused_text)
+                sock.close()
+                continue
+            self.peers_served += 1
+            self._accepted(sock)
+        return None
+
+    def connectionLost(self, reason):
+        self._listener_lost(reason.value if isinstance(reason, Failure) else reason)
+
+    def _listener_lost(self, error):
+        report_lost(self, error)
+

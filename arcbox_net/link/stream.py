@@ -33,8 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..interfaces import ILink
-from .base import (LinkState, deliver, describe_error, drop_oversize, limited_log,
-                   report_lost)
+from .base import (LinkState, OnePeerListener, deliver, describe_error, drop_oversize, report_lost)
 from .unixsock import bind_unix, max_frame_len, size_buffers, unlink_if_ours
 
 HEADER = struct.Struct(">I")
@@ -439,7 +438,7 @@ class StreamLink(_StreamLinkBase):
 
 
 @implementer(IReadDescriptor)
-class StreamListenLink(_StreamLinkBase):
+class StreamListenLink(OnePeerListener, _StreamLinkBase):
     """``--listen-stream PATH``: serve one peer at a time on a listening socket.
 
     A peer leaving is logged, not reported as a lost link: the next peer
@@ -457,6 +456,8 @@ class StreamListenLink(_StreamLinkBase):
         self._inode = inode
         self.peers_served = 0
         self.peers_refused = 0
+
+    refused_text = "another peer (one guest at a time)"
 
     @classmethod
     def listen(cls, path, mtu=1500, reactor=None):
@@ -481,44 +482,15 @@ class StreamListenLink(_StreamLinkBase):
 
     # -- the listening socket (IReadDescriptor)
 
-    def fileno(self):
-        return -1 if self._stopped else self._listener.fileno()
-
     def logPrefix(self):
         return "arcbox-link"
 
-    def doRead(self):
-        while not self._stopped:
-            try:
-                conn, _ = self._listener.accept()
-            except BlockingIOError:
-                return None
-            except InterruptedError:
-                continue
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
-                               errno.ECONNABORTED, errno.EPROTO):
-                    limited_log.warn("guest link {link}: accept failed: {error}",
-                                      link=self.description, error=describe_error(e))
-                    return None
-                self._listener_lost(e)
-                return None
-            if self._peer is not None:
-                self.peers_refused += 1
-                limited_log.warn("guest link {link}: refusing another peer while one is "
-                                  "connected (one guest at a time)", link=self.description)
-                conn.close()
-                continue
-            self.peers_served += 1
-            self._new_peer(conn)
-            self.log.info("guest link {link}: peer connected", link=self.description)
-        return None
+    def _serving(self):
+        return self._peer is not None
 
-    def connectionLost(self, reason):
-        self._listener_lost(reason.value if isinstance(reason, Failure) else reason)
-
-    def _listener_lost(self, error):
-        report_lost(self, error)
+    def _accepted(self, sock):
+        self._new_peer(sock)
+        self.log.info("guest link {link}: peer connected", link=self.description)
 
     # -- the peer
 

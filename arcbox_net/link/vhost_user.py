@@ -27,7 +27,6 @@ fresh device. Dirty-page logging (live migration) is never offered and
 refused if asked for. One front-end at a time.
 """
 
-import errno
 import fcntl
 import mmap
 import os
@@ -44,7 +43,7 @@ from ..interfaces import ILink, LinkCapabilities
 from ..wire import MalformedFrame, vnet
 from ..wire import vhost_user as vu
 from . import softoffload
-from .base import LinkState, deliver, describe_error, report_lost
+from .base import LinkState, OnePeerListener, deliver, describe_error
 from .unixsock import bind_unix, max_frame_len, unlink_if_ours
 from .virtqueue import (FrameTooBig, GuestMemory, Virtqueue, VirtqueueError, put_frame,
                         take_frame)
@@ -595,7 +594,7 @@ class _Connection:
 
 
 @implementer(ILink, IReadDescriptor)
-class VhostUserLink(LinkState):
+class VhostUserLink(OnePeerListener, LinkState):
     """``--vhost-user PATH``: listen for one vhost-user front-end at a time.
 
     A front-end leaving (QEMU exits, is killed, or breaks the rules) is
@@ -804,41 +803,19 @@ class VhostUserLink(LinkState):
 
     # -- the listening socket (IReadDescriptor)
 
-    def fileno(self):
-        return -1 if self._stopped else self._listener.fileno()
+    refused_text = "another front-end"
 
     def logPrefix(self):
         return "arcbox-vhost-user"
 
-    def doRead(self):
-        while not self._stopped:
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return None
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
-                               errno.ECONNABORTED, errno.EPROTO):
-                    self.log.warn("guest link {link}: accept failed: {error}",
-                                  link=self.description, error=describe_error(e))
-                    return None
-                report_lost(self, e)
-                return None
-            if self._conn is not None:
-                self.peers_refused += 1
-                self.log.warn("guest link {link}: refusing another front-end while one is "
-                              "connected", link=self.description)
-                sock.close()
-                continue
-            self.peers_served += 1
-            self._conn = _Connection(sock, self, self._reactor)
-            self._conn.start()
-            self.log.info("guest link {link}: front-end connected (a fresh device)",
-                          link=self.description)
-        return None
+    def _serving(self):
+        return self._conn is not None
 
-    def connectionLost(self, reason):
-        report_lost(self, reason.value if isinstance(reason, Failure) else reason)
+    def _accepted(self, sock):
+        self._conn = _Connection(sock, self, self._reactor)
+        self._conn.start()
+        self.log.info("guest link {link}: front-end connected (a fresh device)",
+                      link=self.description)
 
     def _connection_gone(self, conn, error):
         if conn is not self._conn:
