@@ -92,7 +92,8 @@ def full_run_past_a_stall(stack, vms, web, sink, marks, blob, fwd, iperf_port, c
 
     Known open bug (issue 15, user guide "Known issue"): under TCG about one
     run in fifteen the guest stops moving data (once a soft lockup in its
-    iperf3) while the stack sits idle and healthy. The stall is reported, the
+    iperf3; other times an iperf3 run that moves 0 bytes) while the stack
+    sits idle and healthy. The stall is reported, the
     stack must have stayed up, and the second run must pass every check.
     Any other failure fails at once. Returns (figures, stalls).
     """
@@ -106,7 +107,11 @@ def full_run_past_a_stall(stack, vms, web, sink, marks, blob, fwd, iperf_port, c
     try:
         return full_run(stack, recording, NETDEV, web, sink, marks, blob, fwd, iperf_port), 0
     except AssertionError as e:
-        if "no 'MARK serving'" not in str(e) or not started:
+        # The stall's two faces: the guest never reaches the end of its script,
+        # or an iperf3 run in it moves nothing at all.
+        stalled = any(sign in str(e) for sign in ("no 'MARK serving'", "iperf3 moved nothing",
+                                                  "0.00 Bytes  0.00 Mbits/sec"))
+        if not stalled or not started:
             raise
         with capsys.disabled():
             print(f"\nVHOST_USER_STALL (known issue 15): {str(e).splitlines()[0]}")
