@@ -39,6 +39,8 @@ class Options(usage.Options):
         ["allow-any-source", None, "Take guest frames from any source address (default: "
                                    "only the address leased or configured for the sending "
                                    "MAC; others are dropped and counted)."],
+        ["no-ipv6", None, "No IPv6 on the guest link (no router advertisements, NDP, "
+                          "DHCPv6 or IPv6 NAT); IPv6 frames are dropped and counted."],
         ["vnet-hdr", None, "With --fd (datagram or seqpacket): each datagram starts with a "
                            "virtio_net_hdr_v1 (12 bytes), so TSO frames up to 64 KiB and "
                            "partial checksums cross the socket both ways."],
@@ -71,6 +73,9 @@ class Options(usage.Options):
         ["gateway", None, "10.0.2.1", "Gateway address (also the DNS server)."],
         ["guest", None, "10.0.2.2", "First guest address (the default guest's lease)."],
         ["dns", None, None, "DNS server announced by DHCP (default: the gateway)."],
+        ["ipv6-subnet", None, "fd00::/64", "Guest IPv6 prefix, announced by router "
+                                           "advertisements; its ::1 is the gateway and DNS "
+                                           "server, ::2 the first DHCPv6 address."],
         ["mtu", None, 1500, "Link MTU, 576..65520.", _int("--mtu")],
         ["domain", None, None, "Domain name announced by DHCP (option 15)."],
         ["lease-time", None, 3600, "DHCP lease time in seconds.", _int("--lease-time")],
@@ -135,13 +140,13 @@ class Options(usage.Options):
 
     def opt_map(self, spec):
         ("VIRTUAL=HOST: traffic to guest-visible VIRTUAL goes to host address HOST "
-         "(e.g. 203.0.113.10=127.0.0.2); repeatable.")
+         "(e.g. 203.0.113.10=127.0.0.2 or 2001:db8::10=::1); repeatable.")
         if "=" not in spec:
             raise usage.UsageError(f"--map takes VIRTUAL=HOST, not {spec!r}")
         self["maps"].append(spec)
 
     def opt_allow(self, cidr):
-        """Let the guest reach this CIDR (host address, after --map); repeatable."""
+        """Let the guest reach this IPv4 or IPv6 CIDR (host address, after --map); repeatable."""
         self["allow"].append(cidr)
 
     def opt_deny(self, cidr):
@@ -152,16 +157,18 @@ class Options(usage.Options):
     def opt_forward(self, spec):
         ("PROTO:[BIND_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT: forward a host port into the "
          "guest (PROTO tcp or udp; BIND_ADDR default 127.0.0.1; GUEST_ADDR default the "
-         "leased guest address); repeatable.")
+         "leased guest address; IPv6 addresses in brackets, tcp:[::1]:8080:[fd00::2]:80); "
+         "repeatable.")
         self["forwards"].append(spec)
 
     def opt_dns_upstream(self, spec):
-        ("ADDR[:PORT] of an upstream DNS server (default: the host's "
+        ("ADDR[:PORT] or [IPV6]:PORT of an upstream DNS server (default: the host's "
          "/etc/resolv.conf); repeatable.")
         self["dns_upstreams"].append(spec)
 
     def opt_dns_record(self, spec):
-        """NAME=ADDR: answer NAME with ADDR from the gateway's DNS; repeatable."""
+        ("NAME=ADDR: answer NAME with ADDR from the gateway's DNS (A for an IPv4 "
+         "address, AAAA for an IPv6 one); repeatable.")
         if "=" not in spec:
             raise usage.UsageError(f"--dns-record takes NAME=ADDR, not {spec!r}")
         self["dns_records"].append(spec)
@@ -190,7 +197,8 @@ class Options(usage.Options):
                 tcp_close_wait_timeout=self["tcp-close-wait-timeout"],
                 max_udp_flows=self["max-udp-flows"], dns_upstreams=self["dns_upstreams"],
                 dns_records=self["dns_records"], dns_timeout=self["dns-timeout"],
-                forwards=self["forwards"], forward_source=self["forward-source"])
+                forwards=self["forwards"], forward_source=self["forward-source"],
+                ipv6=not self["no-ipv6"], ipv6_subnet=self["ipv6-subnet"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["busy-poll"] is not None and not 0 <= self["busy-poll"] <= MAX_BUSY_POLL_US:

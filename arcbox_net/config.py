@@ -29,6 +29,25 @@ def _address(value):
         raise ConfigError(f"{value!r} is not an IPv4 address") from None
 
 
+def _ip_address(value, what="address"):
+    """An IPv4 or IPv6 address (maps, records, policy: either family)."""
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return value
+    try:
+        return ipaddress.ip_address(value.strip("[]") if isinstance(value, str) else value)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not an IP {what}") from None
+
+
+def _network6(value):
+    if isinstance(value, ipaddress.IPv6Network):
+        return value
+    try:
+        return ipaddress.IPv6Network(value, strict=True)
+    except ValueError as e:
+        raise ConfigError(f"IPv6 subnet {value!r} is not an IPv6 network: {e}") from None
+
+
 def _optional_address(value):
     return None if value is None else _address(value)
 
@@ -43,9 +62,10 @@ def _mac(value):
 
 
 def _static_leases(value):
-    """Accept {mac: ip} or [(mac, ip)] in any spelling; keep a tuple of pairs."""
+    """Accept {mac: ip} or [(mac, ip)] in any spelling; keep a tuple of pairs.
+    A MAC may have one IPv4 and one IPv6 (DHCPv6) static address."""
     items = value.items() if isinstance(value, dict) else value
-    return tuple((_mac(mac), _address(ip)) for mac, ip in items)
+    return tuple((_mac(mac), _ip_address(ip)) for mac, ip in items)
 
 
 def _networks(value):
@@ -54,10 +74,10 @@ def _networks(value):
     out = []
     for v in value:
         try:
-            out.append(v if isinstance(v, ipaddress.IPv4Network)
-                       else ipaddress.IPv4Network(v, strict=False))
+            out.append(v if isinstance(v, (ipaddress.IPv4Network, ipaddress.IPv6Network))
+                       else ipaddress.ip_network(v, strict=False))
         except ValueError:
-            raise ConfigError(f"{v!r} is not an IPv4 CIDR") from None
+            raise ConfigError(f"{v!r} is not an IPv4 or IPv6 CIDR") from None
     return tuple(out)
 
 
@@ -71,9 +91,29 @@ def _address_map(value):
             if not sep:
                 raise ConfigError(f"map {item!r} is not VIRTUAL=HOST")
             item = (virtual, host)
-        virtual, host = item
-        out.append((_address(virtual), _address(host)))
+        virtual, host = _ip_address(item[0]), _ip_address(item[1])
+        if virtual.version != host.version:
+            raise ConfigError(f"map {virtual}={host} mixes IPv4 and IPv6")
+        out.append((virtual, host))
     return tuple(out)
+
+
+def _host_port(text, default_port, message):
+    """"ADDR", "ADDR:PORT", "[V6]", "[V6]:PORT" or a bare IPv6 address."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or rest and not rest.startswith(":"):
+            raise ConfigError(message)
+        port = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        host, port = text, None
+    else:
+        host, sep, port = text.partition(":")
+        port = port if sep else None
+    try:
+        return host, int(port) if port is not None else default_port
+    except ValueError:
+        raise ConfigError(message) from None
 
 
 def _upstreams(value):
@@ -83,21 +123,18 @@ def _upstreams(value):
     out = []
     for item in value:
         if isinstance(item, str):
-            host, sep, port = item.partition(":")
-            try:
-                port = int(port) if sep else 53
-            except ValueError:
-                raise ConfigError(f"DNS upstream {item!r} is not ADDR[:PORT]") from None
+            host, port = _host_port(item, 53, f"DNS upstream {item!r} is not ADDR[:PORT]")
             item = (host, port)
         host, port = item
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigError(f"DNS upstream port {port!r} is out of range")
-        out.append((_address(host), port))
+        out.append((_ip_address(host), port))
     return tuple(out)
 
 
 def _records(value):
-    """Local DNS records as (name, IPv4Address); accepts "NAME=ADDR" or pairs."""
+    """Local DNS records as (name, address): an IPv4 address answers A, an
+    IPv6 one AAAA; accepts "NAME=ADDR" or pairs."""
     items = value.items() if isinstance(value, dict) else value
     out = []
     for item in items:
@@ -110,7 +147,7 @@ def _records(value):
         name = name.strip().rstrip(".").lower()
         if not name or len(name) > 253 or " " in name:
             raise ConfigError(f"{name!r} is not a DNS name")
-        out.append((name, _address(addr)))
+        out.append((name, _ip_address(addr)))
     return tuple(out)
 
 
@@ -147,29 +184,46 @@ def _port(text, what, lowest=1):
 
 def _addr(text, what):
     try:
-        return ipaddress.IPv4Address(text)
+        return ipaddress.ip_address(text[1:-1] if text.startswith("[") and text.endswith("]")
+                                    else text)
     except ValueError:
-        raise ConfigError(f"{what} {text!r} is not an IPv4 address") from None
+        raise ConfigError(f"{what} {text!r} is not an IP address") from None
 
 
 def _looks_like_address(text):
-    return "." in text
+    return "." in text or text.startswith("[")
+
+
+def _fields(text):
+    """Split on colons outside brackets: "[::1]:80" is two fields."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == ":" and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    return out
 
 
 @attrs.frozen
 class ForwardSpec:
-    """PROTO:[BIND_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT as a value."""
+    """PROTO:[BIND_ADDR:]HOST_PORT:[GUEST_ADDR:]GUEST_PORT as a value; IPv6
+    addresses in brackets (``tcp:[::1]:8080:[fd00::2]:80``)."""
 
     protocol: str
     host_port: int
     guest_port: int
-    bind: ipaddress.IPv4Address = ipaddress.IPv4Address("127.0.0.1")
+    bind: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address("127.0.0.1")
     #: None means the leased guest address.
-    guest: ipaddress.IPv4Address | None = None
+    guest: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
     @classmethod
     def parse(cls, text):
-        parts = text.strip().split(":")
+        parts = _fields(text.strip())
         if len(parts) < 3:
             raise ConfigError(f"forward {text!r} is not PROTO:[BIND_ADDR:]HOST_PORT:GUEST_PORT")
         protocol, rest = parts[0].lower(), parts[1:]
@@ -212,7 +266,7 @@ class ForwardSpec:
             raise ConfigError("protocol must be tcp or udp")
         listen = str(listen)
         bind, sep, host_port = listen.rpartition(":")
-        if not sep:
+        if not sep or bind.count(":") and not bind.startswith("["):
             bind, host_port = "127.0.0.1", listen
         guest = str(guest)
         guest_addr, sep, guest_port = guest.rpartition(":")
@@ -226,14 +280,23 @@ class ForwardSpec:
         guest = self.guest
         if guest is None:
             return
-        net = config.subnet
-        if guest not in net or guest in (net.network_address, net.broadcast_address,
-                                          config.gateway, config.dns_server):
+        if guest.version == 6:
+            net = config.ipv6_subnet
+            not_guests = (net.network_address, config.gateway6)
+        else:
+            net = config.subnet
+            not_guests = (net.network_address, net.broadcast_address, config.gateway,
+                          config.dns_server)
+        if guest not in net or guest in not_guests:
             raise ConfigError(f"forward guest address {guest} is not a guest address of {net}")
 
     def __str__(self):
-        guest = f"{self.guest}:{self.guest_port}" if self.guest else str(self.guest_port)
-        return f"{self.protocol}:{self.bind}:{self.host_port}:{guest}"
+        guest = f"{_bracket(self.guest)}:{self.guest_port}" if self.guest else str(self.guest_port)
+        return f"{self.protocol}:{_bracket(self.bind)}:{self.host_port}:{guest}"
+
+
+def _bracket(address):
+    return f"[{address}]" if address.version == 6 else str(address)
 
 
 @attrs.frozen(kw_only=True)
@@ -293,6 +356,11 @@ class StackConfig:
     forwards: tuple = attrs.field(default=(), converter=_forwards)
     #: Source address the guest sees on forwarded connections: "gateway" or "preserve".
     forward_source: str = attrs.field(default="gateway")
+    #: IPv6 on the guest link (RA, NDP, DHCPv6, NAT over IPv6); off drops
+    #: every IPv6 frame (counted).
+    ipv6: bool = attrs.field(default=True)
+    #: The guest's IPv6 prefix: gateway (and DNS) ::1, first guest ::2.
+    ipv6_subnet: ipaddress.IPv6Network = attrs.field(default="fd00::/64", converter=_network6)
 
     def __attrs_post_init__(self):
         net = self.subnet
@@ -329,20 +397,30 @@ class StackConfig:
             raise ConfigError(f"forward source {self.forward_source!r} must be gateway or preserve")
         for spec in self.forwards:
             spec.check_guest(self)
+        if self.ipv6_subnet.prefixlen > 120:
+            raise ConfigError(f"IPv6 subnet {self.ipv6_subnet} is too small")
         seen_virtual = set()
         for virtual, host in self.address_map:
             if virtual in seen_virtual:
                 raise ConfigError(f"address {virtual} is mapped twice")
             if virtual == self.guest or virtual in self.subnet and virtual != self.gateway:
                 raise ConfigError(f"cannot map {virtual}: it is a guest address of {self.subnet}")
+            if virtual in self.ipv6_subnet and virtual != self.gateway6 \
+                    or virtual.version == 6 and virtual.is_link_local:
+                raise ConfigError(f"cannot map {virtual}: it is a guest address of "
+                                  f"{self.ipv6_subnet}")
             seen_virtual.add(virtual)
         seen = set()
         for mac, ip in self.static_leases:
-            if ip not in net or ip in (net.network_address, net.broadcast_address, self.gateway):
-                raise ConfigError(f"static lease {mac_to_str(mac)}={ip} is not a usable address of {net}")
-            if mac in seen:
+            lease_net = net if ip.version == 4 else self.ipv6_subnet
+            if ip not in lease_net or ip in (lease_net.network_address,
+                                             lease_net.broadcast_address, self.gateway,
+                                             self.gateway6):
+                raise ConfigError(f"static lease {mac_to_str(mac)}={ip} is not a usable "
+                                  f"address of {lease_net}")
+            if (mac, ip.version) in seen:
                 raise ConfigError(f"static lease for {mac_to_str(mac)} given twice")
-            seen.add(mac)
+            seen.add((mac, ip.version))
         for name in (self.domain, *self.search):
             if name is not None and (not name or len(name) > 253 or " " in name):
                 raise ConfigError(f"{name!r} is not a domain name")
@@ -350,6 +428,19 @@ class StackConfig:
     @property
     def dns_server(self):
         return self.dns or self.gateway
+
+    @property
+    def gateway6(self):
+        """The IPv6 gateway, DNS server and host-loopback alias (fd00::1)."""
+        return self.ipv6_subnet.network_address + 1
+
+    @property
+    def guest6(self):
+        """The first guest's DHCPv6 address (fd00::2)."""
+        return self.ipv6_subnet.network_address + 2
+
+    #: The router's link-local address: RAs and NDP come from it.
+    router_link_local = ipaddress.IPv6Address("fe80::1")
 
     @property
     def netmask(self):
@@ -367,12 +458,14 @@ class StackConfig:
                 for field in attrs.fields(type(self))}
 
     def summary(self):
+        v6 = f" ipv6 {self.ipv6_subnet} gateway {self.gateway6}" if self.ipv6 else " no ipv6"
         return (f"subnet {self.subnet} gateway {self.gateway} guest {self.guest} "
-                f"dns {self.dns_server} mtu {self.mtu}")
+                f"dns {self.dns_server} mtu {self.mtu}{v6}")
 
 
 def _jsonable(value):
-    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv4Network)):
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv4Network, ipaddress.IPv6Address,
+                          ipaddress.IPv6Network)):
         return str(value)
     if isinstance(value, bytes):
         return mac_to_str(value)

@@ -13,18 +13,29 @@ source that is not its MAC's (leased or configured) is dropped as
 ``spoofed-source`` before any handler sees it, and a valid one confirms the
 framer's entry for it. Lines a guest can cause per frame are rate-limited
 (ratelimit.py); the drop counters carry the detail.
+
+IPv6 frames take the same road with 16-byte addresses: the header chain is
+walked with bounds checks (wire/ipv6.py), the source validated the same way
+(the unspecified source only for ICMPv6, where NDP's duplicate address
+detection and router solicitations use it), fragments dropped and counted,
+DHCPv6 and DNS served on their ports, multicast destinations taken only by
+ICMPv6 (NDP) and DHCPv6 (frames to 33:33 MACs only as IPv6), and the rest
+handed to the ``IIPv6Handler`` of its protocol (TCP, UDP and ICMP NAT serve
+both families). With ``--no-ipv6`` every IPv6 frame
+is dropped as ``ipv6-disabled``.
 """
 
+import ipaddress
 from collections import Counter
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from .framer import Framer
-from .interfaces import (IEthernetHandler, IFlushable, IFrameSink, IIPv4Handler,
-                         IUDPService)
+from .interfaces import (IEthernetHandler, IFlushable, IFrameSink, IIPv4Handler, IIPv6Handler,
+                         IUDP6Service, IUDPService)
 from .ratelimit import LimitedLog
-from .wire import MalformedFrame, ethernet, ipv4, udp
+from .wire import MalformedFrame, ethernet, ipv4, ipv6, udp
 from .wire.checksum import ones_sum
 
 _BROADCAST_IP = b"\xff\xff\xff\xff"
@@ -32,7 +43,14 @@ _ZERO_IP = b"\x00\x00\x00\x00"
 _DHCP_SERVER_PORT = 67
 
 
+_ALL_DHCP_SERVERS = ipv6.ALL_DHCP_SERVERS
+_ZERO6 = bytes(16)
+_ICMPV6 = ipv6.NH_ICMPV6
+
+
 def _ip_str(address):
+    if len(address) == 16:
+        return str(ipaddress.IPv6Address(bytes(address)))
     return ".".join(str(b) for b in address)
 
 
@@ -53,12 +71,17 @@ class FrameDispatcher:
         self.limited_log = LimitedLog(self.log, clock=self.framer.clock)
         self.gateway_mac = config.gateway_mac
         self.owned = {a.packed for a in config.owned_addresses}
+        #: The stack's own IPv6 addresses: the gateway and the router's link-local.
+        self.owned6 = {config.gateway6.packed, config.router_link_local.packed}
+        self.ipv6 = config.ipv6
         self.subnet_broadcast = config.subnet.broadcast_address.packed
         self.frames_in = 0
         self.drops = Counter()
         self._ethertype_handlers = {}
         self._ip_handlers = {}
         self._udp_services = {}
+        self._ip6_handlers = {}
+        self._udp6_services = {}
         self._flushables = []
         self.on_link_lost = None
         self._capture = None
@@ -73,6 +96,12 @@ class FrameDispatcher:
             known = True
         if IIPv4Handler.providedBy(handler):
             self._ip_handlers[handler.ip_protocol] = handler
+            known = True
+        if IIPv6Handler.providedBy(handler):
+            self._ip6_handlers[handler.ip_protocol] = handler
+            known = True
+        if IUDP6Service.providedBy(handler):
+            self._udp6_services[handler.udp_port] = handler
             known = True
         if IUDPService.providedBy(handler):
             self._udp_services[handler.udp_port] = handler
@@ -121,24 +150,34 @@ class FrameDispatcher:
         dst_mac = frame[0:6]
         src_mac = frame[6:12]
         if dst_mac != self.gateway_mac and dst_mac != ethernet.BROADCAST:
-            raise MalformedFrame("multicast" if dst_mac[0] & 1 else "not-for-gateway-mac")
+            if dst_mac[0] & 1 == 0:
+                raise MalformedFrame("not-for-gateway-mac")
+            if dst_mac[:2] != b"\x33\x33" or frame[12:14] != b"\x86\xdd":
+                raise MalformedFrame("multicast")
+            # IPv6 multicast (NDP, RS, DHCPv6): the IPv6 path checks the group.
         if not ethernet.is_unicast(src_mac):
             raise MalformedFrame("bad-source-mac")
         etype = (frame[12] << 8) | frame[13]
         if etype == ethernet.ETHERTYPE_IPV4:
             self._dispatch_ipv4(frame, src_mac)
             return
+        if etype == ethernet.ETHERTYPE_IPV6:
+            if not self.ipv6:
+                raise MalformedFrame("ipv6-disabled")
+            self._dispatch_ipv6(frame, src_mac)
+            return
         handler = self._ethertype_handlers.get(etype)
         if handler is None:
-            raise MalformedFrame("ipv6" if etype == ethernet.ETHERTYPE_IPV6 else "unknown-ethertype")
+            raise MalformedFrame("unknown-ethertype")
         handler.handle_frame(frame)
 
     def _check_source(self, ip, src_mac, frame):
-        """Is this IPv4 frame's source address its MAC's? (The fast path,
-        one lookup, is in ``_dispatch_ipv4``.) A valid one is learned."""
+        """Is this IP frame's source address its MAC's? (The fast path,
+        one lookup, is in ``_dispatch_ipv4``/``_dispatch_ipv6``.) A valid one
+        is learned."""
         src = bytes(ip.src)
-        l4 = 14 + ip.header_len
-        if ip.protocol == 17 and len(frame) >= l4 + 4 and frame[l4 + 2] == 0 \
+        l4 = ip.payload_offset
+        if len(src) == 4 and ip.protocol == 17 and len(frame) >= l4 + 4 and frame[l4 + 2] == 0 \
                 and frame[l4 + 3] == _DHCP_SERVER_PORT:
             # DHCP decides for itself (it NAKs what it never leased): a client
             # before it has an address (0.0.0.0), or renewing one this stack
@@ -190,6 +229,38 @@ class FrameDispatcher:
             raise MalformedFrame(f"no-handler-ip-proto-{proto}" if proto in (1, 6, 17)
                                  else "unsupported-ip-protocol")
         handler.handle_ipv4(frame, ip)
+
+    def _dispatch_ipv6(self, frame, src_mac):
+        ip = ipv6.parse(frame, ethernet.HEADER_LEN)
+        src = ip.src
+        if self._macs.get(src) == src_mac:
+            self._seen[src] = self._now
+        elif src == _ZERO6:
+            # DAD probes and solicitations before an address exists: NDP checks them.
+            if ip.protocol != _ICMPV6:
+                raise MalformedFrame("spoofed-source")
+        elif src[0] == 0xFF:
+            raise MalformedFrame("multicast-source")
+        else:
+            self._check_source(ip, src_mac, frame)
+        if ip.fragmented:
+            raise MalformedFrame("ipv6-fragment")
+        proto = ip.protocol
+        dst = ip.dst
+        if proto == ipv4.PROTO_UDP:
+            sport, dport, start, end = udp.parse(frame, ip)
+            service = self._udp6_services.get(dport)
+            if service is not None and (dst in self.owned6 or dst == _ALL_DHCP_SERVERS
+                                        or not service.local_only and dst[0] != 0xFF):
+                service.handle_datagram(frame, ip, sport, frame[start:end])
+                return
+        if dst[0] == 0xFF and proto != _ICMPV6:
+            raise MalformedFrame("multicast")
+        handler = self._ip6_handlers.get(proto)
+        if handler is None:
+            raise MalformedFrame(f"no-handler-ipv6-proto-{proto}" if proto in (6, 17, 58)
+                                 else "unsupported-ipv6-protocol")
+        handler.handle_ipv6(frame, ip)
 
     # -- the way out: the framer
 

@@ -25,8 +25,12 @@ message (ICMP), the payload, and for TCP the segment size the guest accepts
   on any link) and the gateway asks for the address with ARP at most once a
   second; the queues are bounded per address and in total.
 
-The address family is a header builder and a pseudo-header sum: IPv6 is one
-more pair of those, not a second framer. Every frame, whatever its source,
+The address family is a row of ``_FAMILIES`` (chosen by address length): a
+header builder, a pseudo-header sum, a fragmenter, an EtherType and a GSO
+type. IPv6 is the second row, not a second framer; what differs beyond the
+row is small and here: ICMP errors are translated to ICMPv6 ones
+(``_ICMP6_ERRORS``), multicast destinations map to 33:33 MACs, and an
+unresolved IPv6 neighbour is asked for by neighbour solicitation, not ARP. Every frame, whatever its source,
 passes ``send_frame``: one place counts frames out and feeds the capture.
 """
 
@@ -35,7 +39,7 @@ from collections import Counter, deque
 
 from .interfaces import LinkCapabilities
 from .neighbours import NeighbourTable
-from .wire import ethernet, icmp, ipv4, tcp, udp, vnet
+from .wire import ethernet, icmp, icmpv6, ipv4, ipv6, tcp, udp, vnet
 from .wire.checksum import fold, ones_sum, pseudo_header_sum
 
 #: Largest TCP payload of one GSO frame: the IPv4 total length is 16 bits.
@@ -61,8 +65,35 @@ class _IPv4:
     fragment = staticmethod(ipv4.fragment)
 
 
+class _IPv6:
+    ethertype = ethernet.ETHERTYPE_IPV6
+    header_len = ipv6.HEADER_LEN
+    gso_tcp = vnet.GSO_TCPV6
+    build_header = staticmethod(ipv6.build_header)
+    pseudo_header_sum = staticmethod(ipv6.pseudo_header_sum)
+    fragment = staticmethod(ipv6.fragment)
+
+
 #: Families by address length.
-_FAMILIES = {4: _IPv4}
+_FAMILIES = {4: _IPv4, 16: _IPv6}
+
+#: ICMPv4 (type, code) -> the ICMPv6 error a router sends for the same
+#: failure (RFC 4443 3): protocols speak ICMPv4, the framer translates.
+_ICMP6_ERRORS = {
+    (icmp.TYPE_DEST_UNREACH, icmp.CODE_NET_UNREACH): (icmpv6.TYPE_DEST_UNREACH,
+                                                      icmpv6.CODE_NO_ROUTE),
+    (icmp.TYPE_DEST_UNREACH, icmp.CODE_HOST_UNREACH): (icmpv6.TYPE_DEST_UNREACH,
+                                                       icmpv6.CODE_ADDR_UNREACH),
+    (icmp.TYPE_DEST_UNREACH, icmp.CODE_PORT_UNREACH): (icmpv6.TYPE_DEST_UNREACH,
+                                                       icmpv6.CODE_PORT_UNREACH),
+    (icmp.TYPE_DEST_UNREACH, icmp.CODE_ADMIN_PROHIBITED): (icmpv6.TYPE_DEST_UNREACH,
+                                                           icmpv6.CODE_ADMIN_PROHIBITED),
+    (icmp.TYPE_DEST_UNREACH, icmp.CODE_FRAG_NEEDED): (icmpv6.TYPE_PACKET_TOO_BIG, 0),
+    (icmp.TYPE_TIME_EXCEEDED, 0): (icmpv6.TYPE_TIME_EXCEEDED, icmpv6.CODE_HOP_LIMIT),
+    (icmp.TYPE_TIME_EXCEEDED, 1): (icmpv6.TYPE_TIME_EXCEEDED, icmpv6.CODE_REASSEMBLY),
+}
+#: Any other unreachable: the address is.
+_ICMP6_UNREACHABLE = (icmpv6.TYPE_DEST_UNREACH, icmpv6.CODE_ADDR_UNREACH)
 
 
 def _gather(payload):
@@ -87,6 +118,7 @@ class Framer:
     def __init__(self, config, link=None, clock=time.monotonic):
         self.gateway_mac = config.gateway_mac
         self._gateway_ip = config.gateway.packed
+        self._gateway6 = config.gateway6.packed
         self._default_mtu = config.mtu
         self._broadcasts = {b"\xff\xff\xff\xff", config.subnet.broadcast_address.packed}
         self.clock = clock
@@ -115,8 +147,10 @@ class Framer:
         self._vnet_len = caps.vnet_header_len
         self._csum_offload = caps.csum_offload and self._vnet_len > 0
         self._gso_tcpv4 = caps.gso_tcpv4 and self._csum_offload
-        #: TCP payload one emitted segment may carry: None for one MSS.
+        self._gso_tcpv6 = caps.gso_tcpv6 and self._csum_offload
+        #: TCP payload one emitted segment may carry: None for one MSS (per family).
         self.tcp_segment_limit = GSO_TCP_SEGMENT if self._gso_tcpv4 else None
+        self.tcp_segment_limit6 = GSO_TCP_SEGMENT if self._gso_tcpv6 else None
 
     # -- frames
 
@@ -144,8 +178,11 @@ class Framer:
     def mac_for(self, dst):
         """The MAC a packet to ``dst`` (address bytes) goes to, or None."""
         mac = self._macs.get(dst)
-        if mac is None and dst in self._broadcasts:
-            return ethernet.BROADCAST
+        if mac is None:
+            if dst in self._broadcasts:
+                return ethernet.BROADCAST
+            if len(dst) == 16 and dst[0] == 0xFF:
+                return ipv6.multicast_mac(dst)
         return mac
 
     def send_ethernet(self, dst_mac, ethertype, body):
@@ -214,7 +251,18 @@ class Framer:
                      dst_mac=dst_mac)
 
     def send_icmp_error(self, src, dst, icmp_type, code, quote, mtu=0):
-        """An ICMP error from ``src`` quoting the guest's packet (``quote``)."""
+        """An ICMP error from ``src`` quoting the guest's packet (``quote``);
+        to an IPv6 guest, the ICMPv6 error for the same failure."""
+        if len(src) == 16:
+            kind = _ICMP6_ERRORS.get((icmp_type, code))
+            if kind is None:
+                if icmp_type != icmp.TYPE_DEST_UNREACH:
+                    self.drops["icmpv6-untranslatable-error"] += 1
+                    return
+                kind = _ICMP6_UNREACHABLE
+            self.send_ip(src, dst, ipv6.NH_ICMPV6,
+                         icmpv6.error(src, dst, kind[0], kind[1], quote, mtu))
+            return
         self.send_ip(src, dst, ipv4.PROTO_ICMP, icmp.error(icmp_type, code, quote, mtu))
 
     def send_tcp(self, src, dst, sport, dport, seq, ack, flags, window, payload=b"",
@@ -227,7 +275,7 @@ class Framer:
         """
         family = _FAMILIES[len(src)]
         guest_mac = self._macs.get(dst)
-        if guest_mac is None or (options and not self._csum_offload) or family is not _IPv4:
+        if guest_mac is None or not self._csum_offload and (options or family is not _IPv4):
             head = tcp.header(sport, dport, seq, ack, flags, window, options)
             self.send_ip(src, dst, ipv4.PROTO_TCP, head, payload)
             return
@@ -241,7 +289,8 @@ class Framer:
                                         options)
         hlen = len(head)
         csum_start = _L3_START + family.header_len
-        if size > segment_size > 0 and self._gso_tcpv4:
+        if size > segment_size > 0 and (self._gso_tcpv4 if family is _IPv4
+                                        else self._gso_tcpv6):
             meta = vnet.build(self._vnet_len, vnet.F_NEEDS_CSUM, family.gso_tcp,
                               csum_start + hlen, segment_size, csum_start, 16)
         else:
@@ -292,10 +341,23 @@ class Framer:
                     self._last_arp_request.clear()
                 asked = self._last_arp_request[dst] = [now, now]
             asked[1] = now
-            self.counters["arp-requests-sent"] += 1
-            self.send_ethernet(ethernet.BROADCAST, ethernet.ETHERTYPE_ARP,
-                               _ARP_REQUEST_BODY + self.gateway_mac + self._gateway_ip
-                               + bytes(6) + dst)
+            if family is _IPv6:
+                self._solicit(dst)
+            else:
+                self.counters["arp-requests-sent"] += 1
+                self.send_ethernet(ethernet.BROADCAST, ethernet.ETHERTYPE_ARP,
+                                   _ARP_REQUEST_BODY + self.gateway_mac + self._gateway_ip
+                                   + bytes(6) + dst)
+
+    def _solicit(self, target):
+        """Ask for an IPv6 guest address's MAC: a neighbour solicitation to
+        its solicited-node group, from the gateway address of its scope."""
+        self.counters["ndp-solicitations-sent"] += 1
+        src = ipv6.ROUTER_LINK_LOCAL.packed if ipv6.is_link_local(target) else self._gateway6
+        group = ipv6.solicited_node(target)
+        message = icmpv6.neighbor_solicitation(src, group, target, self.gateway_mac)
+        self.send_ip(src, group, ipv6.NH_ICMPV6, message, ttl=255,
+                     dst_mac=ipv6.multicast_mac(group))
 
     def _purge(self, now):
         """Drop the queues of addresses nobody answered for ``unresolved_timeout``."""

@@ -19,14 +19,15 @@ class LinkCapabilities:
     frames travel bare, else the length of the ``struct virtio_net_hdr``
     before each one (10, or 12 for virtio 1.x with num_buffers); the link then
     takes offload metadata with each frame. ``csum_offload``: the peer accepts
-    partial checksums (NEEDS_CSUM). ``gso_tcpv4``: the peer accepts TCPv4 GSO
-    frames up to 64 KiB and cuts them itself.
+    partial checksums (NEEDS_CSUM). ``gso_tcpv4`` / ``gso_tcpv6``: the peer
+    accepts TCP GSO frames of that family up to 64 KiB and cuts them itself.
     """
 
     max_frame: int = 1514
     vnet_header_len: int = 0
     csum_offload: bool = False
     gso_tcpv4: bool = False
+    gso_tcpv6: bool = False
 
     @classmethod
     def plain(cls, mtu):
@@ -92,6 +93,17 @@ class IIPv4Handler(Interface):
         """Handle ``frame``, whose IPv4 header was parsed into ``ip``."""
 
 
+class IIPv6Handler(Interface):
+    """Handles one upper-layer protocol of IPv6 packets addressed through the
+    gateway; ``ip`` is an ``ipv6.Ipv6Header`` (extension headers walked),
+    whose fields are named as ``Ipv4Header``'s so one handler can serve both."""
+
+    ip_protocol = Attribute("The upper-layer protocol number handled, e.g. 6 for TCP.")
+
+    def handle_ipv6(frame, ip):
+        """Handle ``frame``, whose IPv6 header chain was parsed into ``ip``."""
+
+
 class IUDPService(Interface):
     """A UDP service the stack itself offers (DHCP, DNS on the gateway)."""
 
@@ -101,7 +113,21 @@ class IUDPService(Interface):
         "for this service; others fall through to UDP NAT.")
 
     def handle_datagram(frame, ip, src_port, payload):
-        """Handle one datagram; ``payload`` is the UDP payload."""
+        """Handle one datagram; ``payload`` is the UDP payload. ``ip`` is the
+        datagram's IPv4 header, or its IPv6 one for a service that also
+        provides ``IUDP6Service``."""
+
+
+class IUDP6Service(Interface):
+    """Marks an IUDPService that also serves IPv6 (DHCPv6, DNS): the
+    dispatcher hands it datagrams of both families on ``udp_port``, or of
+    IPv6 only when it provides only this interface."""
+
+    udp_port = Attribute("The destination port served.")
+    local_only = Attribute("As IUDPService's.")
+
+    def handle_datagram(frame, ip, src_port, payload):
+        """As IUDPService's, with an ``ipv6.Ipv6Header`` as ``ip``."""
 
 
 class IFlushable(Interface):

@@ -19,6 +19,11 @@ neither NATed nor learned. ``allow_any_source`` turns the check off: then any
 address inside or outside the subnet is learned from whichever MAC last used
 it, as the old single-MAC stack behaved.
 
+IPv6 addresses (16 bytes) share the table. A guest picks its own (SLAAC,
+privacy and link-local addresses), so any address in the IPv6 prefix or
+fe80::/64 is claimable by the first MAC that uses it and stays that MAC's
+while it keeps using it; a DHCPv6 binding binds its address like a lease.
+
 ``macs`` (address bytes -> MAC bytes) is the framer's one lookup per packet;
 it is never rebound. Entries age: one not confirmed for ``ttl`` seconds is
 forgotten (the next packet to it asks by ARP), and there are at most
@@ -33,6 +38,8 @@ TTL = 300.0
 #: Entries at most (a /16 of busy guests is far beyond any real link).
 MAX_ENTRIES = 4096
 _ZERO = b"\x00\x00\x00\x00"
+_ZERO6 = bytes(16)
+_LINK_LOCAL_PREFIX = b"\xfe\x80" + bytes(6)
 
 
 class NeighbourTable:
@@ -52,6 +59,14 @@ class NeighbourTable:
         #: address -> (MAC, until): bound by a DHCP lease or a static lease.
         self._owner = {}
         self._claimable = {config.guest.packed}
+        net6 = getattr(config, "ipv6_subnet", None)
+        if net6 is not None:
+            self._net6 = int(net6.network_address)
+            self._mask6 = int(net6.netmask)
+            self._not_guests |= {net6.network_address.packed, config.gateway6.packed,
+                                 config.router_link_local.packed}
+        else:
+            self._net6 = self._mask6 = -1
         for mac, address in config.static_leases:
             self._owner[address.packed] = (bytes(mac), math.inf)
         self.counters = Counter()
@@ -90,12 +105,21 @@ class NeighbourTable:
             self.bind(address, mac, now + left)
 
     def in_subnet(self, address):
-        return len(address) == 4 and int.from_bytes(address, "big") & self._mask == self._net
+        """Is ``address`` a guest's: in the IPv4 subnet, or in the IPv6 prefix
+        or link-local?"""
+        if len(address) == 4:
+            return int.from_bytes(address, "big") & self._mask == self._net
+        if len(address) != 16:
+            return False
+        if address[:8] == _LINK_LOCAL_PREFIX:
+            return True
+        return int.from_bytes(address, "big") & self._mask6 == self._net6
 
     def valid_source(self, address, mac, now):
-        """May a frame from ``mac`` carry source ``address`` (4 bytes)?"""
+        """May a frame from ``mac`` carry source ``address`` (4 or 16 bytes)?"""
         if self.allow_any_source:
-            return address != _ZERO and address not in self._not_guests
+            return address != _ZERO and address not in self._not_guests \
+                and not (len(address) == 16 and (address[0] == 0xFF or address == _ZERO6))
         if address in self._not_guests or not self.in_subnet(address):
             return False
         owner = self._owner.get(address)
@@ -103,7 +127,7 @@ class NeighbourTable:
             if owner[1] > now:
                 return owner[0] == mac
             del self._owner[address]           # the lease lapsed
-        if address in self._claimable:
+        if address in self._claimable or len(address) == 16:
             current = self.macs.get(address)
             return current is None or current == mac
         return False

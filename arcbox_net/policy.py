@@ -14,6 +14,12 @@ kernel router would (``MARTIAN``); with ``--no-host-loopback`` no guest
 packet reaches those host addresses at all, mapped or not (``LOOPBACK_CLOSED``).
 Services the stack runs itself (``add_local_service``: DNS over TCP) are
 the stack, not the host, and stay reachable.
+
+IPv6 is the same decision with 16-byte addresses: the IPv6 gateway
+(fd00::1) reaches the host's ``::1`` (127.0.0.1 on a host without an IPv6
+loopback), ``::1``/``::`` and link-local destinations are martians, and the
+rules of both families sit in one policy (an address only ever matches a
+network of its own family).
 """
 
 import ipaddress
@@ -22,14 +28,42 @@ import attrs
 
 from .wire import icmp
 
+import socket
+
 LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
+LOOPBACK6 = ipaddress.IPv6Address("::1")
 DEFAULT_DENY = (ipaddress.IPv4Network("169.254.0.0/16"),)
+_V6_LOCAL = {bytes(16), LOOPBACK6.packed}
 
 
 def is_host_local(address):
-    """127.0.0.0/8 or 0.0.0.0/8 (which reaches the host's own sockets too)."""
-    first = address.packed[0] if isinstance(address, ipaddress.IPv4Address) else address[0]
-    return first == 127 or first == 0
+    """127.0.0.0/8 or 0.0.0.0/8 (which reaches the host's own sockets too),
+    ``::1`` or ``::``; an IPv4-mapped IPv6 address of those too."""
+    if not isinstance(address, bytes):
+        address = address.packed
+    if len(address) == 16:
+        if address[:12] == b"\0" * 10 + b"\xff\xff":
+            address = address[12:]
+        else:
+            return address in _V6_LOCAL
+    return address[0] == 127 or address[0] == 0
+
+
+def _martian6(dst):
+    """Guest IPv6 destinations that are never routed: the host's own
+    (``::``, ``::1``, IPv4-mapped), link-local and multicast."""
+    return dst in _V6_LOCAL or dst[0] == 0xFF or dst[:2] == b"\xfe\x80" \
+        or dst[:12] == b"\0" * 10 + b"\xff\xff"
+
+
+def host_has_ipv6_loopback():
+    """Can this host bind ``::1``? (A host booted with ipv6.disable=1 cannot.)"""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 class EgressPolicy:
@@ -46,7 +80,7 @@ class EgressPolicy:
 
     def allows(self, address):
         if isinstance(address, bytes):
-            address = ipaddress.IPv4Address(address)
+            address = ipaddress.ip_address(address)
         cached = self._cache.get(address)
         if cached is not None:
             return cached
@@ -83,9 +117,14 @@ LOOPBACK_CLOSED = Refusal("loopback-closed", icmp.CODE_ADMIN_PROHIBITED)
 class Egress:
     """Maps guest-visible destinations to host addresses and applies the policy."""
 
-    def __init__(self, config):
+    def __init__(self, config, ipv6_loopback=None):
         self.gateway = config.gateway.packed
+        self.gateway6 = config.gateway6.packed
         self.host_loopback = config.host_loopback
+        if ipv6_loopback is None:
+            ipv6_loopback = host_has_ipv6_loopback() if config.ipv6 else False
+        #: Where the IPv6 gateway leads on the host: ::1, or 127.0.0.1 without it.
+        self.loopback6 = LOOPBACK6 if ipv6_loopback else LOOPBACK
         self.mapping = {virtual.packed: host for virtual, host in config.address_map}
         self.policy = EgressPolicy(allow=config.allow, deny=config.deny)
         #: (guest-visible address bytes, port) -> (host, port) of a service the
@@ -97,7 +136,7 @@ class Egress:
         self.local_services[(address, port)] = (host, host_port)
 
     def host_address(self, dst):
-        """The host address for guest destination ``dst`` (4 bytes), ignoring policy.
+        """The host address for guest destination ``dst`` (4 or 16 bytes), ignoring policy.
 
         None when there is no host address for it (the gateway without
         host loopback).
@@ -107,10 +146,12 @@ class Egress:
             return host
         if dst == self.gateway:
             return LOOPBACK if self.host_loopback else None
-        return ipaddress.IPv4Address(dst)
+        if dst == self.gateway6:
+            return self.loopback6 if self.host_loopback else None
+        return ipaddress.ip_address(dst)
 
     def route(self, dst, port=0):
-        """Where guest traffic to ``dst`` (4 bytes) and ``port`` goes: a
+        """Where guest traffic to ``dst`` (4 or 16 bytes) and ``port`` goes: a
         (host address string, port) target, or a Refusal. A local service the
         stack runs itself wins over mapping and policy (pass the port for TCP
         and UDP; ICMP has none)."""
@@ -122,14 +163,23 @@ class Egress:
         if host is not None:
             if not self.host_loopback and is_host_local(host):
                 return LOOPBACK_CLOSED
-        elif dst == self.gateway:
+        elif len(dst) == 4:
+            if dst == self.gateway:
+                if not self.host_loopback:
+                    return NO_ROUTE
+                host = LOOPBACK
+            elif dst[0] == 127 or dst[0] == 0:
+                return MARTIAN
+            else:
+                host = ipaddress.IPv4Address(dst)
+        elif dst == self.gateway6:
             if not self.host_loopback:
                 return NO_ROUTE
-            host = LOOPBACK
-        elif dst[0] == 127 or dst[0] == 0:
+            host = self.loopback6
+        elif _martian6(dst):
             return MARTIAN
         else:
-            host = ipaddress.IPv4Address(dst)
+            host = ipaddress.IPv6Address(dst)
         if not self.policy.allows(host):
             return DENIED
         return str(host), port

@@ -11,6 +11,8 @@ and closes it when stopped. If the link dies (the VM went away) the stack
 stops itself and fires ``whenLinkLost()`` Deferreds.
 """
 
+from ipaddress import ip_address
+
 from twisted.application import service
 from twisted.internet.defer import FirstError
 from twisted.internet import defer
@@ -54,6 +56,7 @@ class NetworkStack(service.Service):
         self.egress = Egress(self.config)
         #: Every part with drop counters, start/stop hooks or flows to list.
         self.parts = [self.arp, self.dhcp, self.icmp]
+        self._add_ipv6()
         self._add_nat()
         self._add_dns()
         for handler in self.parts:
@@ -74,6 +77,19 @@ class NetworkStack(service.Service):
         self.queue_workers = None
         self._ready = None
         self._ready_error = None
+
+    def _add_ipv6(self):
+        """NDP and router advertisements, DHCPv6, ICMPv6 echo to the gateway."""
+        self.icmp6 = self.dhcp6 = None
+        if not self.config.ipv6:
+            return
+        from .protocols.dhcpv6 import Dhcpv6Handler
+        from .protocols.icmpv6 import Icmpv6Handler
+        from .protocols.ndp import NdpHandler
+        ndp = NdpHandler(self.dispatcher, self.config, self.reactor)
+        self.icmp6 = Icmpv6Handler(self.dispatcher, ndp)
+        self.dhcp6 = Dhcpv6Handler(self.dispatcher, self.config, clock=self.reactor.seconds)
+        self.parts += [self.icmp6, self.dhcp6]
 
     def _add_nat(self):
         """Outbound NAT handlers (TCP, UDP, ICMP to other hosts)."""
@@ -160,6 +176,8 @@ class NetworkStack(service.Service):
         self.udp_forwarder.stop()
         if self.queue_workers is not None:
             self.queue_workers.stop()
+        if self.icmp6 is not None:
+            self.icmp6.stop()    # the last RA (router lifetime 0) leaves before the link closes
         self.link.stop()
         self.stop_capture()
         for part in self.parts:
@@ -305,12 +323,19 @@ class NetworkStack(service.Service):
         return flows
 
     def leases(self):
-        """Current DHCP leases as dicts (mac, address, expiry, state)."""
-        return [
+        """Current DHCP and DHCPv6 leases as dicts (mac, address, expiry, state)."""
+        leases = [
             {"mac": mac_to_str(lease.mac), "address": str(lease.address),
              "expiry": lease.expiry, "state": lease.state}
             for lease in self.dhcp.core.leases()
         ]
+        if self.dhcp6 is not None:
+            leases += [
+                {"mac": mac_to_str(b.mac) if b.mac else None, "address": str(b.address),
+                 "expiry": b.expiry, "state": b.state, "duid": b.duid.hex(), "iaid": b.iaid}
+                for b in self.dhcp6.core.bindings()
+            ]
+        return leases
 
     def stats(self):
         drops = dict(self.dispatcher.drops)
@@ -334,7 +359,7 @@ class NetworkStack(service.Service):
             "link": {"description": self.link.description,
                      "queued_frames": getattr(self.link, "queued_frames", 0)},
             "guest_mac": mac_to_str(self.dispatcher.guest_mac) if self.dispatcher.guest_mac else None,
-            "neighbours": {".".join(map(str, a)): mac_to_str(m)
+            "neighbours": {str(ip_address(a)): mac_to_str(m)
                            for a, m in self.dispatcher.neighbours.entries()},
         }
         if self.queue_workers is not None:

@@ -87,8 +87,9 @@ class DhcpServer:
         self._declined = {}    # address -> time it may be offered again, oldest first
         self._expiries = []    # heap of (expiry, mac, address) for _leases, some stale
         self._offered = {}     # macs whose lease is an unanswered offer, oldest first
-        self._static = dict(config.static_leases)
-        self._static_owner = {ip: mac for mac, ip in config.static_leases}
+        static = [(mac, ip) for mac, ip in config.static_leases if ip.version == 4]
+        self._static = dict(static)
+        self._static_owner = {ip: mac for mac, ip in static}
         net = config.subnet
         self._reserved = {net.network_address, net.broadcast_address,
                           config.gateway, config.dns_server}

@@ -27,8 +27,11 @@ import struct
 from collections import Counter, OrderedDict, deque
 
 import attrs
+from zope.interface import implementer
 
+from ..interfaces import IUDP6Service
 from ..wire import MalformedFrame, dnsname, ipv6
+from .ndp import search_list
 
 CLIENT_PORT = 546
 SERVER_PORT = 547
@@ -568,3 +571,43 @@ class Dhcpv6Server:
                 break
             del declined[address]
             self._give_back(address)
+
+
+@implementer(IUDP6Service)
+class Dhcpv6Handler:
+    """Connects Dhcpv6Server to the dispatcher: UDP port 547 to the
+    All_DHCP_Relay_Agents_and_Servers group (ff02::1:2) or an owned address;
+    replies from fe80::1 to the client's address and port 546, and every
+    binding told to the neighbour table."""
+
+    udp_port = SERVER_PORT
+    local_only = True
+
+    def __init__(self, dispatcher, config, clock):
+        self.dispatcher = dispatcher
+        self.framer = dispatcher.framer
+        self.server_ip = config.router_link_local.packed
+        static = [(mac, address) for mac, address in config.static_leases
+                  if address.version == 6]
+        self.core = Dhcpv6Server(
+            config.gateway_mac, clock, subnet=config.ipv6_subnet, first=config.guest6,
+            reserved=(config.gateway6,), dns=(config.gateway6,),
+            search=search_list(config.domain, config.search), static_leases=static)
+        neighbours = self.framer.neighbours
+        self.core.on_bind = self._bound
+        self.core.on_unbind = lambda b: b.mac and neighbours.unbind(b.address.packed, b.mac)
+
+    def _bound(self, binding):
+        if binding.mac is None:
+            return
+        framer = self.framer
+        framer.neighbours.bind(binding.address.packed, binding.mac,
+                               framer.clock() + (binding.expiry - self.core.clock()))
+
+    def handle_datagram(self, frame, ip, src_port, payload):
+        if len(ip.src) != 16:
+            raise MalformedFrame("dhcpv6-over-ipv4")
+        reply = self.core.handle(payload, bytes(frame[6:12]))
+        if reply is not None:
+            self.framer.send_udp(self.server_ip, bytes(ip.src), SERVER_PORT, src_port,
+                                 reply.payload, dst_mac=bytes(frame[6:12]))

@@ -6,8 +6,8 @@ and DNSSL) with no client software at all.
 Sans-I/O like arp.py: ``NdpResponder.handle`` takes one parsed ICMPv6
 message and returns the messages to send; ``RouterAdvertiser.poll(now)``
 returns the unsolicited RA when it is due and ``next_due`` says when to call
-it again. Time is always passed in. The Twisted handler comes with the
-dispatcher's IPv6 wiring.
+it again. Time is always passed in. ``NdpHandler`` is the thin adapter:
+the framer out, the reactor's clock and one timer for the RA schedule.
 
 Input is the guest's and untrusted: NDP messages must arrive with hop limit
 255 (proof they were not routed: RFC 4861 6.1, 7.1), code 0, a valid
@@ -273,3 +273,73 @@ class NdpResponder:
             return
         if announced_mac != src_mac or not self.learn(address, announced_mac):
             self.drops["ndp-spoofed-sender"] += 1
+
+
+class NdpHandler:
+    """Connects the NDP cores to the dispatcher and the reactor: NDP
+    messages in (from the ICMPv6 handler), replies out through the framer,
+    unsolicited RAs on the advertiser's schedule (one timer), and the final
+    RA (router lifetime 0) when the stack stops. Not a dispatch handler of
+    its own: ICMPv6 is one IP protocol, so protocols/icmpv6.py hands it the
+    NDP types."""
+
+    def __init__(self, dispatcher, config, reactor):
+        self.framer = dispatcher.framer
+        self.reactor = reactor
+        neighbours = self.framer.neighbours
+        mtu = min(config.mtu, self.framer.mtu)
+        self.advertiser = RouterAdvertiser(
+            config.gateway_mac, reactor.seconds(), prefix=config.ipv6_subnet,
+            link_local=config.router_link_local, mtu=mtu, dns=(config.gateway6,),
+            search=search_list(config.domain, config.search))
+
+        def learn(address, mac):
+            now = self.framer.clock()
+            if not neighbours.valid_source(address, mac, now):
+                return False
+            self.framer.learn(address, mac, now)
+            return True
+        self.core = NdpResponder(config.gateway_mac, self.advertiser,
+                                 owned=(config.router_link_local, config.gateway6), learn=learn)
+        self._timer = None
+        self._stopped = False
+
+    @property
+    def drops(self):
+        return self.core.drops + self.advertiser.drops
+
+    def start(self):
+        self._stopped = False
+        self._schedule()
+
+    def stop(self):
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._send([self.advertiser.final()])
+
+    def _schedule(self):
+        delay = max(0.0, self.advertiser.next_due - self.reactor.seconds())
+        self._timer = self.reactor.callLater(delay, self._due)
+
+    def _due(self):
+        self._timer = None
+        self._send(self.advertiser.poll(self.reactor.seconds()))
+        self._schedule()
+
+    def handle_ipv6(self, frame, ip):
+        replies = self.core.handle(ip, ip.payload(frame), frame[6:12], self.reactor.seconds())
+        self._send(replies)
+        if self._timer is not None and self._timer.active() and \
+                self._timer.getTime() > self.advertiser.next_due:
+            # A solicitation brought the next multicast RA forward.
+            self._timer.cancel()
+            self._schedule()
+
+    def _send(self, replies):
+        for reply in replies:
+            self.framer.send_ip(reply.src_ip, reply.dst_ip, icmpv6.NH_ICMPV6, reply.message,
+                                ttl=reply.hop_limit, dst_mac=bytes(reply.dst_mac))

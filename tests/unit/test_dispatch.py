@@ -110,10 +110,11 @@ def test_register_rejects_objects_without_interfaces(dispatcher):
 
 @pytest.mark.parametrize("frame, reason", [
     (b"\x00" * 5, "short-ethernet"),
-    (fb.GATEWAY_MAC + fb.GUEST_MAC + b"\x86\xdd" + b"\0" * 40, "ipv6"),
+    (fb.GATEWAY_MAC + fb.GUEST_MAC + b"\x86\xdd" + b"\0" * 40, "bad-ip-version"),
     (fb.GATEWAY_MAC + fb.GUEST_MAC + b"\x88\xcc" + b"\0" * 40, "unknown-ethertype"),
     (b"\x02\x99\x99\x99\x99\x99" + fb.GUEST_MAC + b"\x08\x00" + b"\0" * 40, "not-for-gateway-mac"),
-    (b"\x33\x33\x00\x00\x00\x01" + fb.GUEST_MAC + b"\x86\xdd" + b"\0" * 40, "multicast"),
+    (b"\x33\x33\x00\x00\x00\x01" + fb.GUEST_MAC + b"\x08\x00" + b"\0" * 40, "multicast"),
+    (b"\x01\x00\x5e\x00\x00\x01" + fb.GUEST_MAC + b"\x86\xdd" + b"\0" * 40, "multicast"),
     (fb.GATEWAY_MAC + b"\xff" * 6 + b"\x08\x00" + b"\0" * 40, "bad-source-mac"),
     (fb.GATEWAY_MAC + fb.GUEST_MAC + b"\x08\x00" + b"\x45\x00", "short-ipv4"),
     (fb.GATEWAY_MAC + fb.GUEST_MAC + b"\x08\x00" + b"\x65" + b"\0" * 30, "bad-ip-version"),
