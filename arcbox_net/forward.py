@@ -11,7 +11,7 @@ import ipaddress
 import itertools
 
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
@@ -49,24 +49,39 @@ class Forward:
             return self.spec.guest
         return self.manager.leased_guest_address()
 
-    def source_for(self, client):
-        """(source address bytes, preferred port) the guest sees for ``client``."""
+    def source_for(self, client, guest=None):
+        """(source address bytes, preferred port) the guest sees for
+        ``client``: the gateway of the guest address's family, or with
+        "preserve" the client's own address when it is of that family, not
+        loopback and not inside the guest's subnet."""
         manager = self.manager
+        config = manager.config
+        if guest is None:
+            guest = self.guest_address()
         if manager.source_mode == "preserve":
             try:
-                addr = ipaddress.IPv4Address(client.host)
+                addr = ipaddress.ip_address(client.host.partition("%")[0])
             except ValueError:
                 addr = None
-            if addr is not None and not addr.is_loopback and addr not in manager.config.subnet:
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            subnet = config.subnet if guest.version == 4 else config.ipv6_subnet
+            if addr is not None and addr.version == guest.version and not addr.is_loopback \
+                    and not addr.is_link_local and addr not in subnet:
                 return addr.packed, client.port
-        return manager.config.gateway.packed, None
+        gateway = config.gateway if guest.version == 4 else config.gateway6
+        return gateway.packed, None
 
     def to_json(self):
         guest = self.spec.guest or self.manager.leased_guest_address()
         return {"id": self.id, "protocol": self.spec.protocol,
-                "listen": f"{self.spec.bind}:{self.host_port}",
-                "guest": f"{guest}:{self.spec.guest_port}",
+                "listen": _endpoint(self.spec.bind, self.host_port),
+                "guest": _endpoint(guest, self.spec.guest_port),
                 "guest_address_explicit": self.spec.guest is not None}
+
+
+def _endpoint(address, port):
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 class ForwardManager:
@@ -106,12 +121,13 @@ class ForwardManager:
             if spec.host_port and (other.spec.protocol, other.spec.bind, other.host_port) == \
                     (spec.protocol, spec.bind, spec.host_port):
                 return defer.fail(ForwardError(
-                    f"{spec.protocol} {spec.bind}:{spec.host_port} is already forwarded "
+                    f"{spec.protocol} {_endpoint(spec.bind, spec.host_port)} is already forwarded "
                     f"(forward {other.id})", status=409))
         forward = Forward(str(next(self._ids)), spec, self)
         try:
             if spec.protocol == "tcp":
-                endpoint = TCP4ServerEndpoint(self.reactor, spec.host_port, interface=str(spec.bind))
+                kind = TCP6ServerEndpoint if spec.bind.version == 6 else TCP4ServerEndpoint
+                endpoint = kind(self.reactor, spec.host_port, interface=str(spec.bind))
                 d = endpoint.listen(self.stack.tcp.inbound_factory(forward))
             else:
                 d = defer.maybeDeferred(self.stack.udp_forwarder.listen, forward)
@@ -131,8 +147,9 @@ class ForwardManager:
             reason = getattr(err, "socketError", None) or err
             reason = getattr(reason, "strerror", None) or str(reason)
             if failure.check(CannotListenError) or isinstance(err, OSError):
-                raise ForwardError(f"cannot listen on {spec.protocol} {spec.bind}:{spec.host_port}: "
-                                   f"{reason}", status=409)
+                raise ForwardError(f"cannot listen on {spec.protocol} "
+                                   f"{_endpoint(spec.bind, spec.host_port)}: {reason}",
+                                   status=409)
             raise ForwardError(f"cannot forward {spec}: {reason}")
 
         return d.addCallbacks(bound, failed)

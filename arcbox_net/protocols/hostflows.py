@@ -5,7 +5,10 @@ answers which flows expired, which to evict at the cap and when the next
 deadline is; ``ExpiryTimer`` is the one reactor timer that drives it.
 ``ErrorQueueReader`` is a host socket in the reactor with IP_RECVERR: the
 ICMP errors the host kernel receives for a flow come from its error queue
-(``read_error_queue``), never as a torn-down descriptor.
+(``read_error_queue``), never as a torn-down descriptor. An IPv6 socket's
+ICMPv6 errors are reported in ICMPv4 terms (``_ICMP_FROM_ICMP6``): the NATs
+speak one language and the framer turns it back into ICMPv6 for an IPv6
+guest, so a v4 guest behind a v6-only host path still hears the failure.
 """
 
 import socket
@@ -16,9 +19,16 @@ from twisted.internet.interfaces import IHalfCloseableDescriptor, IReadDescripto
 from zope.interface import implementer
 
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 SO_EE_ORIGIN_LOCAL = 1
 SO_EE_ORIGIN_ICMP = 2
+SO_EE_ORIGIN_ICMP6 = 3
+#: ICMPv6 (type, code) -> the ICMPv4 (type, code) of the same failure.
+_ICMP_FROM_ICMP6 = {
+    (1, 0): (3, 0), (1, 1): (3, 13), (1, 2): (3, 1), (1, 3): (3, 1), (1, 4): (3, 3),
+    (1, 5): (3, 13), (1, 6): (3, 13), (2, 0): (3, 4), (3, 0): (11, 0), (3, 1): (11, 1),
+}
 #: struct sock_extended_err: errno, origin, type, code, pad, info, data.
 _EXT_ERR = struct.Struct("=IBBBBII")
 
@@ -170,10 +180,37 @@ def read_error_queue(sock, limit=32):
         except OSError:
             break
         for level, ctype, cdata in ancdata:
-            if level == socket.SOL_IP and ctype == IP_RECVERR and len(cdata) >= _EXT_ERR.size:
-                ee_errno, origin, etype, ecode, _pad, info, _d = _EXT_ERR.unpack_from(cdata)
-                out.append((ee_errno, origin, etype, ecode, info))
+            if len(cdata) < _EXT_ERR.size or (level, ctype) not in _RECVERR_CMSGS:
+                continue
+            ee_errno, origin, etype, ecode, _pad, info, _d = _EXT_ERR.unpack_from(cdata)
+            if origin == SO_EE_ORIGIN_ICMP6:
+                translated = _ICMP_FROM_ICMP6.get((etype, ecode))
+                if translated is None:
+                    continue
+                origin = SO_EE_ORIGIN_ICMP
+                etype, ecode = translated
+            out.append((ee_errno, origin, etype, ecode, info))
     return out
+
+
+_RECVERR_CMSGS = {(socket.SOL_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)}
+
+
+def open_error_queue_socket(host, kind=socket.SOCK_DGRAM, proto=0):
+    """A non-blocking socket of ``host``'s family with its error queue on
+    (IP_RECVERR or IPV6_RECVERR)."""
+    v6 = ":" in host
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind, proto)
+    try:
+        sock.setblocking(False)
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 @implementer(IReadDescriptor, IHalfCloseableDescriptor)
@@ -246,4 +283,4 @@ class ErrorQueueReader:
 
 
 def ip_str(raw):
-    return socket.inet_ntoa(raw)
+    return socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw)

@@ -50,12 +50,12 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..interfaces import IIPv4Handler
+from ..interfaces import IIPv4Handler, IIPv6Handler
 from ..policy import Refusal
 from ..ratelimit import LimitedLog
-from ..wire import MalformedFrame, icmp, ipv4, udp
-from .hostflows import (IP_RECVERR, SO_EE_ORIGIN_ICMP, ErrorQueueReader, ExpiryTimer, Flow,
-                        FlowTable, ip_str)
+from ..wire import MalformedFrame, icmp, ip as ipfamily, ipv4, udp
+from .hostflows import (SO_EE_ORIGIN_ICMP, ErrorQueueReader, ExpiryTimer, Flow, FlowTable,
+                        open_error_queue_socket)
 
 _ICMP_FOR_ERRNO = {
     errno.ECONNREFUSED: icmp.CODE_PORT_UNREACH,
@@ -74,11 +74,13 @@ class HostUdpSocket(ErrorQueueReader):
 
     def __init__(self, nat, flow):
         host, port = flow.target
-        bind = "127.0.0.1" if ipaddress.IPv4Address(host).is_loopback else "0.0.0.0"
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        loopback = ipaddress.ip_address(host).is_loopback
+        if ":" in host:
+            bind = "::1" if loopback else "::"
+        else:
+            bind = "127.0.0.1" if loopback else "0.0.0.0"
+        sock = open_error_queue_socket(host)
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
             sock.bind((bind, 0))
             sock.connect((host, port))
         except OSError:
@@ -145,9 +147,9 @@ class UdpFlow(Flow):
         self.socket = None
 
 
-@implementer(IIPv4Handler)
+@implementer(IIPv4Handler, IIPv6Handler)
 class UdpNat:
-    """The IPv4 handler for UDP the stack does not serve itself."""
+    """The handler of both IP families for UDP the stack does not serve itself."""
 
     log = Logger()
     ip_protocol = ipv4.PROTO_UDP
@@ -188,7 +190,7 @@ class UdpNat:
                 return
         now = self.reactor.seconds()
         flow = self.table.get(key)
-        quote = ipv4.quote(frame, ip)
+        quote = ipfamily.quote(frame, ip)
         if flow is None:
             flow = self._open(key, quote)
             if flow is None:
@@ -197,6 +199,8 @@ class UdpNat:
         payload = bytes(frame[start:end])
         self.table.outbound(flow, len(payload), now)
         flow.socket.send(payload)
+
+    handle_ipv6 = handle_ipv4
 
     def _open(self, key, quote):
         guest_ip, guest_port, remote_ip, remote_port = key
@@ -279,15 +283,19 @@ class UdpNat:
             address = getattr(flow.socket, "address", None)
             out.append({
                 "protocol": "udp", "direction": "outbound",
-                "guest": f"{ip_str(flow.guest_ip)}:{flow.guest_port}",
-                "remote": f"{ip_str(flow.remote_ip)}:{flow.remote_port}",
-                "host": f"{flow.target[0]}:{flow.target[1]}",
-                "local": f"{address[0]}:{address[1]}" if address else None,
+                "guest": ipfamily.endpoint_str(flow.guest_ip, flow.guest_port),
+                "remote": ipfamily.endpoint_str(flow.remote_ip, flow.remote_port),
+                "host": _host_str(*flow.target),
+                "local": _host_str(*address[:2]) if address else None,
                 "state": "established" if flow.established else "unreplied",
                 "bytes_from_guest": flow.bytes_out, "bytes_to_guest": flow.bytes_in,
                 "age": round(now - flow.created, 3), "idle": round(now - flow.last_active, 3),
             })
         return out
+
+
+def _host_str(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _UdpForwardFlow:
@@ -354,8 +362,9 @@ class UdpForwarder:
 
     def _open(self, forward, protocol, client, now):
         from twisted.internet.address import IPv4Address as TwistedAddress
-        guest_ip = forward.guest_address().packed
-        src_ip, preferred = forward.source_for(TwistedAddress("UDP", *client))
+        guest = forward.guest_address()
+        guest_ip = guest.packed
+        src_ip, preferred = forward.source_for(TwistedAddress("UDP", *client[:2]), guest)
         key = None
         for port in ([preferred] if preferred else []) + [None] * 64:
             port = port or random.randint(32768, 60999)
@@ -410,9 +419,9 @@ class UdpForwarder:
             gip, gport, sip, sport = flow.key
             out.append({
                 "protocol": "udp", "direction": "inbound",
-                "guest": f"{ipaddress.IPv4Address(gip)}:{gport}",
-                "remote": f"{ipaddress.IPv4Address(sip)}:{sport}",
-                "host": f"{flow.client[0]}:{flow.client[1]}",
+                "guest": ipfamily.endpoint_str(gip, gport),
+                "remote": ipfamily.endpoint_str(sip, sport),
+                "host": _host_str(*flow.client[:2]),
                 "state": "established" if flow.established else "unreplied",
                 "bytes_to_guest": flow.bytes_out, "bytes_from_guest": flow.bytes_in,
                 "age": round(now - flow.created, 3),

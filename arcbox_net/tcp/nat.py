@@ -51,9 +51,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..interfaces import IFlushable, IIPv4Handler
+from ..interfaces import IFlushable, IIPv4Handler, IIPv6Handler
 from ..policy import NO_ROUTE, Refusal
-from ..wire import icmp, ipv4, tcp
+from ..wire import icmp, ip as ipfamily, ipv4, tcp
 from ..wire.tcp import CONTROL_FLAGS, SYN
 from .connection import (Closed, Established, GuestEndOfData, GuestReset, IllegalTransition,
                          Refused, TcpConnection, TcpParams, TcpState, TimedOut)
@@ -66,13 +66,11 @@ HOST_READ_SIZE = 512 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-def _ip_str(raw):
-    return socket.inet_ntoa(raw)
-
-
-@implementer(IIPv4Handler, IFlushable)
+@implementer(IIPv4Handler, IIPv6Handler, IFlushable)
 class TcpNat:
-    """The IPv4 handler for TCP: owns the connection table."""
+    """The TCP handler of both IP families: owns the connection table. An
+    IPv6 connection is the same state machine with 16-byte addresses and an
+    MSS 20 bytes smaller (the larger header)."""
 
     log = Logger()
     ip_protocol = ipv4.PROTO_TCP
@@ -93,6 +91,9 @@ class TcpNat:
                                fin_wait2_timeout=config.tcp_fin_timeout,
                                close_wait_timeout=config.tcp_close_wait_timeout)
         self.params = params
+        #: IPv6 connections: 20 more header bytes per segment, and their own GSO.
+        self.params6 = attrs.evolve(params, mss_limit=params.mss_limit - 20,
+                                    segment_size=self.framer.tcp_segment_limit6)
         self.connections = {}
         #: Guest-opened connections not yet established (HELD, SYN_RECEIVED):
         #: each holds a host socket, so they have a cap of their own.
@@ -108,6 +109,7 @@ class TcpNat:
         self.on_event = None
         #: Inbound (forwarded) connections: gentler SYN retries than a host.
         self.inbound_params = attrs.evolve(self.params, syn_retries=2, rto_initial=0.5)
+        self.inbound_params6 = attrs.evolve(self.params6, syn_retries=2, rto_initial=0.5)
 
     # -- lifecycle
 
@@ -148,6 +150,8 @@ class TcpNat:
             splice.dirty = True
             self._dirty.append(splice)
 
+    handle_ipv6 = handle_ipv4
+
     def flush(self):
         if not self._dirty:
             return
@@ -187,7 +191,7 @@ class TcpNat:
 
     def _open(self, key, seg, frame, ip):
         guest_ip, guest_port, remote_ip, remote_port = key
-        quote = ipv4.quote(frame, ip)
+        quote = ipfamily.quote(frame, ip)
         if len(self.connections) >= self.config.max_connections:
             self.drops["tcp-connection-limit"] += 1
             self.emit(key, TcpConnection.reset_for(seg))
@@ -205,8 +209,8 @@ class TcpNat:
             else:
                 self.send_icmp_error(key, quote, target.icmp_code)
             return
-        conn = TcpConnection.from_guest_syn(seg, self.reactor.seconds(),
-                                            random.getrandbits(32), self.params)
+        conn = TcpConnection.from_guest_syn(seg, self.reactor.seconds(), random.getrandbits(32),
+                                            self.params6 if len(guest_ip) == 16 else self.params)
         conn.counters = self.counters
         splice = TcpSplice(self, key, conn, quote, target)
         splice.half_open = True
@@ -264,6 +268,11 @@ class TcpNat:
         return [splice.describe(now) for splice in self.connections.values()]
 
 
+def _target_str(target):
+    host, port = target
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @implementer(IHalfCloseableProtocol, IPushProducer)
 class TcpSplice(Protocol):
     """One guest connection and its host socket."""
@@ -299,8 +308,9 @@ class TcpSplice(Protocol):
             now = self.nat.reactor.seconds()
         return {
             "protocol": "tcp", "direction": self.direction,
-            "guest": f"{_ip_str(gip)}:{gport}", "remote": f"{_ip_str(rip)}:{rport}",
-            "host": f"{self.target[0]}:{self.target[1]}" if self.target else None,
+            "guest": ipfamily.endpoint_str(gip, gport),
+            "remote": ipfamily.endpoint_str(rip, rport),
+            "host": _target_str(self.target) if self.target else None,
             "state": conn.state.name if conn is not None else "LISTEN",
             "bytes_from_guest": conn.bytes_from_guest if conn is not None else 0,
             "bytes_to_guest": conn.bytes_to_guest if conn is not None else 0,
@@ -594,9 +604,10 @@ class InboundSplice(TcpSplice):
     def connectionMade(self):
         nat = self.nat
         forward = self.forward
-        guest_ip = forward.guest_address().packed
+        guest = forward.guest_address()
+        guest_ip = guest.packed
         guest_port = forward.guest_port
-        src_ip, preferred = forward.source_for(self.client)
+        src_ip, preferred = forward.source_for(self.client, guest)
         src_port = nat.free_port(guest_ip, guest_port, src_ip, preferred)
         if src_port is None or len(nat.connections) >= nat.config.max_connections:
             nat.drops["tcp-forward-no-slot"] += 1
@@ -607,8 +618,9 @@ class InboundSplice(TcpSplice):
         # Not a byte from the client until the guest has accepted.
         self.transport.pauseProducing()
         super().connectionMade()
-        self.conn = TcpConnection.open_to_guest(src_port, guest_port, nat.reactor.seconds(),
-                                                random.getrandbits(32), nat.inbound_params)
+        self.conn = TcpConnection.open_to_guest(
+            src_port, guest_port, nat.reactor.seconds(), random.getrandbits(32),
+            nat.inbound_params6 if guest.version == 6 else nat.inbound_params)
         self.conn.counters = nat.counters
         nat.connections[self.key] = self
         nat.counters["tcp-forward-opened"] += 1
