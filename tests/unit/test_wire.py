@@ -125,3 +125,73 @@ def test_sack_options_parse_back_and_match_dpkt():
         frame = b"\0" * 14 + ipv4.build_header(SRC, DST, 6, len(head) + 1) + head + b"x"
         seg = tcp.parse(frame, ipv4.parse(frame, 14))
         assert seg.sack is None and seg.payload == b"x"
+
+
+def _parse_tcp(head, payload=b""):
+    frame = b"\0" * 14 + ipv4.build_header(SRC, DST, 6, len(head) + len(payload)) + head + payload
+    return tcp.parse(frame, ipv4.parse(frame, 14))
+
+
+def test_timestamps_parse_back_and_match_dpkt():
+    # Every segment once negotiated: NOP, NOP, TS (the one-unpack path).
+    opts = tcp.ts_option(0xFFFFFFF0, 12345)
+    assert len(opts) == tcp.TS_OPTION_LEN == 12
+    head, _ = tcp.build(SRC, DST, 1, 2, 100, 7, tcp.ACK, 512, b"data", opts)
+    seg = _parse_tcp(head, b"data")
+    assert (seg.tsval, seg.tsecr, seg.sack, bytes(seg.payload)) == (0xFFFFFFF0, 12345, None,
+                                                                     b"data")
+    parsed = dict(dpkt.tcp.parse_opts(dpkt.tcp.TCP(head).opts))
+    assert parsed[dpkt.tcp.TCP_OPT_TIMESTAMP] == (0xFFFFFFF0).to_bytes(4, "big") + \
+        (12345).to_bytes(4, "big")
+    # Beside SACK blocks (three fit), and in another layout (TS last): the walk.
+    edges = (10, 20, 30, 40, 50, 60)
+    head, _ = tcp.build(SRC, DST, 1, 2, 100, 7, tcp.ACK, 512, b"",
+                        tcp.sack_option(edges, 77, 88))
+    assert len(head) == 60
+    seg = _parse_tcp(head)
+    assert (seg.tsval, seg.tsecr, seg.sack) == (77, 88, edges)
+    head, _ = tcp.build(SRC, DST, 1, 2, 100, 7, tcp.ACK, 512, b"",
+                        tcp.sack_option((1, 2)) + b"\x08\x0a" + (5).to_bytes(4, "big")
+                        + (6).to_bytes(4, "big") + b"\x01\x00")
+    seg = _parse_tcp(head)
+    assert (seg.tsval, seg.tsecr, seg.sack) == (5, 6, (1, 2))
+    # A segment without the option, or a malformed one, has none.
+    for opts in (b"", b"\x01\x01\x08\x09" + bytes(8), b"\x01\x01\x05\x0b" + bytes(8)):
+        seg = _parse_tcp(tcp.build(SRC, DST, 1, 2, 100, 7, tcp.ACK, 512, b"", opts)[0])
+        assert seg.tsval is None
+
+
+def test_syn_options_with_timestamps_parse_back_and_match_dpkt():
+    for sack in (False, True):
+        opts = tcp.syn_options(1460, 7, sack, 0xDEADBEEF, 0)
+        assert len(opts) == 20  # Linux's layout: MSS, SACK-permitted/NOPs + TS, NOP + wscale
+        head, _ = tcp.build(SRC, DST, 1, 2, 100, 0, tcp.SYN, 65535, b"", opts)
+        seg = _parse_tcp(head)
+        assert (seg.mss, seg.wscale, seg.sack, seg.tsval, seg.tsecr) == \
+            (1460, 7, True if sack else None, 0xDEADBEEF, 0)
+        parsed = dict(dpkt.tcp.parse_opts(dpkt.tcp.TCP(head).opts))
+        assert parsed[dpkt.tcp.TCP_OPT_TIMESTAMP] == bytes.fromhex("deadbeef00000000")
+        assert (dpkt.tcp.TCP_OPT_SACKOK in parsed) is sack
+
+
+def test_frame_header_with_timestamps_agrees_with_dpkt_and_the_slow_path():
+    rng = random.Random(11)
+    eth = bytes.fromhex("525400000002" "02abcb000001" "0800")
+    for payload in [b"", b"x", b"\xff" * 1447, bytes(1448)] + \
+            [rng.randbytes(rng.randrange(1, 1449)) for _ in range(100)]:
+        seq, ack = rng.getrandbits(32), rng.getrandbits(32)
+        tsval, tsecr = rng.getrandbits(32), rng.choice([0, rng.getrandbits(32), 0xFFFFFFFF])
+        opts = tcp.ts_option(tsval, tsecr)
+        flags = rng.choice([tcp.ACK, tcp.ACK | tcp.PSH, tcp.ACK | tcp.FIN])
+        window, ident = rng.getrandbits(16), rng.getrandbits(16)
+        head = tcp.frame_header(eth, SRC, DST, ident, 443, 40000, seq, ack, flags, window,
+                                payload, options=opts)
+        assert len(head) == 66
+        frame = head + payload
+        packet = dpkt.ethernet.Ethernet(frame).data
+        assert packet.len == 52 + len(payload) and packet.data.data == payload
+        assert ones_sum(frame[14:34]) == 0xFFFF
+        pseudo = SRC + DST + b"\0\x06" + (32 + len(payload)).to_bytes(2, "big")
+        assert ones_sum(pseudo + frame[34:]) == 0xFFFF
+        slow_head, _ = tcp.build(SRC, DST, 443, 40000, seq, ack, flags, window, payload, opts)
+        assert frame[34:66] == slow_head
