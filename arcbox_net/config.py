@@ -48,6 +48,15 @@ def _network6(value):
         raise ConfigError(f"IPv6 subnet {value!r} is not an IPv6 network: {e}") from None
 
 
+def _optional_address6(value):
+    if value is None or isinstance(value, ipaddress.IPv6Address):
+        return value
+    try:
+        return ipaddress.IPv6Address(value)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not an IPv6 address") from None
+
+
 def _optional_address(value):
     return None if value is None else _address(value)
 
@@ -282,7 +291,7 @@ class ForwardSpec:
             return
         if guest.version == 6:
             net = config.ipv6_subnet
-            not_guests = (net.network_address, config.gateway6)
+            not_guests = (net.network_address, config.gateway6, config.dns6)
         else:
             net = config.subnet
             not_guests = (net.network_address, net.broadcast_address, config.gateway,
@@ -361,6 +370,14 @@ class StackConfig:
     ipv6: bool = attrs.field(default=True)
     #: The guest's IPv6 prefix: gateway (and DNS) ::1, first guest ::2.
     ipv6_subnet: ipaddress.IPv6Network = attrs.field(default="fd00::/64", converter=_network6)
+    #: Other addresses in the prefix (slirp4netns -6 uses ::2, ::3 and ::100);
+    #: None means the defaults above, and the DNS server is the gateway.
+    ipv6_gateway: ipaddress.IPv6Address | None = attrs.field(default=None,
+                                                             converter=_optional_address6)
+    ipv6_dns: ipaddress.IPv6Address | None = attrs.field(default=None,
+                                                         converter=_optional_address6)
+    ipv6_guest: ipaddress.IPv6Address | None = attrs.field(default=None,
+                                                           converter=_optional_address6)
 
     def __attrs_post_init__(self):
         net = self.subnet
@@ -399,6 +416,13 @@ class StackConfig:
             spec.check_guest(self)
         if self.ipv6_subnet.prefixlen > 120:
             raise ConfigError(f"IPv6 subnet {self.ipv6_subnet} is too small")
+        for name in ("gateway6", "dns6", "guest6"):
+            addr = getattr(self, name)
+            if addr not in self.ipv6_subnet or addr == self.ipv6_subnet.network_address:
+                raise ConfigError(f"IPv6 {name[:-1]} {addr} is not an address of "
+                                  f"{self.ipv6_subnet}")
+        if self.guest6 in (self.gateway6, self.dns6):
+            raise ConfigError(f"IPv6 guest {self.guest6} is the gateway's or DNS server's")
         seen_virtual = set()
         for virtual, host in self.address_map:
             if virtual in seen_virtual:
@@ -431,13 +455,23 @@ class StackConfig:
 
     @property
     def gateway6(self):
-        """The IPv6 gateway, DNS server and host-loopback alias (fd00::1)."""
-        return self.ipv6_subnet.network_address + 1
+        """The IPv6 gateway and host-loopback alias (fd00::1)."""
+        return self.ipv6_gateway or self.ipv6_subnet.network_address + 1
+
+    @property
+    def dns6(self):
+        """The IPv6 DNS server (the gateway unless set)."""
+        return self.ipv6_dns or self.gateway6
 
     @property
     def guest6(self):
         """The first guest's DHCPv6 address (fd00::2)."""
-        return self.ipv6_subnet.network_address + 2
+        return self.ipv6_guest or self.ipv6_subnet.network_address + 2
+
+    @property
+    def owned_addresses6(self):
+        """IPv6 addresses the stack answers NDP and echo for."""
+        return {self.gateway6, self.dns6, self.router_link_local}
 
     #: The router's link-local address: RAs and NDP come from it.
     router_link_local = ipaddress.IPv6Address("fe80::1")

@@ -72,7 +72,7 @@ class FrameDispatcher:
         self.gateway_mac = config.gateway_mac
         self.owned = {a.packed for a in config.owned_addresses}
         #: The stack's own IPv6 addresses: the gateway and the router's link-local.
-        self.owned6 = {config.gateway6.packed, config.router_link_local.packed}
+        self.owned6 = {a.packed for a in config.owned_addresses6}
         self.ipv6 = config.ipv6
         self.subnet_broadcast = config.subnet.broadcast_address.packed
         self.frames_in = 0

@@ -63,8 +63,8 @@ class NeighbourTable:
         if net6 is not None:
             self._net6 = int(net6.network_address)
             self._mask6 = int(net6.netmask)
-            self._not_guests |= {net6.network_address.packed, config.gateway6.packed,
-                                 config.router_link_local.packed}
+            self._not_guests |= {net6.network_address.packed,
+                                 *(a.packed for a in config.owned_addresses6)}
         else:
             self._net6 = self._mask6 = -1
         for mac, address in config.static_leases:

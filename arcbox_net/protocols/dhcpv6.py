@@ -591,7 +591,7 @@ class Dhcpv6Handler:
                   if address.version == 6]
         self.core = Dhcpv6Server(
             config.gateway_mac, clock, subnet=config.ipv6_subnet, first=config.guest6,
-            reserved=(config.gateway6,), dns=(config.gateway6,),
+            reserved=(config.gateway6, config.dns6), dns=(config.dns6,),
             search=search_list(config.domain, config.search), static_leases=static)
         neighbours = self.framer.neighbours
         self.core.on_bind = self._bound

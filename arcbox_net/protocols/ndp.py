@@ -290,7 +290,7 @@ class NdpHandler:
         mtu = min(config.mtu, self.framer.mtu)
         self.advertiser = RouterAdvertiser(
             config.gateway_mac, reactor.seconds(), prefix=config.ipv6_subnet,
-            link_local=config.router_link_local, mtu=mtu, dns=(config.gateway6,),
+            link_local=config.router_link_local, mtu=mtu, dns=(config.dns6,),
             search=search_list(config.domain, config.search))
 
         def learn(address, mac):
@@ -300,7 +300,7 @@ class NdpHandler:
             self.framer.learn(address, mac, now)
             return True
         self.core = NdpResponder(config.gateway_mac, self.advertiser,
-                                 owned=(config.router_link_local, config.gateway6), learn=learn)
+                                 owned=sorted(config.owned_addresses6), learn=learn)
         self._timer = None
         self._stopped = False
 
