@@ -759,11 +759,17 @@ class SimGuest:
     MSS = 1460
     SHIFT = 2  # the guest's window scale
 
-    def __init__(self, giss, data, rng, buffer=None):
+    def __init__(self, giss, data, rng, buffer=None, timestamps=False):
         self.giss = giss
         self.data = data
         self.rng = rng
         self.buffer = buffer
+        #: RFC 7323 on the guest's side: its TSval clock (ms) and TS.Recent,
+        #: updated only by segments the last ACK it sent covers.
+        self.timestamps = timestamps
+        self.now = 0.0
+        self.ts_recent = 0
+        self.last_ack_sent = 0
         self.unread = 0
         self.una = self.nxt = 0
         self.edge = 0  # right edge of the connection's window, as an offset
@@ -779,7 +785,11 @@ class SimGuest:
         self.out = []
 
     def syn(self):
-        return TcpSegment(GP, LP, self.giss, 0, SYN, 65535, mss=self.MSS, wscale=self.SHIFT)
+        return TcpSegment(GP, LP, self.giss, 0, SYN, 65535, mss=self.MSS, wscale=self.SHIFT,
+                          tsval=self._tsval())
+
+    def _tsval(self):
+        return (0x5A5A0000 + int(self.now * 1000)) & M if self.timestamps else None
 
     def _window(self):
         free = (65535 << self.SHIFT) if self.buffer is None else self.buffer - self.unread
@@ -789,16 +799,28 @@ class SimGuest:
 
     def _emit(self, off, flags=ACK, payload=b""):
         ack = (self.peer_iss + 1 + self.rcv + self.got_fin) & M
+        self.last_ack_sent = self.rcv + self.got_fin
         self.out.append(TcpSegment(GP, LP, (self.giss + 1 + off) & M, ack, flags,
-                                   self._window(), payload))
+                                   self._window(), payload, tsval=self._tsval(),
+                                   tsecr=self.ts_recent))
 
     def receive(self, seg, now):
+        self.now = now
+        if self.timestamps and not seg.flags & RST:
+            # Every segment of ours carries the option, echoing a TSval we sent.
+            assert seg.tsval is not None, seg
+            assert not seg.flags & ACK or \
+                0 <= seq_diff(self._tsval(), seg.tsecr) < 100_000, seg
         if seg.flags & SYN:  # the SYN-ACK
+            self.ts_recent = seg.tsval or 0
             self.peer_iss = seg.seq
             self.peer_shift = seg.wscale or 0
             self.edge = seg.window
             self._emit(0)
             return
+        if self.timestamps and seq_diff(seg.seq, self.peer_iss + 1) <= self.last_ack_sent \
+                and seq_diff(seg.tsval, self.ts_recent) >= 0:
+            self.ts_recent = seg.tsval
         a = seq_diff(seg.ack, self.giss + 1)
         if self.una <= a <= self.nxt:
             if a > self.una:
@@ -830,6 +852,7 @@ class SimGuest:
             self._emit(self.nxt)
 
     def tick(self, now):
+        self.now = now
         if self.unread and self.rng.random() < 0.05:  # the application reads
             closed = self._window() == 0
             self.unread = 0
@@ -860,14 +883,15 @@ class SimGuest:
 
 
 def simulate(seed, up=200_000, down=200_000, loss=0.05, iss=None, giss=None,
-             toggle_receive=False, guest_buffer=None, host_closes_last=False, params=None):
+             toggle_receive=False, guest_buffer=None, host_closes_last=False, params=None,
+             timestamps=False):
     """Both byte streams through a lossy, reordering wire; checks they arrive intact."""
     rng = random.Random(seed)
     params = params or TcpParams(time_wait=0.5)
     iss = rng.getrandbits(32) if iss is None else iss
     giss = rng.getrandbits(32) if giss is None else giss
     to_guest_data = rng.randbytes(down)
-    guest = SimGuest(giss, rng.randbytes(up), rng, guest_buffer)
+    guest = SimGuest(giss, rng.randbytes(up), rng, guest_buffer, timestamps)
     conn = TcpConnection.from_guest_syn(guest.syn(), 0.0, iss, params)
     conn.accept(0.0)
     guest.receive(only(conn.take_segments()), 0.0)
@@ -922,6 +946,7 @@ def simulate(seed, up=200_000, down=200_000, loss=0.05, iss=None, giss=None,
     assert events.count(GuestEndOfData()) == 1 and events.count(Closed()) == 1
     assert GuestReset() not in events and GuestReset("timeout") not in events
     assert conn.bytes_from_guest == up and conn.bytes_to_guest == down
+    assert conn._ts_ok is (timestamps and params.timestamps)
     return conn
 
 
@@ -935,6 +960,15 @@ def test_wraparound_transfer_both_ways():
 def test_random_loss_and_reordering(seed):
     iss = [None, 2**32 - 50_000][seed % 2]
     simulate(seed, loss=0.08, iss=iss, giss=iss, host_closes_last=seed % 3 == 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_loss_and_reordering_with_timestamps(seed):
+    """Timestamps on both sides (the guest's TS.Recent by RFC 7323's rules):
+    nothing the wire merely reorders is lost to PAWS, and resent segments
+    give RTT samples."""
+    conn = simulate(200 + seed, loss=0.08, timestamps=True, host_closes_last=seed % 2 == 0)
+    assert conn.counters["tcp-rtt-from-timestamps"] > 0
 
 
 @pytest.mark.parametrize("seed", range(4))
