@@ -126,6 +126,9 @@ class Egress:
         #: Where the IPv6 gateway leads on the host: ::1, or 127.0.0.1 without it.
         self.loopback6 = LOOPBACK6 if ipv6_loopback else LOOPBACK
         self.mapping = {virtual.packed: host for virtual, host in config.address_map}
+        #: The guest's own networks: no destination in them leads to the host
+        #: (the DNS address's other ports, a neighbour guest, the broadcast).
+        self._guest_nets = (config.subnet, config.ipv6_subnet)
         self.policy = EgressPolicy(allow=config.allow, deny=config.deny)
         #: (guest-visible address bytes, port) -> (host, port) of a service the
         #: stack runs itself on the host (e.g. DNS over TCP on the gateway).
@@ -172,6 +175,8 @@ class Egress:
                 return MARTIAN
             else:
                 host = ipaddress.IPv4Address(dst)
+                if host in self._guest_nets[0]:
+                    return NO_ROUTE
         elif dst == self.gateway6:
             if not self.host_loopback:
                 return NO_ROUTE
@@ -180,6 +185,8 @@ class Egress:
             return MARTIAN
         else:
             host = ipaddress.IPv6Address(dst)
+            if host in self._guest_nets[1]:
+                return NO_ROUTE
         if not self.policy.allows(host):
             return DENIED
         return str(host), port

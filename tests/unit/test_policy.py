@@ -3,11 +3,13 @@
 TCP, UDP and ICMP NAT all ask this one decision, so it is tested here for
 each kind of destination, and through the UDP NAT for the counters."""
 
+import ipaddress
+
 import pytest
 
 import framebuild as fb
 from arcbox_net.config import StackConfig
-from arcbox_net.policy import LOOPBACK_CLOSED, MARTIAN, NO_ROUTE, Egress, Refusal
+from arcbox_net.policy import DENIED, LOOPBACK_CLOSED, MARTIAN, NO_ROUTE, Egress, Refusal
 
 from .test_udp_nat import Harness
 
@@ -66,3 +68,25 @@ def test_the_udp_nat_drops_and_counts_martians_and_opens_no_socket():
     h = Harness(host_loopback=False)
     h.guest_sends(5000, "203.0.113.10", 7, b"q")
     assert h.sockets == [] and h.nat.drops["udp-loopback-closed"] == 1
+
+
+def test_addresses_inside_the_guest_networks_never_lead_to_the_host():
+    """The DNS address's other ports, a neighbour guest: no route (the
+    gateway answers RST), not a host address of the same number."""
+    config = StackConfig(dns="10.0.2.3", ipv6_dns="fd00::3")
+    egress = Egress(config, ipv6_loopback=True)
+    assert egress.route(ipaddress.IPv4Address("10.0.2.3").packed, 80) is NO_ROUTE
+    assert egress.route(ipaddress.IPv4Address("10.0.2.77").packed, 80) is NO_ROUTE
+    assert egress.route(ipaddress.IPv6Address("fd00::3").packed, 80) is NO_ROUTE
+    assert egress.route(ipaddress.IPv6Address("fd00::1").packed, 80) == ("::1", 80)
+
+
+def test_ipv6_destinations_mapped_denied_and_martian():
+    config = StackConfig(address_map=["2001:db8::10=::1"], deny=["::/0"], allow=["::1/128"])
+    egress = Egress(config, ipv6_loopback=True)
+    v6 = lambda text: ipaddress.IPv6Address(text).packed  # noqa: E731
+    assert egress.route(v6("2001:db8::10"), 443) == ("::1", 443)
+    assert egress.route(v6("2001:db8::99"), 443) is DENIED
+    for martian in ("::1", "::", "fe80::5", "ff02::1", "::ffff:127.0.0.1"):
+        assert egress.route(v6(martian), 443) is MARTIAN, martian
+    assert Egress(config, ipv6_loopback=False).route(v6("fd00::1"), 80) == ("127.0.0.1", 80)
