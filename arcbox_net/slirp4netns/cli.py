@@ -4,7 +4,9 @@
 slirp4netns takes (GNU getopt rules, as slirp4netns's getopt_long: ``--opt=value``
 and ``--opt value``, clustered short options, options after the operands)
 and slirp4netns's address plan: in CIDR (default 10.0.2.0/24) the host and
-gateway are .2, DNS .3 and the guest .100. A few arcbox-net options ride
+gateway are .2, DNS .3 and the guest .100; with ``-6`` also fd00::/64 with
+the host fd00::2, DNS fd00::3 and DHCPv6 from fd00::100 (without it the guest
+has no IPv6 at all, as with slirp4netns). A few arcbox-net options ride
 along, on the command line or in ``ARCBOX_NET_SLIRP4NETNS_OPTS`` (rootlesskit
 and Podman pass the environment on but not extra arguments): the egress
 policy, DNS upstreams and records, a pcap and the HTTP control API.
@@ -31,9 +33,10 @@ DEFAULT_MTU = 1500
 HOST_OFFSET, DNS_OFFSET, GUEST_OFFSET = 2, 3, 100
 #: slirp4netns's bounds: the guest at network + 100 must fit.
 PREFIX_MIN, PREFIX_MAX = 1, 25
-#: The interface slirp4netns's IPv6 would use (not provided here yet, issue 16).
-IPV6_NOTE = ("IPv6 (--enable-ipv6) is not provided by arcbox-net yet: "
-             "serving IPv4 only (fd00::/64 is not configured)")
+#: slirp4netns's IPv6 plan with -6: the prefix, and host, DNS and first
+#: DHCPv6 address in it (the guest itself takes a SLAAC address from the RA).
+IPV6_SUBNET = "fd00::/64"
+HOST6_OFFSET, DNS6_OFFSET, GUEST6_OFFSET = 2, 3, 0x100
 
 SHORT = "ce:r:m:a:6hv"
 LONG = [
@@ -55,12 +58,15 @@ line, served by arcbox-net.
 -e, --exit-fd=FD         exit when FD is closed or readable
 -r, --ready-fd=FD        write "1" to FD (then close it) once serving
 -m, --mtu=MTU            MTU (default={DEFAULT_MTU}, 576..65520)
--6, --enable-ipv6        accepted; IPv6 is not provided yet (IPv4 only, one log line)
+-6, --enable-ipv6        IPv6 on fd00::/64: host fd00::2, DNS fd00::3; the guest
+                         autoconfigures from router advertisements (DHCPv6
+                         from fd00::100); without -6 there is no IPv6
 -a, --api-socket=PATH    slirp4netns's JSON API (add_hostfwd, list_hostfwd,
                          remove_hostfwd) on this unix socket
 --cidr=CIDR              network address CIDR (default={DEFAULT_CIDR}): host .2,
                          DNS .3, guest .100
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host through .2
+                         (and to [::1]:* through fd00::2 with -6)
 --netns-type=TYPE        what PID|PATH|FD names ([path|pid|tapfd], default=pid)
 --userns-path=PATH       user namespace to join first (default: /proc/PID/ns/user)
 --enable-sandbox         accepted; does nothing here: arcbox-net makes no mount
@@ -69,7 +75,8 @@ line, served by arcbox-net.
 --enable-seccomp         accepted; does nothing here: no seccomp filter is loaded
 --outbound-addr=IPv4     accepted; not applied: host sockets use the host's
                          default source address (one log line)
---outbound-addr6=IPv6    accepted; not applied (no IPv6 yet)
+--outbound-addr6=IPv6    accepted; not applied: host sockets use the host's
+                         default source address (one log line)
 --disable-dns            no DNS server on .3
 --macaddress=MAC         the MAC address of the TAP (only valid with -c)
 --target-type=TYPE       netns only (bess is not supported)
@@ -199,7 +206,8 @@ def parse_args(argv, environ=None):
                          "use the host's default source address")
         elif opt == "--outbound-addr6":
             values["outbound_addr6"] = arg
-            notes.append(f"--outbound-addr6 {arg}: accepted but not applied (no IPv6 yet)")
+            notes.append(f"--outbound-addr6 {arg}: accepted but not applied: host sockets "
+                         "use the host's default source address")
         elif opt == "--disable-dns":
             values["disable_dns"] = True
         elif opt == "--macaddress":
@@ -227,8 +235,6 @@ def parse_args(argv, environ=None):
     if values.get("macaddress") and not values.get("configure"):
         raise UsageError("--macaddress cannot be specified when --configure or -c is not "
                          "specified")
-    if values.get("enable_ipv6"):
-        notes.append(IPV6_NOTE)
     netns_type = values.get("netns_type", "pid")
     if not operands:
         raise UsageError("missing operand: PID|PATH|FD [TAPNAME] (see --help)")
@@ -275,18 +281,31 @@ def plan(cidr):
     return net, base + HOST_OFFSET, base + DNS_OFFSET, base + GUEST_OFFSET
 
 
+def plan6():
+    """(network, host, dns, first DHCPv6 address) of slirp4netns's -6 plan."""
+    net = ipaddress.IPv6Network(IPV6_SUBNET)
+    base = net.network_address
+    return net, base + HOST6_OFFSET, base + DNS6_OFFSET, base + GUEST6_OFFSET
+
+
 def stack_config(options):
-    """The StackConfig for ``options``: slirp4netns's address plan, host
-    loopback on .2 unless disabled, and arcbox-net's policy options.
+    """The StackConfig for ``options``: slirp4netns's address plan (IPv6 only
+    with -6, as slirp4netns), host loopback on .2 (and fd00::2) unless
+    disabled, and arcbox-net's policy options.
 
     The network itself is never a destination on the host: every address in
     it is one of the stack's (slirp4netns's "aliases"), so it is denied
     rather than sent to a same-numbered network the host may route to.
     """
     net, host, dns, guest = plan(options.cidr)
+    v6 = {}
+    if options.enable_ipv6:
+        net6, host6, dns6, guest6 = plan6()
+        v6 = dict(ipv6_subnet=net6, ipv6_gateway=host6, ipv6_dns=dns6, ipv6_guest=guest6)
     try:
         return StackConfig(
             subnet=net, gateway=host, dns=dns, guest=guest, mtu=options.mtu,
+            ipv6=options.enable_ipv6, **v6,
             host_loopback=not options.disable_host_loopback,
             allow=options.allow, deny=("169.254.0.0/16", str(net), *options.deny),
             dns_upstreams=options.dns_upstreams, dns_records=options.dns_records)

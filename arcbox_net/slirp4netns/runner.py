@@ -154,6 +154,14 @@ def run(options, config):
                  dns="none" if options.disable_dns else str(config.dns_server),
                  guest=str(config.guest), mtu=config.mtu,
                  loopback="no" if options.disable_host_loopback else "yes")
+        if config.ipv6:
+            log.info("slirp4netns IPv6 plan: network {net}, host {host}, DNS {dns}, first "
+                     "DHCPv6 address {guest}; router advertisements from {router}",
+                     net=str(config.ipv6_subnet), host=str(config.gateway6),
+                     dns="none" if options.disable_dns else str(config.dns6),
+                     guest=str(config.guest6), router=str(config.router_link_local))
+        else:
+            log.info("no IPv6 (as slirp4netns without -6): IPv6 frames are dropped")
         if options.ready_fd is not None:
             def ready(_):
                 try:
