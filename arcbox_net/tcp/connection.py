@@ -686,7 +686,11 @@ class TcpConnection:
         reo = self._reo_timer
         if reo is not None and (timer is None or reo < timer):
             timer = reo
-        if timer is not None and self._sack_ok and self._probes < self.params.max_probes:
+        # The probe counts only on the terms on_timer fires it: a deadline it
+        # would not act on (a zero window) stays in the past, and the adapter
+        # re-arms at once, in a loop, until the next real deadline.
+        if timer is not None and self._sack_ok and self._probes < self.params.max_probes \
+                and self.snd_wnd and self.state in _SENDING:
             probe = self._probe_deadline()
             if probe is not None and probe < timer:
                 timer = probe
