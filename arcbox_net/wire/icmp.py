@@ -49,7 +49,10 @@ def error(icmp_type, code, quote, mtu=0):
     if icmp_type not in (TYPE_DEST_UNREACH, TYPE_TIME_EXCEEDED):
         raise ValueError(f"ICMP type {icmp_type} is not an error the stack sends")
     quoted = bytes(quote[:((quote[0] & 0x0F) * 4) + 8])
-    rest = struct.pack("!HH", 0, mtu if code == CODE_FRAG_NEEDED else 0)
+    # Only "fragmentation needed" has a next-hop MTU; in time exceeded (and any
+    # other code) those bytes are unused and must be zero (RFC 792, RFC 1191).
+    frag_needed = icmp_type == TYPE_DEST_UNREACH and code == CODE_FRAG_NEEDED
+    rest = struct.pack("!HH", 0, mtu if frag_needed else 0)
     return build(icmp_type, code, rest, quoted)
 
 
