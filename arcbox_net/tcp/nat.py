@@ -45,9 +45,8 @@ from collections import Counter
 
 import attrs
 from twisted.internet import error as neterror
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -320,11 +319,14 @@ class TcpSplice(Protocol):
     # -- connect (deferred SYN release)
 
     def connect(self):
+        """The host connect, straight through ``reactor.connectTCP``: the
+        target is always a literal address, so an endpoint's resolution and
+        its Deferred and wrapping-protocol layers would only cost time on
+        every connection (the connection rate is per-connection overhead)."""
         nat = self.nat
-        endpoint = TCP4ClientEndpoint(nat.reactor, self.target[0], self.target[1],
-                                      timeout=nat.config.connect_timeout)
-        self._connecting = endpoint.connect(_SpliceFactory(self))
-        self._connecting.addCallbacks(self._connected, self._connect_failed)
+        self._connecting = nat.reactor.connectTCP(self.target[0], self.target[1],
+                                                  _SpliceClientFactory(self),
+                                                  timeout=nat.config.connect_timeout)
 
     def replaced_by(self, syn):
         """Should a new SYN on our 4-tuple replace this connection?"""
@@ -333,7 +335,7 @@ class TcpSplice(Protocol):
             return syn.seq != self._syn_seq
         return state in (TcpState.TIME_WAIT, TcpState.CLOSED)
 
-    def _connected(self, _proto):
+    def _connected(self):
         self._connecting = None
         if self._finished:
             return
@@ -345,7 +347,8 @@ class TcpSplice(Protocol):
         if self._finished:
             return None
         nat = self.nat
-        if failure.check(neterror.ConnectingCancelledError):
+        if failure.check(neterror.ConnectingCancelledError) \
+                or type(failure.value) is neterror.UserError:   # our stopConnecting()
             return None
         if failure.check(neterror.ConnectionRefusedError):
             nat.counters["tcp-refused"] += 1
@@ -375,6 +378,8 @@ class TcpSplice(Protocol):
         transport.bufferSize = HOST_READ_SIZE
         transport.registerProducer(self, True)
         self._producer_registered = True
+        if self._connecting is not None:
+            self._connected()     # the SYN-ACK the guest waits for
 
     def dataReceived(self, data):
         conn = self.conn
@@ -535,8 +540,11 @@ class TcpSplice(Protocol):
             timer.cancel()
         self._timer = None
         if self._connecting is not None:
-            d, self._connecting = self._connecting, None
-            d.cancel()
+            connector, self._connecting = self._connecting, None
+            try:
+                connector.stopConnecting()
+            except neterror.NotConnectingError:
+                pass
         transport = self.transport
         if transport is not None and not self._host_closed:
             transport.loseConnection()
@@ -648,8 +656,9 @@ class _InboundFactory(Factory):
         return InboundSplice(self.nat, self.forward, addr)
 
 
-class _SpliceFactory(Factory):
-    """Hands the endpoint our splice; quiet, as there is one per connection."""
+class _SpliceClientFactory(ClientFactory):
+    """Hands the connector our splice and its failure; quiet, as there is
+    one per connection."""
 
     noisy = False
 
@@ -658,6 +667,9 @@ class _SpliceFactory(Factory):
 
     def buildProtocol(self, addr):
         return self.splice
+
+    def clientConnectionFailed(self, connector, reason):
+        self.splice._connect_failed(reason)
 
 
 def _icmp_code_for(failure):
