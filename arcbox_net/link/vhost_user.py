@@ -9,13 +9,14 @@ then go straight between guest memory and the stack: TX chains are copied
 once into the frame the dispatcher gets, and the framer's buffers (headers
 plus the host socket's data) are gathered once into the guest's RX buffers.
 
-Offloads: we offer VERSION_1, MRG_RXBUF, CSUM/GUEST_CSUM and
-HOST_TSO4/GUEST_TSO4. The link declares checksum offload and TCPv4 GSO from
-the start (the stack sizes its TCP segments once, before any guest has
-negotiated), so TCP leaves as 64 KiB GSO frames with partial checksums; for
-a guest that turned GUEST_CSUM/GUEST_TSO4 down, ``softoffload`` finishes
-them here. The guest's own TSO frames (HOST_TSO4) arrive whole and go to the
-dispatcher like the TAP's. RX chains taken while a frame waits for more
+Offloads: we offer VERSION_1, MRG_RXBUF, CSUM/GUEST_CSUM,
+HOST_TSO4/GUEST_TSO4 and HOST_TSO6/GUEST_TSO6. The link declares checksum
+offload and TCP GSO of both families from the start (the stack sizes its TCP
+segments once, before any guest has negotiated), so TCP leaves as 64 KiB GSO
+frames with partial checksums; for a guest that turned GUEST_CSUM or a
+GUEST_TSO down, ``softoffload`` finishes them here. The guest's own TSO
+frames (HOST_TSO4/HOST_TSO6) arrive whole and go to the dispatcher like the
+TAP's. RX chains taken while a frame waits for more
 buffers are kept, not walked again, and the guest is asked to kick only
 while frames wait.
 
@@ -52,18 +53,24 @@ from .virtqueue import (FrameTooBig, GuestMemory, Virtqueue, VirtqueueError, put
 NET_F_CSUM = 0
 NET_F_GUEST_CSUM = 1
 NET_F_GUEST_TSO4 = 7
+NET_F_GUEST_TSO6 = 8
 NET_F_HOST_TSO4 = 11
+NET_F_HOST_TSO6 = 12
 NET_F_MRG_RXBUF = 15
 F_VERSION_1 = 32
 
 OFFERED_FEATURES = (1 << F_VERSION_1 | 1 << NET_F_MRG_RXBUF | 1 << NET_F_CSUM
                     | 1 << NET_F_GUEST_CSUM | 1 << NET_F_HOST_TSO4 | 1 << NET_F_GUEST_TSO4
+                    | 1 << NET_F_HOST_TSO6 | 1 << NET_F_GUEST_TSO6
                     | 1 << vu.F_PROTOCOL_FEATURES)
 OFFERED_PROTOCOL_FEATURES = 1 << vu.PROTOCOL_F_REPLY_ACK
 RX, TX = 0, 1
 NUM_RINGS = 2
-#: The largest frame a guest with HOST_TSO4 sends: 64 KiB of IP plus Ethernet and a VLAN tag.
-MAX_TSO_FRAME = 65535 + 14 + 4
+#: The largest frame a guest with HOST_TSO4/HOST_TSO6 sends: 64 KiB of IP (an IPv6
+#: payload length leaves out its 40-byte header) plus Ethernet and a VLAN tag.
+MAX_TSO_FRAME = 65535 + 40 + 14 + 4
+#: GSO types (vnet.GSO_*, ECN bit clear) -> the feature a guest takes them with.
+_GUEST_GSO = {vnet.GSO_TCPV4: NET_F_GUEST_TSO4, vnet.GSO_TCPV6: NET_F_GUEST_TSO6}
 #: Frames waiting for RX buffers at most (the guest is slow to post them); beyond, dropped.
 RX_QUEUE_LIMIT = 1024
 _ONE = (1).to_bytes(8, "little")
@@ -634,10 +641,11 @@ class VhostUserLink(OnePeerListener, LinkState):
     @property
     def capabilities(self):
         """Offloads declared before any guest negotiated: the stack sizes its TCP
-        segments once, at start. A guest that turns GUEST_CSUM or GUEST_TSO4
-        down gets its frames finished by ``softoffload`` (Linux takes both)."""
+        segments once, at start. A guest that turns GUEST_CSUM, GUEST_TSO4 or
+        GUEST_TSO6 down gets its frames finished by ``softoffload`` (Linux
+        takes them all)."""
         return LinkCapabilities(max_frame=14 + self.mtu, vnet_header_len=vnet.HEADER_V1_LEN,
-                                csum_offload=True, gso_tcpv4=True)
+                                csum_offload=True, gso_tcpv4=True, gso_tcpv6=True)
 
     @property
     def queued_frames(self):
@@ -673,8 +681,9 @@ class VhostUserLink(OnePeerListener, LinkState):
             header = vnet.zero(dev.header_len)
         else:
             header = vnet_header
+            gso = header[1]
             if ((header[0] & vnet.F_NEEDS_CSUM and not dev.has(NET_F_GUEST_CSUM))
-                    or (header[1] and not dev.has(NET_F_GUEST_TSO4))):
+                    or (gso and not dev.has(_GUEST_GSO.get(gso & ~vnet.GSO_ECN, 64)))):
                 self._send_finished(dev, b"".join(parts), header)
                 return
             if len(header) != dev.header_len:
@@ -693,7 +702,8 @@ class VhostUserLink(OnePeerListener, LinkState):
         """The guest lacks an offload this frame uses: finish it here."""
         try:
             finished = softoffload.finish(frame, header, csum=dev.has(NET_F_GUEST_CSUM),
-                                          tso4=dev.has(NET_F_GUEST_TSO4))
+                                          tso4=dev.has(NET_F_GUEST_TSO4),
+                                          tso6=dev.has(NET_F_GUEST_TSO6))
         except (MalformedFrame, softoffload.OffloadError) as e:
             self._count_drop(getattr(e, "reason", "offload-error"))
             return
@@ -760,7 +770,8 @@ class VhostUserLink(OnePeerListener, LinkState):
         if vq is None or self.device is not dev:
             return
         hdr_len = dev.header_len
-        limit = MAX_TSO_FRAME if dev.has(NET_F_HOST_TSO4) else self.max_frame
+        limit = (MAX_TSO_FRAME if dev.has(NET_F_HOST_TSO4) or dev.has(NET_F_HOST_TSO6)
+                 else self.max_frame)
         frames = []
         taken = 0
         try:
@@ -791,9 +802,10 @@ class VhostUserLink(OnePeerListener, LinkState):
 
     def _features_changed(self, dev):
         self.log.info("guest link {link}: features negotiated ({features:#x}): checksum "
-                      "offload {csum}, TSO4 {gso}, mergeable buffers {mrg}",
+                      "offload {csum}, TSO4 {gso}, TSO6 {gso6}, mergeable buffers {mrg}",
                       link=self.description, features=dev.features,
                       csum=dev.has(NET_F_GUEST_CSUM), gso=dev.has(NET_F_GUEST_TSO4),
+                      gso6=dev.has(NET_F_GUEST_TSO6),
                       mrg=dev.has(NET_F_MRG_RXBUF))
 
     def _device_failed(self, dev, error):

@@ -649,3 +649,130 @@ def test_embedders_open_the_link_by_path(tmp_path):
     assert not path.exists()
     with pytest.raises(ValueError, match="exactly one"):
         open_link(StackConfig(), vhost_user=str(path), listen_stream=str(path))
+
+
+# -- IPv6: TSO6 both ways
+
+
+def _gso_frame6(payload, flags=dpkt.tcp.TH_ACK | dpkt.tcp.TH_PUSH | dpkt.tcp.TH_FIN,
+                src="fd00::1", dst="fd00::2"):
+    seg = dpkt.tcp.TCP(sport=80, dport=4000, seq=1000, ack=5, flags=flags, win=500, data=payload)
+    seg.sum = 1  # anything: the offload path rewrites it
+    ip = dpkt.ip6.IP6(src=socket.inet_pton(socket.AF_INET6, src),
+                      dst=socket.inet_pton(socket.AF_INET6, dst), nxt=6, hlim=64, data=seg)
+    ip.plen = len(seg)
+    return framebuild.ethernet(bytes(ip), ethertype=0x86DD, src=framebuild.GATEWAY_MAC,
+                               dst=framebuild.GUEST_MAC)
+
+
+def _tcp6_sum_ok(frame):
+    """Our TCP checksum equals dpkt's (which sums a zero field itself); the segment."""
+    ip = dpkt.ip6.IP6(frame[14:])
+    seg = ip.data
+    ours = seg.sum
+    seg.sum = 0
+    again = dpkt.ip6.IP6(bytes(ip))
+    return ours == again.data.sum, dpkt.ip6.IP6(frame[14:])
+
+
+def test_tso6_is_offered_and_declared_so_v6_tcp_leaves_as_64k_gso_frames(vlink):
+    from arcbox_net.config import StackConfig
+    from arcbox_net.framer import Framer
+    assert link_vu.OFFERED_FEATURES >> link_vu.NET_F_HOST_TSO6 & 1
+    assert link_vu.OFFERED_FEATURES >> link_vu.NET_F_GUEST_TSO6 & 1
+    front = vlink.connect()
+    front.send(vu.GET_FEATURES)
+    _, offered = front.reply()
+    assert vu.u64(offered) == link_vu.OFFERED_FEATURES
+    assert vlink.capabilities.gso_tcpv6 and vlink.capabilities.gso_tcpv4
+    framer = Framer(StackConfig(), vlink)
+    assert framer.tcp_segment_limit6 > 60000
+    # What the framer sends a v6 guest: one GSO_TCPV6 frame, csum_start past the 40 bytes.
+    sent = []
+    vlink.send_frame = lambda frame, meta=None: sent.append((frame, meta))
+    guest = socket.inet_pton(socket.AF_INET6, "fd00::2")
+    framer.learn(guest, framebuild.GUEST_MAC, 0.0)
+    framer.send_tcp(socket.inet_pton(socket.AF_INET6, "fd00::1"), guest, 80, 4000, 1, 1, 0x10,
+                    500, b"z" * 30000, segment_size=1428)
+    [(frame, meta)] = sent
+    flags, gso_type, hdr_len, gso_size, csum_start, _ = vnet.parse(meta, 30074)
+    assert (flags, gso_type, gso_size) == (vnet.F_NEEDS_CSUM, vnet.GSO_TCPV6, 1428)
+    assert (csum_start, hdr_len) == (54, 74) and sum(map(len, frame)) == 30074
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_guest_tso_frame_of_either_family_is_taken_whole(vlink, family):
+    front = vlink.connect().set_up()
+    payload = bytes(range(256)) * 80  # 20480 bytes: one TSO frame, far above the MTU
+    if family == 6:
+        frame = _gso_frame6(payload, src="fd00::2", dst="fd00::1")
+        header = vnet.build(12, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV6, 74, 1428, 54, 16)
+    else:
+        frame = _gso_frame(payload)
+        header = vnet.build(12, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 54, 1448, 34, 16)
+    parts = [frame[i:i + 8000] for i in range(0, len(frame), 8000)]
+    front.tx.post_tx(header + parts[0], *parts[1:])
+    front.kick(link_vu.TX)
+    assert vlink.sink.frames == [frame] and not vlink.drops
+
+
+def test_a_guest_without_host_tso_gets_no_frame_above_the_mtu_taken(vlink):
+    front = vlink.connect()
+    front.send(vu.SET_FEATURES, vu.U64.pack(1 << link_vu.F_VERSION_1
+                                            | 1 << link_vu.NET_F_MRG_RXBUF
+                                            | 1 << vu.F_PROTOCOL_FEATURES))
+    front.set_up(features=None)
+    frame = _gso_frame6(b"q" * 5000, src="fd00::2", dst="fd00::1")
+    header = vnet.build(12, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV6, 74, 1428, 54, 16)
+    front.tx.post_tx(header + frame[:4000], frame[4000:])
+    front.kick(link_vu.TX)
+    assert vlink.sink.frames == [] and sum(vlink.drops.values()) == 1
+
+
+def test_a_tcpv6_gso_frame_is_cut_into_segments_with_full_checksums():
+    payload = bytes(range(256)) * 20  # 5120 bytes
+    header = vnet.build(12, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV6, 74, 1428, 54, 16)
+    out = softoffload.finish(_gso_frame6(payload), header, csum=True, tso4=True, tso6=False)
+    assert [h for _, h in out] == [None] * 4
+    got = b""
+    for i, (frame, _) in enumerate(out):
+        ok, ip = _tcp6_sum_ok(frame)
+        seg = ip.data
+        assert ok and seg.seq == 1000 + 1428 * i
+        assert bool(seg.flags & dpkt.tcp.TH_FIN) == (i == 3)
+        assert bool(seg.flags & dpkt.tcp.TH_PUSH) == (i == 3)
+        assert ip.plen == 20 + len(seg.data) and len(frame) == 14 + 40 + ip.plen
+        got += seg.data
+    assert got == payload
+    # A guest with TSO6 gets the GSO frame as it is; a lying frame is refused.
+    frame = _gso_frame6(payload)
+    assert softoffload.finish(frame, header) == [(frame, header)]
+    with pytest.raises(softoffload.OffloadError):
+        softoffload.finish(_gso_frame(payload), header, tso6=False)
+
+
+def test_the_link_cuts_v6_gso_frames_for_a_guest_without_guest_tso6(vlink):
+    front = vlink.connect()
+    front.send(vu.SET_FEATURES, vu.U64.pack(1 << link_vu.F_VERSION_1
+                                            | 1 << link_vu.NET_F_MRG_RXBUF
+                                            | 1 << link_vu.NET_F_CSUM
+                                            | 1 << link_vu.NET_F_GUEST_CSUM
+                                            | 1 << link_vu.NET_F_GUEST_TSO4
+                                            | 1 << vu.F_PROTOCOL_FEATURES))
+    front.set_up(features=None)
+    for _ in range(4):
+        front.rx.post_rx(4096)
+    front.kick(link_vu.RX)
+    header6 = vnet.build(12, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV6, 74, 1428, 54, 16)
+    vlink.send_frame(_gso_frame6(b"y" * 3000), header6)
+    used = front.rx.used_entries()
+    assert len(used) == 3 and vlink.soft_offloaded == 1
+    for head, n in used:
+        data = front.rx.read_rx(head, n)
+        assert data[:2] == b"\0\0"  # complete frames: no offload flags
+        assert _tcp6_sum_ok(data[12:])[0]
+    # The same guest took TSO4: a v4 GSO frame goes to it whole.
+    header4 = vnet.build(12, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 54, 1448, 34, 16)
+    vlink.send_frame(_gso_frame(b"w" * 3000), header4)
+    [(head, n)] = front.rx.used_entries()
+    assert front.rx.read_rx(head, n)[:12] == header4 and vlink.soft_offloaded == 1
