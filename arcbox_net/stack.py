@@ -103,6 +103,8 @@ class NetworkStack(service.Service):
         self.udp = UdpNat(self.dispatcher, self.config, self.egress, self.reactor)
         self.parts.append(self.udp)
         self.icmp.forward = IcmpNat(self.dispatcher, self.config, self.egress, self.reactor)
+        if self.icmp6 is not None:
+            self.icmp6.forward = self.icmp.forward    # one NAT for both families
 
     def _add_dns(self):
         """The DNS resolver proxy on the gateway."""
