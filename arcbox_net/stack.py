@@ -273,7 +273,7 @@ class NetworkStack(service.Service):
 
     def _bindings_json(self):
         framer = self.dispatcher.framer
-        return [[".".join(map(str, a)), mac_to_str(m), left]
+        return [[str(ip_address(a)), mac_to_str(m), left]
                 for a, m, left in framer.neighbours.bindings(framer.clock())]
 
     def _bindings_changed(self):

@@ -44,8 +44,9 @@ class QueueDispatcher(FrameDispatcher):
             super().frames_received(mine)
 
     def _serves(self, frame):
-        # IPv4 carrying TCP, long enough for its ports and flags. A fragment is
-        # dropped and counted by whichever dispatcher gets it.
+        # IPv4 carrying TCP, long enough for its ports and flags (IPv6 goes to
+        # the main process). A fragment is dropped and counted by whichever
+        # dispatcher gets it.
         if len(frame) < 54 or frame[12] != 8 or frame[13] != 0 or frame[23] != 6:
             return False
         tcp_at = 14 + (frame[14] & 0x0F) * 4
@@ -68,6 +69,11 @@ def _worker_stack_class():
             super().__init__(*args, **kwargs)
             # ICMP never reaches a worker (relayed): no ping or raw socket here.
             self.icmp.forward = None
+
+        def _add_ipv6(self):
+            # IPv6 frames are relayed to the main process, which alone sends
+            # router advertisements and serves NDP and DHCPv6.
+            self.icmp6 = self.dhcp6 = None
 
         def stats(self):
             stats = super().stats()
@@ -137,7 +143,7 @@ class WorkerChannel(protocol.Protocol):
         if bindings is not None:
             framer = dispatcher.framer
             dispatcher.neighbours.replace_bindings(
-                [(ipaddress.IPv4Address(a).packed, mac_from_str(m), left)
+                [(ipaddress.ip_address(a).packed, mac_from_str(m), left)
                  for a, m, left in bindings], framer.clock())
         if options.get("capture"):
             if dispatcher.capture is None:
