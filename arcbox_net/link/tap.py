@@ -9,6 +9,7 @@ keeps working from any namespace once opened.
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import ipaddress
 import os
@@ -35,6 +36,10 @@ MAX_QUEUES = 16
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
+#: What TUNSETOFFLOAD is asked for, best first: checksums and TSO for both
+#: families, then without TSO6 (a kernel that refuses the combination; the
+#: framer then sends IPv6 TCP one MSS per frame), then nothing.
+OFFLOAD_CHOICES = (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6, TUN_F_CSUM | TUN_F_TSO4)
 
 #: Every frame on an IFF_VNET_HDR fd starts with a legacy virtio_net_hdr.
 VNET_HDR_LEN = vnet.HEADER_LEN
@@ -70,7 +75,8 @@ def open_tap(name, offload=False, queues=1):
     64 KiB TCP frames and accepts them from us. ``queues`` > 1 opens a
     multi-queue TAP, one fd per queue: the kernel spreads the guest's flows
     over them by hash and keeps each flow on the queue that last wrote it.
-    Returns (fds, offloads_on).
+    Returns (fds, offloads): the TUN_F_* flags every queue accepted (0 for
+    none; true whenever checksum offload and TSO4 are on).
     """
     if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or " " in name:
         raise TapError(f"{name!r} is not a valid interface name")
@@ -80,12 +86,12 @@ def open_tap(name, offload=False, queues=1):
     if queues > 1:
         flags |= IFF_MULTI_QUEUE
     fds = []
-    offloads = offload
+    offloads = OFFLOAD_CHOICES[0] if offload else 0
     try:
         for _ in range(queues):
             fd, on = _open_queue(name, flags, offload)
             fds.append(fd)
-            offloads = offloads and on
+            offloads &= on
     except TapError:
         close_all(fds)
         raise
@@ -117,13 +123,18 @@ def _open_queue(name, flags, offload):
             hint = " (an existing device must have been created multi-queue for --queues)"
         raise TapError(f"cannot attach to TAP {name}: {e.strerror}{hint}") from None
     if not offload:
-        return fd, False
+        return fd, 0
     try:
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
     except OSError:
-        return fd, False  # the header stays; frames just carry no offload work
-    return fd, True
+        return fd, 0  # the header stays; frames just carry no offload work
+    for asked in OFFLOAD_CHOICES:
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, asked)
+        except OSError:
+            continue
+        return fd, asked
+    return fd, 0
 
 
 def _ifreq(name, payload=b""):
@@ -246,7 +257,9 @@ class TapLink(FrameLink):
         a VnetTapLink if they carry virtio-net headers (``vnet``)."""
         if vnet:
             link = VnetTapLink(fds[0], description, mtu=mtu, reactor=reactor)
-            link.offloads = offloads
+            link.offloads = bool(offloads)
+            # True (a caller that kept only "on"): the first choice, TSO6 included.
+            link.tso6 = offloads is True or bool(offloads & TUN_F_TSO6)
         else:
             link = cls(fds[0], description, mtu=mtu, reactor=reactor)
         link.extra_queues = list(fds[1:])
@@ -274,6 +287,17 @@ class TapLink(FrameLink):
             link.guest_mac = interface_mac(fds[0])
         return link
 
+    def _write_failed(self, error):
+        """EIO is a TAP whose interface is down (the guest took its NIC down,
+        or has not set it up yet): the frame is dropped and counted as
+        ``tap-down`` and the link stays, for the guest may set it up again.
+        (Router advertisements and forwards write with no guest frame first.)"""
+        if error.errno == errno.EIO:
+            self._queue.popleft()
+            self._drop("tap-down", error)
+            return True
+        return super()._write_failed(error)
+
     def stop(self):
         super().stop()
         extra, self.extra_queues = self.extra_queues, []
@@ -287,7 +311,9 @@ class VnetTapLink(VnetFraming, TapLink):
     verify TCP/UDP checksums of frames that come from the local kernel, and
     its headers are taken as they come). ``offloads`` says whether the kernel
     accepted TSO/checksum offload, i.e. whether the framer may hand it 64 KiB
-    GSO segments.
+    GSO segments, and ``tso6`` whether that covers TCP over IPv6. The guest's
+    own TSO frames (GSO_TCPV4 and GSO_TCPV6 alike) arrive whole, up to 64 KiB
+    of IP, and go to the dispatcher as one segment each.
     """
 
     vnet_header_len = VNET_HDR_LEN

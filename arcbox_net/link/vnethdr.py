@@ -5,7 +5,7 @@ virtio-net frames unchanged (``--fd N --vnet-hdr``) both put a
 ``struct virtio_net_hdr`` before each frame. With it, offload work crosses
 the link both ways: the guest's TSO frames (up to 64 KiB) and partial
 checksums come in, and the framer sends 64 KiB GSO frames with partial
-checksums out, so even at MTU 1500 one frame carries 64 KiB.
+checksums out (TCPv4 and TCPv6), so even at MTU 1500 one frame carries 64 KiB.
 
 ``VnetFraming`` is the shared part: the capabilities the framer reads, the
 header put before each frame sent (all zero for a complete frame), and the
@@ -18,8 +18,9 @@ VMM's socket) is checked (``wire.vnet.parse``): an unknown GSO type, a
 from ..interfaces import LinkCapabilities
 from ..wire import MalformedFrame, ethernet, vnet
 
-#: Largest read: a 64 KiB IP packet, its Ethernet header and a v1 header.
-VNET_READ_SIZE = 65535 + ethernet.HEADER_LEN + vnet.HEADER_V1_LEN
+#: Largest read: a 64 KiB IP packet (IPv6's payload length leaves out its
+#: 40-byte header), its Ethernet header and a v1 header.
+VNET_READ_SIZE = 65535 + 40 + ethernet.HEADER_LEN + vnet.HEADER_V1_LEN
 
 
 class VnetFraming:
@@ -29,6 +30,8 @@ class VnetFraming:
     vnet_header_len = vnet.HEADER_LEN
     #: Whether the peer takes partial checksums and TSO frames from us.
     offloads = True
+    #: Whether its TSO covers IPv6 too (a TAP whose kernel refused TUN_F_TSO6).
+    tso6 = True
     #: Check every header read (False only for the local kernel's TAP).
     validate_vnet = True
     read_size = VNET_READ_SIZE
@@ -37,7 +40,8 @@ class VnetFraming:
     def capabilities(self):
         return LinkCapabilities(max_frame=ethernet.HEADER_LEN + self.mtu,
                                 vnet_header_len=self.vnet_header_len,
-                                csum_offload=self.offloads, gso_tcpv4=self.offloads)
+                                csum_offload=self.offloads, gso_tcpv4=self.offloads,
+                                gso_tcpv6=self.offloads and self.tso6)
 
     def send_frame(self, frame, vnet_header=None):
         head = vnet_header or vnet.zero(self.vnet_header_len)

@@ -92,3 +92,25 @@ def test_open_link_builds_it_only_for_datagram_fds():
         open_link(config, listen_dgram="/nonexistent/x", vnet_hdr=True)
     stream.close()
     other.close()
+
+
+def test_ipv6_tso_both_ways():
+    """TCPv6 GSO is declared (the framer sends 64 KiB v6 segments), and the
+    VMM's largest v6 TSO frame -- 64 KiB of payload behind the 40-byte
+    header -- is read whole."""
+    ours, vmm = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    vmm.setblocking(False)
+    vmm.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    link = VnetSocketFrameLink(ours, mtu=1500, reactor=DescriptorReactor())
+    sink = RecordingSink()
+    link.start(sink)
+    try:
+        assert link.capabilities.gso_tcpv6
+        assert Framer(StackConfig(), link).tcp_segment_limit6 > 60000
+        big = bytes(14) + bytes([0x60]) + bytes(39) + bytes(65535)
+        vmm.send(vnet.build(12, vnet.F_NEEDS_CSUM, vnet.GSO_TCPV6, 74, 1428, 54, 16) + big)
+        link.doRead()
+        assert sink.frames == [big] and not link.drops
+    finally:
+        link.stop()
+        vmm.close()
