@@ -125,6 +125,24 @@ def test_forwards_to_addresses_outside_the_guest_range_are_refused(site, guest):
     assert site.stack.forwards() == []
 
 
+@pytest.mark.parametrize("guest", ["[fd00::1]:80", "[fd00::]:80", "[fd01::5]:80",
+                                   "[fe80::2]:80"])
+def test_ipv6_forwards_outside_the_guest_prefix_are_refused(site, guest):
+    status, value, _ = request(site, http("POST", "/forwards", {
+        "protocol": "tcp", "listen": "[::1]:0", "guest": guest}))
+    assert status == 400 and "not a guest address" in value["error"], value
+    assert site.stack.forwards() == []
+
+
+def test_an_ipv6_forward_is_made_and_shown_in_brackets(site):
+    status, value, _ = request(site, http("POST", "/forwards", {
+        "protocol": "tcp", "listen": "[::1]:0", "guest": "[fd00::2]:80"}))
+    assert status == 201, value
+    assert value["guest"] == "[fd00::2]:80" and value["listen"].startswith("[::1]:")
+    (listener,) = site.stack.reactor.tcpServers
+    assert listener[3] == "::1"      # interface of the listening socket
+
+
 @pytest.mark.parametrize("port", [" 58795", "+59349", "56_977", "٥٠", "80 ", "-1", "0x50",
                                   "", "1e3", "99999"])
 def test_ports_must_be_plain_ascii_decimal(site, port):
