@@ -219,8 +219,24 @@ class HostTransport:
 
 
 def _fuzz_reactor():
-    from twisted.internet.testing import MemoryReactorClock, _FakeConnector
+    from twisted.internet import error
     from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock, _FakeConnector
+    from twisted.python.failure import Failure
+
+    class Connector(_FakeConnector):
+        """As Twisted's: stopConnecting fails the attempt at once (UserError)."""
+
+        factory = None
+        #: Connected or failed: no longer connecting.
+        done = False
+
+        def stopConnecting(self):
+            if self.done or self.stoppedConnecting:
+                raise error.NotConnectingError()
+            super().stopConnecting()
+            self.done = True
+            self.factory.clientConnectionFailed(self, Failure(error.UserError()))
 
     class FuzzReactor(MemoryReactorClock):
         """connectTCP records the attempt (with its deadline) and nothing else."""
@@ -251,7 +267,8 @@ def _fuzz_reactor():
                 self._sortCalls()
 
         def connectTCP(self, host, port, factory, timeout=30, bindAddress=None):
-            connector = _FakeConnector(IPv4Address("TCP", host, port))
+            connector = Connector(IPv4Address("TCP", host, port))
+            connector.factory = factory
             factory.startedConnecting(connector)
             self.pending.append((self.seconds() + timeout, host, port, factory, connector))
             return connector
@@ -423,8 +440,9 @@ class Harness:
             if not self.reactor.pending:
                 return
             _deadline, host, port, factory, connector = self.reactor.pending.pop(0)
-            if connector.stoppedConnecting:
+            if connector.done:
                 continue
+            connector.done = True
             kind = outcome % 6
             if kind == 0:
                 self._connected(factory, host, port)
@@ -523,9 +541,10 @@ class Harness:
         self.reactor.advance(TICK)
         now = self.reactor.seconds()
         pending = self.reactor.pending
-        while pending and (pending[0][0] <= now or pending[0][4].stoppedConnecting):
+        while pending and (pending[0][0] <= now or pending[0][4].done):
             _deadline, _h, _p, factory, connector = pending.pop(0)
-            if not connector.stoppedConnecting:
+            if not connector.done:
+                connector.done = True
                 factory.clientConnectionFailed(connector, Failure(error.TimeoutError()))
         keep = []
         for transport in self.host_conns:
