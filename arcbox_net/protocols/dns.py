@@ -26,11 +26,20 @@ cannot be opened (no file descriptors left) is SERVFAIL, counted as
 ``dns-upstream-no-socket``, and one rate-limited log line.
 
 ``DnsHandler`` connects the proxy to the dispatcher (UDP port 53 on the
-stack's own addresses) and runs the same proxy as a TCP listener on
-127.0.0.1, announced to the TCP NAT with ``Egress.add_local_service`` so that
-guest TCP to gateway:53 is spliced onto it.
+stack's own addresses, IPv6 ones too: fd00::1 by default) and runs the same
+proxy as a TCP listener on 127.0.0.1, announced to the TCP NAT with
+``Egress.add_local_service`` so that guest TCP to gateway:53 (and to
+[fd00::1]:53) is spliced onto it.
+
+IPv6 (issue 16): with ``config.ipv6`` the local names answer AAAA with the
+IPv6 gateway beside A with the IPv4 one; ``--dns-record NAME=V6ADDR`` is an
+AAAA record; a name with records of one family only is NOERROR without data
+for the other (never NXDOMAIN); reverse names of IPv6 addresses live under
+ip6.arpa. IPv6 upstreams (``--dns-upstream [::1]:5353``) are asked from an
+IPv6 socket (twisted.names picks the family by the server's address).
 """
 
+import ipaddress
 import struct
 from collections import Counter
 
@@ -40,7 +49,7 @@ from twisted.logger import Logger
 from twisted.names import authority, cache, client, common, dns, error, server
 from zope.interface import implementer
 
-from ..interfaces import IUDPService
+from ..interfaces import IUDP6Service, IUDPService
 from ..ratelimit import LimitedLog
 
 #: Lines a guest can cause per query, rate-limited (ratelimit.py).
@@ -48,12 +57,15 @@ _limited_log = LimitedLog(Logger(namespace=__name__))
 
 #: Zone the stack is authoritative for: unknown names in it are NXDOMAIN.
 LOCAL_ZONE = "arcbox.internal"
-#: Names that always resolve to the gateway (the host, seen from the guest).
+#: Names that always resolve to the gateway (the host, seen from the guest):
+#: A the IPv4 gateway, AAAA the IPv6 one (when IPv6 is on).
 GATEWAY_NAMES = ("host.arcbox.internal", "gateway.arcbox.internal",
                  "host.docker.internal", "host.containers.internal")
 LOCAL_TTL = 60
 #: Largest EDNS UDP payload the stack announces and sends.
 MAX_EDNS_PAYLOAD = 4096
+#: IP and UDP header bytes of a reply, by address length: what the MTU leaves.
+_UDP_OVERHEAD = {4: 20 + 8, 16: 40 + 8}
 MAX_STREAM_PAYLOAD = 65535
 #: Upstream lookups (and TCP queries) in flight at once; more are dropped.
 MAX_PENDING = 1024
@@ -184,10 +196,11 @@ def encode_reply(response, limit, opt=None):
 class LocalAuthority(authority.FileAuthority):
     """The stack's own names; authoritative for ``arcbox.internal``.
 
-    Names it has answer with their A records (any other type: NOERROR, no
-    answer, the zone's SOA for negative caching); other names in
-    arcbox.internal are NXDOMAIN; everything else goes on down the chain.
-    Reverse (PTR) names of the local addresses answer the first local name.
+    Names it has answer with their A and AAAA records (any other type:
+    NOERROR, no answer, the zone's SOA for negative caching); other names
+    in arcbox.internal are NXDOMAIN; everything else goes on down the chain.
+    Reverse (PTR) names of the local addresses (in-addr.arpa, ip6.arpa)
+    answer the first local name.
     """
 
     def __init__(self, config, ttl=LOCAL_TTL):
@@ -197,15 +210,18 @@ class LocalAuthority(authority.FileAuthority):
 
     def loadFile(self, filename):
         ttl = self._ttl
-        gateway = str(self._config.gateway)
-        entries = {name: [gateway] for name in GATEWAY_NAMES}
+        config = self._config
+        gateways = [str(config.gateway)]
+        if config.ipv6:
+            gateways.append(str(config.gateway6))
+        entries = {name: list(gateways) for name in GATEWAY_NAMES}
         overridden = set()
         for name, address in self._config.dns_records:
             if name in entries and name not in overridden:
                 entries[name] = []           # --dns-record replaces a built-in name
             overridden.add(name)
             if str(address) not in entries.setdefault(name, []):
-                entries[name].append(str(address))
+                entries[name].append(str(address))    # compressed text: one per address
         zone = LOCAL_ZONE.encode()
         self.soa = (zone, dns.Record_SOA(
             mname=b"gateway." + zone, rname=b"hostmaster." + zone, serial=1,
@@ -217,7 +233,8 @@ class LocalAuthority(authority.FileAuthority):
                 key = name.encode("ascii" if name.isascii() else "idna").lower()
             except UnicodeError:
                 key = name.encode("utf-8").lower()
-            self.records[key] = [dns.Record_A(a, ttl=ttl) for a in addresses]
+            self.records[key] = [dns.Record_AAAA(a, ttl=ttl) if ":" in a
+                                 else dns.Record_A(a, ttl=ttl) for a in addresses]
             for a in addresses:
                 reverse.setdefault(a, key)
         # Empty non-terminals of the zone (e.g. a.arcbox.internal for
@@ -229,7 +246,7 @@ class LocalAuthority(authority.FileAuthority):
                     self.records[parent] = []
                     parent = parent.split(b".", 1)[1]
         for address, name in reverse.items():
-            ptr = ".".join(reversed(address.split("."))) + ".in-addr.arpa"
+            ptr = ipaddress.ip_address(address).reverse_pointer
             self.records.setdefault(ptr.encode(), [dns.Record_PTR(name, ttl=ttl)])
 
     def _lookup(self, name, cls, type, timeout=None):
@@ -437,8 +454,10 @@ class DnsResolverProxy(server.DNSServerFactory):
         super().__init__(authorities=[self.local], caches=[self.answer_cache],
                          clients=[self.upstream])
         self.noisy = False
-        #: Largest UDP reply: what fits the link's MTU, at most MAX_EDNS_PAYLOAD.
-        self.max_udp_payload = max(512, min(MAX_EDNS_PAYLOAD, config.mtu - 28))
+        #: Largest UDP reply: what fits the link's MTU, at most MAX_EDNS_PAYLOAD
+        #: (over IPv4; ``max_udp_payload6`` over IPv6's larger header).
+        self.max_udp_payload = self._udp_limit(4)
+        self.max_udp_payload6 = self._udp_limit(16)
         self.pending = 0
 
     # -- lifecycle
@@ -460,10 +479,14 @@ class DnsResolverProxy(server.DNSServerFactory):
     def buildProtocol(self, addr):
         return _DnsStreamProtocol(self, self._reactor)
 
+    def _udp_limit(self, address_len):
+        return max(512, min(MAX_EDNS_PAYLOAD, self.config.mtu - _UDP_OVERHEAD[address_len]))
+
     # -- the entry point
 
-    def answer(self, payload, stream=False):
-        """Answer one raw query; Deferred of the reply bytes, or None if dropped."""
+    def answer(self, payload, stream=False, ipv6=False):
+        """Answer one raw query; Deferred of the reply bytes, or None if dropped.
+        ``ipv6``: it came over UDP/IPv6, whose replies fit a smaller payload."""
         try:
             message, edns = parse_query(payload)
         except MalformedQuery as e:
@@ -473,8 +496,9 @@ class DnsResolverProxy(server.DNSServerFactory):
             self.drops["dns-overload"] += 1
             return defer.succeed(None)
         self.counters["dns-queries"] += 1
+        max_udp = self.max_udp_payload6 if ipv6 else self.max_udp_payload
         limit = MAX_STREAM_PAYLOAD if stream else (
-            512 if edns is None else max(512, min(edns.udp_size, self.max_udp_payload)))
+            512 if edns is None else max(512, min(edns.udp_size, max_udp)))
         query = message.queries[0]
         message.timeReceived = self._reactor.seconds()
         catcher = _ReplyCatcher()
@@ -483,10 +507,10 @@ class DnsResolverProxy(server.DNSServerFactory):
             self.drops["dns-bad-name"] += 1
             message.queries = []
             catcher.writeMessage(self._responseFromMessage(message, rCode=dns.EFORMAT))
-            return catcher.deferred.addCallback(self._finish, message, edns, limit)
+            return catcher.deferred.addCallback(self._finish, message, edns, limit, max_udp)
         if edns is not None and edns.version != 0:
             catcher.writeMessage(self._responseFromMessage(message, rCode=dns.OK))
-            return catcher.deferred.addCallback(self._finish, message, edns, limit,
+            return catcher.deferred.addCallback(self._finish, message, edns, limit, max_udp,
                                                 extended_rcode=_BADVERS >> 4)
         if message.opCode != dns.OP_QUERY:
             catcher.writeMessage(self._responseFromMessage(message, rCode=dns.ENOTIMP))
@@ -500,7 +524,7 @@ class DnsResolverProxy(server.DNSServerFactory):
             except Exception:
                 d = defer.fail()
             d.addErrback(self._internal_error, catcher, message)
-        return catcher.deferred.addCallback(self._finish, message, edns, limit)
+        return catcher.deferred.addCallback(self._finish, message, edns, limit, max_udp)
 
     def _done(self, result):
         self.pending -= 1
@@ -512,13 +536,13 @@ class DnsResolverProxy(server.DNSServerFactory):
         if not catcher.deferred.called:
             catcher.writeMessage(self._responseFromMessage(message, rCode=dns.ESERVER))
 
-    def _finish(self, response, query, edns, limit, extended_rcode=0):
+    def _finish(self, response, query, edns, limit, max_udp, extended_rcode=0):
         response.id = query.id
         response.opCode = query.opCode
         response.recDes = query.recDes
         response.checkingDisabled = query.checkingDisabled
         response.queries = query.queries[:]
-        opt = None if edns is None else _OptRecord(self.max_udp_payload, extended_rcode)
+        opt = None if edns is None else _OptRecord(max_udp, extended_rcode)
         try:
             wire, truncated = encode_reply(response, limit, opt)
         except Exception:
@@ -586,10 +610,11 @@ class DnsResolverProxy(server.DNSServerFactory):
         self.sendReply(protocol, response, address)
 
 
-@implementer(IUDPService)
+@implementer(IUDPService, IUDP6Service)
 class DnsHandler:
-    """DNS on port 53 of the stack's addresses: UDP from the dispatcher, TCP
-    through a 127.0.0.1 listener the TCP NAT splices guest connections onto."""
+    """DNS on port 53 of the stack's addresses, IPv4 and IPv6: UDP from the
+    dispatcher, TCP through a 127.0.0.1 listener the TCP NAT splices guest
+    connections of both families onto."""
 
     udp_port = 53
     local_only = True
@@ -622,6 +647,9 @@ class DnsHandler:
         port = self.tcp_port.getHost().port
         if self.egress is not None:
             addresses = {self.config.gateway.packed, *self.dispatcher.owned}
+            if self.config.ipv6:
+                # fd00::1 (dns6 and the gateway) and fe80::1, as UDP is served.
+                addresses |= {self.config.dns6.packed, *self.dispatcher.owned6}
             for address in sorted(addresses):
                 self.egress.add_local_service(address, 53, "127.0.0.1", port)
 
@@ -636,8 +664,12 @@ class DnsHandler:
         if src_port == 0:
             self.drops["dns-source-port-0"] += 1
             return
-        d = self.proxy.answer(bytes(payload))
-        d.addCallback(self._send, ip.dst, ip.src, src_port)
+        v6 = len(ip.src) == 16
+        if v6 and not self.config.ipv6:
+            self.drops["dns-ipv6-off"] += 1
+            return
+        d = self.proxy.answer(bytes(payload), ipv6=v6)
+        d.addCallback(self._send, bytes(ip.dst), bytes(ip.src), src_port)
         d.addErrback(self._failed)
 
     def _send(self, wire, src, dst, port):

@@ -7,6 +7,7 @@ twistd stack whose only upstream is a twisted.names server this module starts
 on 127.0.0.1: no query ever leaves the machine.
 """
 
+import json
 import os
 import re
 import shutil
@@ -35,7 +36,8 @@ from twisted.names import dns
 from arcbox_net.config import StackConfig
 from arcbox_net.protocols.dns import GATEWAY_NAMES, DnsResolverProxy
 
-SAFE_POLICY = ("--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8")
+SAFE_POLICY = ("--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8", "--deny", "::/0",
+               "--allow", "::1/128")
 
 
 def opt_records(m):
@@ -72,7 +74,7 @@ def test_local_names_follow_the_configured_gateway():
     assert addresses(decode(ask(proxy, query("host.docker.internal")))) == ["192.168.77.254"]
 
 
-@pytest.mark.parametrize("qtype", [dns.AAAA, dns.MX, dns.TXT, 65])
+@pytest.mark.parametrize("qtype", [dns.MX, dns.TXT, 65])
 def test_other_types_of_local_names_are_noerror_without_answer(qtype):
     proxy, _, upstream = make_proxy()
     m = decode(ask(proxy, query("host.arcbox.internal", qtype)))
@@ -375,15 +377,18 @@ class Zone(authority.FileAuthority):
             b"www." + ZONE: [dns.Record_A("192.0.2.10", ttl=30)],
             b"big." + ZONE: [dns.Record_A(f"198.51.100.{i}", ttl=30) for i in range(1, 41)],
             b"txt." + ZONE: [dns.Record_TXT(b"only text", ttl=30)],
+            b"www6." + ZONE: [dns.Record_AAAA("2001:db8::abc", ttl=30)],
         }
+
+interface = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
 
 factory = server.DNSServerFactory(authorities=[Zone(None)])
 factory.noisy = False
 for attempt in range(100):
-    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface=interface)
     port = udp.getHost().port
     try:
-        reactor.listenTCP(port, factory, interface="127.0.0.1")
+        reactor.listenTCP(port, factory, interface=interface)
         break
     except CannotListenError:
         udp.stopListening()
@@ -394,11 +399,11 @@ reactor.run()
 """
 
 
-@pytest.fixture
-def upstream():
-    """A twisted.names authority for example.test on 127.0.0.1 (UDP and TCP); its port."""
-    proc = subprocess.Popen([sys.executable, "-c", UPSTREAM_SERVER], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+def _upstream_server(interface):
+    """A twisted.names authority for example.test on ``interface`` (UDP and TCP); its port."""
+    proc = subprocess.Popen([sys.executable, "-c", UPSTREAM_SERVER, interface],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         line = proc.stdout.readline()
         if not line.strip().isdigit():
@@ -412,6 +417,18 @@ def upstream():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture
+def upstream():
+    """The example.test authority on 127.0.0.1; its port."""
+    yield from _upstream_server("127.0.0.1")
+
+
+@pytest.fixture
+def upstream6():
+    """The example.test authority on ::1; its port."""
+    yield from _upstream_server("::1")
 
 
 @pytest.fixture
@@ -468,6 +485,10 @@ def answer_addresses(out):
     return re.findall(r"\sIN\s+A\s+(\d+\.\d+\.\d+\.\d+)", out)
 
 
+def answer_aaaa(out):
+    return re.findall(r"\sIN\s+AAAA\s+([0-9a-f:]+)", out)
+
+
 def start_guest_stack(stack_factory, netns, port, *extra, configure=True):
     args = ["--netns", netns, "--dns-upstream", f"127.0.0.1:{port}", *SAFE_POLICY, *extra]
     if configure:
@@ -485,6 +506,8 @@ def test_guest_dig_local_upstream_and_nxdomain(netns, stack_factory, upstream):
     out = dig(netns, "HOST.DOCKER.INTERNAL", "A")
     assert answer_addresses(out) == [GATEWAY]
     out = dig(netns, "host.arcbox.internal", "AAAA")
+    assert status(out) == "NOERROR" and answer_aaaa(out) == ["fd00::1"]
+    out = dig(netns, "db.test", "AAAA")          # an A record only: no data, not NXDOMAIN
     assert status(out) == "NOERROR" and answer_count(out) == 0
     assert answer_addresses(dig(netns, "db.test")) == ["10.0.2.77"]
     out = dig(netns, "www.example.test")
@@ -560,3 +583,77 @@ def test_busybox_nslookup_with_the_dhcp_dns(netns, stack_factory, upstream, tmp_
         assert "192.0.2.10" in out
     finally:
         shutil.rmtree(etc, ignore_errors=True)
+
+
+# -- IPv6 (issue 16): DNS on fd00::1, an upstream on [::1]
+
+GATEWAY6 = "fd00::1"
+
+
+def v6_guest(ns):
+    """fd00::2 on the guest's TAP, without DAD: fd00::1 is on the link."""
+    in_ns(ns, "ip", "-6", "addr", "add", "fd00::2/64", "dev", "tap0", "nodad")
+
+
+def dig6(ns, *args, timeout=60):
+    return in_ns(ns, "dig", "-6", f"@{GATEWAY6}", "+tries=1", "+time=5", *args,
+                 timeout=timeout).stdout
+
+
+def server_of(out):
+    return re.search(r";; SERVER: ([^#\s]+)#(\d+)\([^)]*\) \((\w+)\)", out).groups()
+
+
+@pytest.mark.realguest
+def test_guest_dig_over_ipv6_local_records_and_a_v6_upstream(netns, stack_factory, upstream6,
+                                                             tmp_path):
+    require_dig()
+    api = tmp_path / "api.sock"
+    stack = stack_factory("--netns", netns, "--configure", "--dns-upstream",
+                          f"[::1]:{upstream6}", *SAFE_POLICY, "--dns-record",
+                          "db6.test=2001:db8::5", "--dns-record", "db4.test=10.0.2.77",
+                          "--api", str(api))
+    v6_guest(netns)
+    out = dig6(netns, "host.arcbox.internal", "AAAA")
+    assert status(out) == "NOERROR" and answer_aaaa(out) == [GATEWAY6] and "aa" in flags(out)
+    assert server_of(out) == (GATEWAY6, "53", "UDP")
+    assert answer_addresses(dig6(netns, "host.docker.internal", "A")) == [GATEWAY]
+    assert answer_aaaa(dig6(netns, "db6.test", "AAAA")) == ["2001:db8::5"]
+    for name, qtype in (("db6.test", "A"), ("db4.test", "AAAA")):
+        out = dig6(netns, name, qtype)              # the other family: no data, not NXDOMAIN
+        assert status(out) == "NOERROR" and answer_count(out) == 0, (name, out)
+    out = dig6(netns, "-x", GATEWAY6)
+    assert re.search(r"ip6\.arpa\.\s+\d+\s+IN\s+PTR\s+host\.arcbox\.internal\.", out), out
+    # Names only the upstream on [::1] knows.
+    out = dig6(netns, "www6.example.test", "AAAA")
+    assert status(out) == "NOERROR" and answer_aaaa(out) == ["2001:db8::abc"]
+    assert "aa" not in flags(out)
+    assert answer_addresses(dig6(netns, "www.example.test")) == ["192.0.2.10"]
+    assert status(dig6(netns, "missing.example.test")) == "NXDOMAIN"
+    counters = api_get(api, "/stats")["counters"]
+    assert counters["dns-queries"] == 9 and counters.get("dns-upstream-timeout", 0) == 0
+    assert "Traceback" not in stack.log()
+
+
+@pytest.mark.realguest
+def test_guest_dns_over_tcp_on_fd00_1(netns, stack_factory, upstream6):
+    require_dig()
+    stack = stack_factory("--netns", netns, "--configure", "--dns-upstream",
+                          f"[::1]:{upstream6}", *SAFE_POLICY)
+    v6_guest(netns)
+    out = dig6(netns, "+tcp", "host.arcbox.internal", "AAAA")
+    assert server_of(out) == (GATEWAY6, "53", "TCP") and answer_aaaa(out) == [GATEWAY6]
+    # 40 A records: more than 512 bytes. Over TCP all of them, which the stack
+    # itself gets from the [::1] upstream over TCP after its UDP answer is cut.
+    out = dig6(netns, "+tcp", "big.example.test")
+    assert "tc" not in flags(out) and sorted(answer_addresses(out)) == sorted(BIG)
+    out = dig6(netns, "+noedns", "big.example.test")     # TC over UDP, dig retries on TCP
+    assert sorted(answer_addresses(out)) == sorted(BIG)
+    assert "Traceback" not in stack.log()
+
+
+def api_get(sock, path):
+    out = subprocess.run(["curl", "-sS", "--max-time", "10", "--unix-socket", str(sock),
+                          f"http://arcbox{path}"], capture_output=True, text=True, check=True,
+                         timeout=30).stdout
+    return json.loads(out)

@@ -8,6 +8,7 @@ on 127.0.0.1: no query ever leaves the machine.
 """
 
 
+import ipaddress
 import struct
 
 import dpkt
@@ -32,6 +33,7 @@ from arcbox_net.config import StackConfig
 from arcbox_net.dispatch import FrameDispatcher
 from arcbox_net.policy import Egress
 from arcbox_net.protocols.dns import (
+    GATEWAY_NAMES,
     DnsHandler,
     DnsResolverProxy,
     encode_reply,
@@ -260,3 +262,181 @@ def test_an_upstream_socket_failing_for_want_of_fds_is_one_counted_line():
     ours = [e for e in events if e.get("log_namespace", "").startswith("arcbox_net")]
     assert 1 <= len(ours) <= 5
     assert not any(e.get("log_failure") for e in ours)
+
+
+# -- IPv6 (issue 16)
+
+GATEWAY6 = "fd00::1"
+GUEST6 = "fd00::2"
+
+
+def a6(text):
+    return ipaddress.IPv6Address(text).packed
+
+
+def aaaa(m):
+    return [str(ipaddress.IPv6Address(r.payload.address)) for r in m.answers
+            if r.type == dns.AAAA]
+
+
+def ask(proxy, wire, **kw):
+    out = []
+    proxy.answer(wire, **kw).addCallback(out.append)
+    assert out, "the proxy did not answer synchronously"
+    return out[0]
+
+
+def make_proxy(config=None, table=None):
+    upstream = FakeUpstream(standard_table() if table is None else table)
+    return DnsResolverProxy(config or StackConfig(), reactor=task.Clock(),
+                            upstream=upstream), upstream
+
+
+@pytest.mark.parametrize("name", GATEWAY_NAMES)
+def test_local_names_answer_aaaa_with_the_v6_gateway(name):
+    proxy, upstream = make_proxy()
+    m = decode(ask(proxy, query(name, dns.AAAA)))
+    assert m.rCode == dns.OK and m.auth and aaaa(m) == [GATEWAY6]
+    assert addresses(decode(ask(proxy, query(name)))) == [GATEWAY]      # A unchanged
+    both = decode(ask(proxy, query(name, dns.ALL_RECORDS)))
+    assert addresses(both) == [GATEWAY] and aaaa(both) == [GATEWAY6]
+    assert not upstream.queries
+
+
+def test_aaaa_follows_the_v6_gateway_and_is_absent_without_ipv6():
+    proxy, _ = make_proxy(StackConfig(ipv6_subnet="fd12:3456::/64"))
+    assert aaaa(decode(ask(proxy, query("host.arcbox.internal", dns.AAAA)))) == ["fd12:3456::1"]
+    proxy, upstream = make_proxy(StackConfig(ipv6=False))
+    m = decode(ask(proxy, query("host.arcbox.internal", dns.AAAA)))
+    assert m.rCode == dns.OK and m.answers == [] and [r.type for r in m.authority] == [dns.SOA]
+    assert addresses(decode(ask(proxy, query("host.arcbox.internal")))) == [GATEWAY]
+    assert not upstream.queries
+
+
+def test_v6_dns_records_answer_aaaa_and_each_family_alone_is_no_data():
+    config = StackConfig(dns_records=["v6only.test=2001:db8::5", "both.test=10.0.2.40",
+                                      "both.test=2001:DB8::0:40", "v4only.test=10.0.2.41",
+                                      "host.docker.internal=2001:db8::7"])
+    proxy, upstream = make_proxy(config)
+    m = decode(ask(proxy, query("v6only.test", dns.AAAA)))
+    assert m.rCode == dns.OK and m.auth and aaaa(m) == ["2001:db8::5"]
+    for name, qtype in (("v6only.test", dns.A), ("v4only.test", dns.AAAA)):
+        m = decode(ask(proxy, query(name, qtype)))
+        assert (m.rCode, m.answers) == (dns.OK, []), name        # never NXDOMAIN
+        assert [r.type for r in m.authority] == [dns.SOA]
+    assert addresses(decode(ask(proxy, query("both.test")))) == ["10.0.2.40"]
+    assert aaaa(decode(ask(proxy, query("both.test", dns.AAAA)))) == ["2001:db8::40"]
+    # A v6 record replaces a built-in name: its A (the v4 gateway) is gone too.
+    assert aaaa(decode(ask(proxy, query("host.docker.internal", dns.AAAA)))) == ["2001:db8::7"]
+    assert decode(ask(proxy, query("host.docker.internal"))).answers == []
+    assert not upstream.queries
+
+
+def test_reverse_lookups_of_v6_addresses():
+    proxy, upstream = make_proxy(StackConfig(dns_records=["v6only.test=2001:db8::5"]))
+    for address, name in ((GATEWAY6, b"host.arcbox.internal"), ("2001:db8::5", b"v6only.test")):
+        ptr = ipaddress.IPv6Address(address).reverse_pointer
+        assert ptr.endswith(".ip6.arpa")
+        m = decode(ask(proxy, query(ptr, dns.PTR)))
+        assert m.rCode == dns.OK and [r.payload.name.name for r in m.answers] == [name]
+    assert not upstream.queries
+
+
+def udp6(sport, dport, payload, src=GUEST6, dst=GATEWAY6):
+    u = dpkt.udp.UDP(sport=sport, dport=dport, data=payload)
+    u.ulen = len(u)
+    packet = dpkt.ip6.IP6(src=a6(src), dst=a6(dst), nxt=17, hlim=64, data=u)
+    packet.plen = len(u)
+    return fb.ethernet(packet, 0x86DD)
+
+
+def make_handler6(config=None):
+    handler, dispatcher, link, egress, reactor = make_handler(config)
+    dispatcher.framer.learn(a6(GUEST6), fb.GUEST_MAC)
+    return handler, dispatcher, link, egress, reactor
+
+
+def test_handler_answers_udp_over_ipv6_from_the_queried_address():
+    handler, dispatcher, link, _, _ = make_handler6()
+    dispatcher.frames_received([udp6(40000, 53, query("host.arcbox.internal", dns.AAAA, qid=6)),
+                                udp6(40001, 53, query("www.example.test", qid=7),
+                                     dst="fe80::1", src=GUEST6)])
+    frames = [fb.parse(f) for f in link.frames]
+    assert [f.type for f in frames] == [0x86DD, 0x86DD]
+    first, second = (f.data for f in frames)
+    assert (first.src, first.dst) == (a6(GATEWAY6), a6(GUEST6))
+    assert (first.data.sport, first.data.dport) == (53, 40000)
+    # The UDP checksum (over the IPv6 pseudo-header) is what a kernel checks.
+    sent = first.data.sum
+    first.data.sum = 0
+    assert dpkt.ip6.IP6(bytes(first)).data.sum == sent
+    m = decode(first.data.data)
+    assert m.id == 6 and aaaa(m) == [GATEWAY6]
+    assert second.src == a6("fe80::1") and addresses(decode(second.data.data)) == ["192.0.2.10"]
+    assert handler.counters["dns-queries"] == 2
+
+
+def test_handler_serves_only_the_stacks_v6_addresses():
+    handler, dispatcher, link, _, _ = make_handler6()
+    dispatcher.frames_received([udp6(40000, 53, query("host.arcbox.internal"),
+                                     dst="2001:db8::53")])
+    assert link.frames == [] and handler.counters["dns-queries"] == 0
+
+
+def test_udp6_replies_fit_the_smaller_ipv6_payload_and_say_so_in_opt():
+    handler, dispatcher, link, _, _ = make_handler6()
+    assert (handler.proxy.max_udp_payload, handler.proxy.max_udp_payload6) == (1472, 1452)
+    dispatcher.frames_received([udp6(40000, 53, query("host.arcbox.internal", edns_size=4096)),
+                                fb.udp(40000, 53, query("host.arcbox.internal", edns_size=4096))])
+    opts = [[r for r in decode(fb.parse(f).data.data.data).additional if r.type == dns.OPT]
+            for f in link.frames]
+    assert [o[0].cls for o in opts] == [1452, 1472]
+
+
+def test_handler_start_registers_tcp_for_the_v6_addresses_too():
+    handler, _, _, egress, _ = make_handler6()
+    handler.start()
+    host_port = handler.tcp_port.getHost().port
+    for address in (GATEWAY, GATEWAY6, "fe80::1"):
+        key = (ipaddress.ip_address(address).packed, 53)
+        assert egress.local_services[key] == ("127.0.0.1", host_port), address
+    # The TCP NAT asks the egress: [fd00::1]:53 is the stack's listener, not ::1.
+    assert egress.route(a6(GATEWAY6), 53) == ("127.0.0.1", host_port)
+    handler.stop()
+    off, _, _, egress, _ = make_handler(StackConfig(ipv6=False))
+    off.start()
+    assert [len(a) for a, _port in egress.local_services] == [4]
+    off.stop()
+
+
+def test_ipv6_off_serves_no_v6_dns():
+    handler, dispatcher, link, _, _ = make_handler6(StackConfig(ipv6=False))
+    dispatcher.frames_received([udp6(40000, 53, query("host.arcbox.internal", dns.AAAA))])
+    assert link.frames == [] and handler.counters["dns-queries"] == 0
+
+
+def test_v6_upstream_is_asked_from_an_ipv6_socket():
+    clock = UdpClock()
+    clock.interfaces = []
+    listen = clock.listenUDP
+
+    def listen_udp(port, protocol, interface="", maxPacketSize=8192):
+        clock.interfaces.append(interface)
+        return listen(port, protocol, interface, maxPacketSize)
+    clock.listenUDP = listen_udp
+    config = StackConfig(dns_upstreams=["[::1]:5353"])
+    assert config.dns_upstreams == ((ipaddress.IPv6Address("::1"), 5353),)
+    proxy = DnsResolverProxy(config, reactor=clock)
+    out = []
+    proxy.answer(query("up6.example.test", dns.AAAA)).addCallback(out.append)
+    data, addr, protocol = clock.sent[-1]
+    assert addr == ("::1", 5353) and clock.interfaces == ["::"]
+    q = decode(data)
+    r = dns.Message(id=q.id, answer=1)
+    r.queries = q.queries
+    r.answers = [dns.RRHeader(b"up6.example.test", dns.AAAA, dns.IN, 30,
+                              dns.Record_AAAA("2001:db8::66", ttl=30))]
+    protocol.datagramReceived(r.toStr(), addr)
+    m = decode(out[0])
+    assert m.rCode == dns.OK and aaaa(m) == ["2001:db8::66"] and not m.auth
+    proxy.stop()
