@@ -31,6 +31,7 @@ from ..interfaces import IUDPService
 
 from ..wire import dnsname
 from ..wire.ethernet import BROADCAST, is_unicast
+from .leasing import expired, undeclined
 
 _D = dpkt.dhcp
 OFFER_HOLD = 30.0      # seconds an unanswered offer keeps its address
@@ -333,20 +334,11 @@ class DhcpServer:
 
     def _expire(self):
         now = self.clock()
-        heap = self._expiries
-        while heap and heap[0][0] <= now:
-            expiry, mac, address = heapq.heappop(heap)
-            lease = self._leases.get(mac)
-            if lease is not None and lease.expiry == expiry and lease.address == address:
-                self._remove(mac)
-                if self.on_unbind is not None and lease.state == "bound":
-                    self.on_unbind(lease)
-        declined = self._declined
-        while declined:
-            address, until = next(iter(declined.items()))
-            if until > now:
-                break
-            del declined[address]
+        for mac, lease in expired(self._expiries, self._leases, now):
+            self._remove(mac)
+            if self.on_unbind is not None and lease.state == "bound":
+                self.on_unbind(lease)
+        for address in undeclined(self._declined, now):
             self._give_back(address)
 
     # -- output -----------------------------------------------------------

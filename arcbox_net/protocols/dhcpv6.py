@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from ..interfaces import IUDP6Service
 from ..wire import MalformedFrame, dnsname, ipv6
+from .leasing import expired, undeclined
 from .ndp import search_list
 
 CLIENT_PORT = 546
@@ -558,18 +559,9 @@ class Dhcpv6Server:
 
     def _expire(self):
         now = self.clock()
-        heap = self._expiries
-        while heap and heap[0][0] <= now:
-            expiry, key, address = heapq.heappop(heap)
-            binding = self._bindings.get(key)
-            if binding is not None and binding.expiry == expiry and binding.address == address:
-                self._remove(key)
-        declined = self._declined
-        while declined:
-            address, until = next(iter(declined.items()))
-            if until > now:
-                break
-            del declined[address]
+        for key, _binding in expired(self._expiries, self._bindings, now):
+            self._remove(key)
+        for address in undeclined(self._declined, now):
             self._give_back(address)
 
 
