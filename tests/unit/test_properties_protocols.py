@@ -24,7 +24,7 @@ from arcbox_net.protocols.arp import ArpResponder
 from arcbox_net.protocols.dhcp import DhcpServer
 from arcbox_net.protocols.dns import DnsResolverProxy, MalformedQuery, parse_query
 
-FAST = settings(max_examples=150, deadline=None)
+FAST = settings(max_examples=100, deadline=None)
 
 GW = bytes([10, 0, 2, 1])
 GW_MAC = bytes.fromhex("02abcb000001")
@@ -182,7 +182,7 @@ dhcp_steps = st.lists(st.tuples(
 ), max_size=30)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(dhcp_steps, st.booleans())
 def test_dhcp_never_doubles_an_address_and_acks_only_what_it_offered(script, static):
     clock = Clock()
@@ -347,7 +347,7 @@ ADDRS = [bytes([10, 0, 2, i]) for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 255)] + [b
 NMACS = [bytes([2, 1, 1, 1, 1, i]) for i in range(4)]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(neighbour_steps, st.booleans())
 def test_neighbour_table_invariants(script, any_source):
     config = StackConfig(allow_any_source=any_source,

@@ -161,7 +161,7 @@ syn_options = st.tuples(st.sampled_from([None, 1, 48, 536, 1460, 9000]),
                         st.one_of(st.none(), st.integers(0, M)))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(isns, isns, syn_options, st.booleans(), steps)
 def test_passive_connection_under_arbitrary_segments(iss, giss, options, accept, script):
     mss, wscale, sack, tsval = options

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from arcbox_net.wire import MalformedFrame, dnsname, ethernet, icmp, ipv4, tcp, udp, vnet
 from arcbox_net.wire import vhost_user as vu
 
-FAST = settings(max_examples=150, deadline=None)
+FAST = settings(max_examples=100, deadline=None)
 
 addresses = st.binary(min_size=4, max_size=4)
 macs = st.binary(min_size=6, max_size=6)
