@@ -10,10 +10,11 @@ import threading
 
 
 class HostServer:
-    """Accepts on ``host``:ephemeral and runs ``handler(conn)`` per connection in a thread."""
+    """Accepts on ``host``:ephemeral (IPv4, or IPv6 such as ``::1``) and runs
+    ``handler(conn)`` per connection in a thread."""
 
     def __init__(self, handler, host="127.0.0.1", backlog=1024):
-        self.sock = socket.socket()
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.sock.listen(backlog)

@@ -5,7 +5,8 @@
   latesource PORT DELAY NBYTES SEED   as source, after DELAY seconds of silence
   peer PORT                 reply "<peer ip>:<peer port>", close
   udpecho PORT              echo UDP datagrams back to their sender
-Prints "ready" once listening.
+Prints "ready" once listening. Listens on both families (one dual-stack socket
+on ``::``); an IPv4 peer is reported as its IPv4 address, not ``::ffff:a.b.c.d``.
 """
 
 import hashlib
@@ -38,21 +39,32 @@ def handle(mode, conn, peer, args):
             for chunk in data_chunks(int(args[0]), int(args[1])):
                 conn.sendall(chunk)
         elif mode == "peer":
-            conn.sendall(f"{peer[0]}:{peer[1]}".encode())
+            conn.sendall(f"{peer[0].removeprefix('::ffff:')}:{peer[1]}".encode())
+
+
+def dual_stack(kind, port):
+    """A socket bound to ``port`` on every IPv4 and IPv6 address (IPv4 only without IPv6)."""
+    try:
+        s = socket.socket(socket.AF_INET6, kind)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        address = ("::", port)
+    except OSError:
+        s = socket.socket(socket.AF_INET, kind)
+        address = ("0.0.0.0", port)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(address)
+    return s
 
 
 def main(mode, port, *args):
     port = int(port)
     if mode == "udpecho":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("0.0.0.0", port))
+        s = dual_stack(socket.SOCK_DGRAM, port)
         print("ready", flush=True)
         while True:
             data, addr = s.recvfrom(65535)
             s.sendto(data, addr)
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
+    s = dual_stack(socket.SOCK_STREAM, port)
     s.listen(128)
     print("ready", flush=True)
     while True:
