@@ -568,6 +568,13 @@ class IcmpNat:
             try:
                 backend.open(flow)
             except OSError as e:
+                code = _ERRNO_CODES.get(e.errno)
+                if code is not None:
+                    # The connect of a ping socket found no route (or was
+                    # refused): the guest hears it at once, as from a router.
+                    self.drops["icmp-host-unreachable"] += 1
+                    self.framer.send_icmp_error(dst, src, icmp.TYPE_DEST_UNREACH, code, quote)
+                    return
                 self.drops["icmp-socket-failed"] += 1
                 _limited_log.warn("ICMP echo NAT: no host socket for {host}: {error}",
                                   host=flow.host, error=e)

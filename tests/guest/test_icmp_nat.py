@@ -220,3 +220,24 @@ assert ident == s.ident
 print("OK", ident, hop_limit)
 s.close()
 """
+
+
+@pytest.mark.parametrize("ping_sockets", [False, True], ids=["raw", "ping-sockets"])
+def test_v6_host_without_a_route_answers_the_guest_at_once(netns, host_netns, stack_factory,
+                                                           ping_sockets):
+    """The stack runs in a namespace with only lo: its kernel has no route to
+    the (allowed) mapped target, so the send fails there and then, and the
+    guest hears ICMPv6 no route. Nothing can leave that namespace."""
+    if ping_sockets:
+        in_ns(host_netns, "sysctl", "-w", "net.ipv4.ping_group_range=0 2147483647")
+    stack = stack_factory("--netns", netns, "--configure", *SAFE,
+                          "--map", "2001:db8::30=2001:db8:ffff::1",
+                          "--allow", "2001:db8:ffff::/64",
+                          prefix=["ip", "netns", "exec", host_netns])
+    _v6_guest(netns)
+    result = _ping(netns, "2001:db8::30", count=2, v6=True)
+    out = result.stdout
+    assert result.returncode != 0 and "bytes from" not in out, out
+    assert re.findall(r"From 2001:db8::30 icmp_seq=(\d) Destination unreachable: No route",
+                      out) == ["1", "2"], out
+    assert ("using unprivileged ping sockets" in stack.log()) == ping_sockets

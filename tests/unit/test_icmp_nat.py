@@ -489,3 +489,32 @@ def test_network_stack_gives_icmpv6_the_same_nat():
     assert stack.icmp6.forward is stack.icmp.forward is not None
     off = NetworkStack(FakeLink(), StackConfig(ipv6=False), reactor=MemoryReactorClock())
     assert off.icmp6 is None
+
+
+class UnroutableBackend(FakeBackend):
+    """A ping socket whose connect fails: no route, or no descriptors left."""
+
+    def __init__(self, errno_value):
+        super().__init__()
+        self.errno_value = errno_value
+
+    def open(self, flow):
+        raise OSError(self.errno_value, "fails")
+
+
+def test_a_host_socket_without_a_route_answers_the_guest_at_once():
+    import errno
+    h6 = Harness6(backend=UnroutableBackend(errno.ENETUNREACH))
+    h6.ping("2001:db8::10")
+    [frame] = h6.link.take()
+    assert (frame.data.data.type, frame.data.data.code) == (1, 0)
+    assert frame.data.src == a6("2001:db8::10") and len(h6.nat.table) == 0
+    h4 = Harness(backend=UnroutableBackend(errno.EHOSTUNREACH))
+    h4.ping("203.0.113.10")
+    [frame] = h4.link.take()
+    assert (frame.data.data.type, frame.data.data.code) == (3, 1)
+    assert h4.nat.drops["icmp-host-unreachable"] == 1
+    # Out of descriptors is no answer a router gives: counted, not told.
+    h = Harness6(backend=UnroutableBackend(errno.EMFILE))
+    h.ping("2001:db8::10")
+    assert h.link.take() == [] and h.nat.drops["icmp-socket-failed"] == 1
