@@ -7,11 +7,12 @@ once with ``arcbox-net-slirp4netns`` and once with the real ``slirp4netns``:
 the checks are slirp4netns's behaviour, so both must pass them.
 
 All of it runs inside a fresh network namespace (``ip netns exec``) that has
-only lo: the "host" of these tests, whose 127.0.0.1 holds the file server,
-the upstream DNS server (its /etc/netns resolv.conf names 127.0.0.1, which
-both stacks read) and the published port. Nothing can leave the machine,
-whatever a stack does with --disable-host-loopback; arcbox-net also runs with
-``--deny 0.0.0.0/0 --allow 127.0.0.0/8``.
+only lo: the "host" of these tests, whose 127.0.0.1 and ::1 hold the file
+servers, the upstream DNS server (its /etc/netns resolv.conf names 127.0.0.1
+and ::1, which both stacks read) and the published port. Nothing can leave
+the machine, whatever a stack does with --disable-host-loopback; arcbox-net
+also runs with ``--deny 0.0.0.0/0 --allow 127.0.0.0/8 --deny ::/0 --allow
+::1/128``.
 
 The user cannot run this venv's interpreter (it may live under /root), so
 the test makes a venv from Debian's /usr/bin/python3 holding copies of
@@ -23,6 +24,7 @@ shebang pointed at that interpreter.
 import contextlib
 import grp
 import hashlib
+import ipaddress
 import json
 import os
 import pathlib
@@ -50,13 +52,77 @@ NAME = "dropin.test"
 ANSWER = "198.51.100.7"
 PAYLOAD = os.urandom(3 << 20)
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "arcbox-net-slirp4netns")
-SAFE_OPTS = "--deny 0.0.0.0/0 --allow 127.0.0.0/8"
+SAFE_OPTS = "--deny 0.0.0.0/0 --allow 127.0.0.0/8 --deny ::/0 --allow ::1/128"
 CLONE_NEWNET = 0x40000000
 
 CHILD = r'''
-import fcntl, hashlib, json, socket, struct, sys
+import fcntl, hashlib, json, shutil, socket, struct, subprocess, sys, time
 file_port, name, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+file_port6 = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 out = {}
+
+
+def fetch(family, addr, port):
+    h, n = hashlib.sha256(), 0
+    try:
+        c = socket.socket(family)
+        c.settimeout(20)
+        c.connect((addr, port))
+        while True:
+            data = c.recv(1 << 16)
+            if not data:
+                break
+            h.update(data)
+            n += len(data)
+        return {"fetch": [h.hexdigest(), n]}
+    except OSError as e:
+        return {"fetch_error": [type(e).__name__, e.errno, str(e)], "fetched_before_error": n}
+
+
+def resolve(family, server):
+    q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    q += struct.pack("!HH", 1, 1)
+    d = socket.socket(family, socket.SOCK_DGRAM)
+    d.settimeout(10)
+    try:
+        d.sendto(q, (server, 53))
+        r = d.recv(4096)
+        rid, flags, qd, an = struct.unpack_from("!HHHH", r)
+        pos, answers = len(q), []
+        for _ in range(an):
+            pos += 2 if r[pos] & 0xC0 == 0xC0 else r.index(b"\0", pos) + 1 - pos
+            rtype, _, _, rdlen = struct.unpack_from("!HHIH", r, pos)
+            pos += 10
+            if rtype == 1:
+                answers.append(socket.inet_ntoa(r[pos:pos + 4]))
+            pos += rdlen
+        return {"rcode": flags & 15, "answers": answers}
+    except OSError as e:
+        return {"error": str(e)}
+
+
+def v6_addresses():
+    """tap0's global IPv6 addresses: (address, tentative)."""
+    found = []
+    with open("/proc/net/if_inet6") as f:
+        for line in f:
+            addr, _ix, _plen, scope, flags, dev = line.split()
+            if dev == "tap0" and scope == "00":
+                text = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(addr))
+                found.append([text, bool(int(flags, 16) & 0x40)])
+    return found
+
+
+def v6_default_via():
+    with open("/proc/net/ipv6_route") as f:
+        for line in f:
+            dst, plen, _s, _sl, hop, *_rest, dev = line.split()
+            if dst == "0" * 32 and plen == "00" and dev == "tap0":
+                return socket.inet_ntop(socket.AF_INET6, bytes.fromhex(hop))
+    return None
+
+
 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
     try:
         res = fcntl.ioctl(s, 0x8915, struct.pack("16s16x", b"tap0"))
@@ -68,39 +134,30 @@ srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("0.0.0.0", 80))
 srv.listen(4)
 if mode == "checks":
-    h, n = hashlib.sha256(), 0
-    try:
-        c = socket.create_connection(("10.0.2.2", file_port), timeout=20)
-        while True:
-            data = c.recv(1 << 16)
-            if not data:
-                break
-            h.update(data)
-            n += len(data)
-        out["fetch"] = [h.hexdigest(), n]
-    except OSError as e:
-        out["fetch_error"] = [type(e).__name__, e.errno, str(e)]
-        out["fetched_before_error"] = n
-    q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
-    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
-    q += struct.pack("!HH", 1, 1)
-    d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    d.settimeout(10)
-    try:
-        d.sendto(q, ("10.0.2.3", 53))
-        r = d.recv(4096)
-        rid, flags, qd, an = struct.unpack_from("!HHHH", r)
-        pos, answers = len(q), []
-        for _ in range(an):
-            pos += 2 if r[pos] & 0xC0 == 0xC0 else r.index(b"\0", pos) + 1 - pos
-            rtype, _, _, rdlen = struct.unpack_from("!HHIH", r, pos)
-            pos += 10
-            if rtype == 1:
-                answers.append(socket.inet_ntoa(r[pos:pos + 4]))
-            pos += rdlen
-        out["dns"] = {"rcode": flags & 15, "answers": answers}
-    except OSError as e:
-        out["dns"] = {"error": str(e)}
+    out.update(fetch(socket.AF_INET, "10.0.2.2", file_port))
+    out["dns"] = resolve(socket.AF_INET, "10.0.2.3")
+if file_port6:
+    # SLAAC from the router advertisement: wait for the address to leave
+    # duplicate address detection (the stack may start after tap0 is up).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready = [a for a, tentative in v6_addresses() if a.startswith("fd00:") and not tentative]
+        if ready and v6_default_via():
+            break
+        time.sleep(0.2)
+    v6 = {"default_via": v6_default_via()}
+    ping = shutil.which("ping") or "/usr/bin/ping"
+    for target in ("fd00::2", "fd00::3"):
+        try:
+            v6["ping " + target] = subprocess.run([ping, "-6", "-c1", "-W5", target],
+                                                  capture_output=True, timeout=30).returncode
+        except OSError as e:
+            v6["ping " + target] = str(e)
+    v6.update(fetch(socket.AF_INET6, "fd00::2", file_port6))
+    v6["dns"] = resolve(socket.AF_INET6, "fd00::3")
+    out["v6"] = v6
+# Every IPv6 address tap0 has by now (tentative ones too: any RA at all makes one).
+out["v6_addresses"] = v6_addresses()
 print("READY " + json.dumps(out), flush=True)
 srv.settimeout(60)
 conn, _ = srv.accept()
@@ -260,18 +317,27 @@ def in_netns(ns, fn):
 
 
 class DnsServer:
-    """Answers A queries for NAME with ANSWER on 127.0.0.1:53, NXDOMAIN otherwise."""
+    """Answers A queries for NAME with ANSWER on 127.0.0.1:53 and [::1]:53
+    (libslirp sends DNS on fd00::3 to the host's IPv6 nameserver, or ::1
+    when resolv.conf names none), NXDOMAIN otherwise; ``queries`` holds
+    (name, family) of each."""
 
     def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 53))
+        self.socks = []
         self.queries = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.bind((addr, 53))
+            self.socks.append(sock)
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
-    def _serve(self):
+    def names(self):
+        return [name for name, _family in self.queries]
+
+    def _serve(self, sock):
         while True:
             try:
-                data, peer = self.sock.recvfrom(4096)
+                data, peer = sock.recvfrom(4096)
             except OSError:
                 return
             try:
@@ -281,7 +347,7 @@ class DnsServer:
                     labels.append(data[pos + 1:pos + 1 + data[pos]].decode().lower())
                     pos += 1 + data[pos]
                 name = ".".join(labels)
-                self.queries.append(name)
+                self.queries.append((name, "ipv6" if sock.family == socket.AF_INET6 else "ipv4"))
                 qid = struct.unpack_from("!H", data)[0]
                 if name == NAME:
                     reply = struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + data[12:end]
@@ -291,24 +357,27 @@ class DnsServer:
             except (ValueError, IndexError, struct.error):
                 continue
             try:
-                self.sock.sendto(reply, peer)
+                sock.sendto(reply, peer)
             except OSError:
                 return  # closed at the end of the test
 
     def close(self):
-        self.sock.close()
+        for sock in self.socks:
+            sock.close()
 
 
 @contextlib.contextmanager
 def host_namespace():
-    """The tests' "host": a namespace with lo, the servers on its 127.0.0.1,
-    and a resolv.conf naming 127.0.0.1 for whatever runs in it."""
+    """The tests' "host": a namespace with lo, the servers on its 127.0.0.1
+    (and ::1), and a resolv.conf naming 127.0.0.1 and ::1 for whatever runs
+    in it (libslirp serves 10.0.2.3 from the first IPv4 nameserver and
+    fd00::3 only from an IPv6 one: without it, DNS on fd00::3 times out)."""
     with namespace("s4nn") as ns:
         etc = f"/etc/netns/{ns}"
         os.makedirs(etc)
         try:
             with open(f"{etc}/resolv.conf", "w") as f:
-                f.write("nameserver 127.0.0.1\n")
+                f.write("nameserver 127.0.0.1\nnameserver ::1\n")
             server = in_netns(ns, lambda: HostServer(lambda conn: conn.sendall(PAYLOAD)))
             dns = in_netns(ns, DnsServer)
             try:
@@ -419,7 +488,10 @@ def test_rootlesskit_child_network(rootless, binary):
             assert ready.get("fetch") == [hashlib.sha256(PAYLOAD).hexdigest(), len(PAYLOAD)], \
                 (ready, kit.stderr())
             assert ready["dns"] == {"rcode": 0, "answers": [ANSWER]}, (ready, kit.stderr())
-            assert NAME in dns.queries
+            assert NAME in dns.names()
+            # Without --ipv6 (slirp4netns without -6) no router advertisement
+            # comes: tap0 has no address in fd00::/64, not even a tentative one.
+            assert not [a for a, _ in ready["v6_addresses"] if a.startswith("fd00:")], ready
             assert host_client(ns, b"hello-from-host") == b"child:hello-from-host"
             assert kit.line("SERVED") == {"got": "hello-from-host"}
             assert kit.proc.wait(30) == 0, kit.stderr()
@@ -445,6 +517,55 @@ def test_rootlesskit_disable_host_loopback(rootless, binary):
             assert host_client(ns, b"still-published") == b"child:still-published"
             assert kit.proc.wait(30) == 0, kit.stderr()
         finally:
+            kit.close()
+
+
+@pytest.mark.parametrize("loopback", [True, False], ids=["host_loopback", "disable_host_loopback"])
+@pytest.mark.parametrize("binary", BINARIES)
+def test_rootlesskit_ipv6(rootless, binary, loopback):
+    """rootlesskit --ipv6 (slirp4netns --enable-ipv6): the child takes a SLAAC
+    address in fd00::/64 and a default route via the router's link-local
+    address from the RA, fd00::2 and fd00::3 answer ping, a file on the
+    host's [::1] comes byte-exact via [fd00::2] (refused at once with
+    --disable-host-loopback), and a name resolves on fd00::3."""
+    with host_namespace() as (ns, server, dns):
+        server6 = in_netns(ns, lambda: HostServer(lambda conn: conn.sendall(PAYLOAD), host="::1"))
+        extra = ["--ipv6", *([] if loopback else ["--disable-host-loopback"])]
+        kit = Rootlesskit(rootless, ns, binary, extra=extra,
+                          child_args=[str(server.port), NAME, "checks", str(server6.port)])
+        try:
+            ready = kit.line("READY", timeout=120)
+            v6 = ready["v6"]
+            slaac = [a for a, tentative in ready["v6_addresses"]
+                     if ipaddress.IPv6Address(a) in ipaddress.IPv6Network("fd00::/64")
+                     and not tentative]
+            assert slaac, (ready, kit.stderr())
+            # Only SLAAC (rootlesskit configures no IPv6 address): an EUI-64
+            # or random interface identifier, never the DHCPv6 fd00::100.
+            assert "fd00::100" not in slaac, ready
+            # libslirp's router is fe80::2, arcbox-net's fe80::1: the guest
+            # takes whichever the RA came from.
+            assert v6["default_via"] is not None, ready
+            assert ipaddress.IPv6Address(v6["default_via"]).is_link_local, ready
+            assert v6["ping fd00::2"] == 0 and v6["ping fd00::3"] == 0, ready
+            if loopback:
+                assert v6.get("fetch") == [hashlib.sha256(PAYLOAD).hexdigest(), len(PAYLOAD)], \
+                    (ready, kit.stderr())
+            else:
+                assert "fetch" not in v6, ready
+                kind, errno, _text = v6["fetch_error"]
+                assert kind in ("ConnectionRefusedError", "OSError"), ready
+                assert errno in (111, 101, 113), ready  # ECONNREFUSED, ENETUNREACH, EHOSTUNREACH
+                assert server6.results == [], "the host server was reached over IPv6"
+            assert v6["dns"] == {"rcode": 0, "answers": [ANSWER]}, (ready, kit.stderr())
+            assert NAME in dns.names()
+            # IPv4 is unchanged beside it.
+            assert ready["address"] == "10.0.2.100"
+            assert ready["dns"] == {"rcode": 0, "answers": [ANSWER]}, ready
+            assert host_client(ns, b"hello-v6") == b"child:hello-v6"
+            assert kit.proc.wait(30) == 0, kit.stderr()
+        finally:
+            server6.close()
             kit.close()
 
 
@@ -540,6 +661,12 @@ PODMAN_CHILD = (
     "mkdir -p /tmp; {{ wget -q -O /tmp/payload http://10.0.2.2:{port}/payload "
     "&& sha256sum /tmp/payload; }} || echo FETCH-FAILED; "
     "nslookup {name} 10.0.2.3; "
+    # Podman passes --enable-ipv6: wait for the SLAAC address to leave DAD.
+    "i=0; while [ $i -lt 150 ] && ! ip -6 addr show tap0 | grep 'inet6 fd00:' | grep -qv tentative; "
+    "do sleep 0.2; i=$((i+1)); done; ip -6 addr show tap0 | grep inet6; "
+    "{{ wget -q -O /tmp/payload6 http://[fd00::2]:{port6}/payload "
+    "&& sha256sum /tmp/payload6; }} || echo FETCH6-FAILED; "
+    "nslookup {name} fd00::3; "
     "echo child-hello > /tmp/hello; printf '#!/bin/sh\\nread line\\ncat /tmp/hello\\n' > /tmp/reply; "
     "chmod +x /tmp/reply; echo READY; "
     # One connection, then the container ends by itself (a killed one leaves
@@ -547,7 +674,7 @@ PODMAN_CHILD = (
     "exec nc -l -p 80 -e /tmp/reply"
 )
 APPLETS = ("sh", "ip", "grep", "wget", "sha256sum", "nslookup", "mkdir", "echo", "printf",
-           "chmod", "cat", "nc")
+           "chmod", "cat", "nc", "sleep")
 
 
 def http_payload(conn):
@@ -641,11 +768,13 @@ def test_podman_run_publish(rootless, podman_image, binary, loopback):
     published through the API socket (port_handler=slirp4netns)."""
     with host_namespace() as (ns, _server, dns), podman_session(rootless, podman_image) as pm:
         web = in_netns(ns, lambda: HostServer(http_payload))
+        web6 = in_netns(ns, lambda: HostServer(http_payload, host="::1"))
         network = "slirp4netns:port_handler=slirp4netns" + \
             (",allow_host_loopback=true" if loopback else "")
         cmd = podman_cmd(pm, binary, "run", "--rm", "--network", network,
                          "-p", f"127.0.0.1:{PUBLISHED}:80", "localhost/arcbox-bb:1", "sh", "-c",
-                         PODMAN_CHILD.format(port=web.port, name=NAME), ns=ns, popen=True)
+                         PODMAN_CHILD.format(port=web.port, port6=web6.port, name=NAME), ns=ns,
+                         popen=True)
         log = podman_image / f"run-{binary}-{loopback}.log"
         with open(log, "w") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -662,19 +791,27 @@ def test_podman_run_publish(rootless, podman_image, binary, loopback):
             assert "READY" in lines, f"{out}\n{log.read_text()}"
             assert "inet 10.0.2.100/24" in out, out
             digest = hashlib.sha256(PAYLOAD).hexdigest()
+            # IPv6 (-6): a SLAAC address, [fd00::2] to the host's [::1] with the
+            # same loopback rule as .2, and DNS on fd00::3.
+            assert re.search(r"inet6 fd00:[0-9a-f:]+/64 scope global", out), out
             if loopback:
                 assert f"{digest}  /tmp/payload" in lines, out
+                assert f"{digest}  /tmp/payload6" in lines, out
             else:
                 assert "FETCH-FAILED" in lines and digest not in out, out
-                assert web.results == [], "the host server was reached"
-            assert f"Address: {ANSWER}" in out.replace("\t", " ").replace("  ", " "), out
-            assert NAME in dns.queries
+                assert "FETCH6-FAILED" in lines, out
+                assert web.results == [] and web6.results == [], "the host server was reached"
+            text = out.replace("\t", " ").replace("  ", " ")
+            on_v4, _, on_v6 = text.partition("Address: [fd00::3]:53")
+            assert f"Address: {ANSWER}" in on_v4 and f"Address: {ANSWER}" in on_v6, out
+            assert NAME in dns.names()
             # The request is read before the reply: a guest closing with unread
             # data sends RST, not FIN.
             assert host_client(ns, b"hello\n") == b"child-hello\n"
             assert proc.wait(30) == 0, log.read_text()
         finally:
             web.close()
+            web6.close()
             if proc.poll() is None:
                 end_user_processes(rootless["uid"])
                 proc.wait(10)
