@@ -13,7 +13,8 @@ STACK_LABELS = {"arcbox-net": "arcbox-net", "arcbox-net-2q": "arcbox-net --queue
                 "libslirp-qemu": "libslirp via QEMU",
                 "arcbox-net-rootlesskit": "arcbox-net via rootlesskit",
                 "slirp4netns-rootlesskit": "slirp4netns via rootlesskit",
-                "slirp4netns": "slirp4netns", "pasta": "pasta", "kernel": "kernel (veth)"}
+                "slirp4netns": "slirp4netns", "pasta": "pasta",
+                "pasta-v6": "pasta (IPv6 rows, own host namespace)", "kernel": "kernel (veth)"}
 
 #: Ratio columns: (stack, against, header), both from the same run.
 RATIOS = [("arcbox-net", "slirp4netns", "arcbox-net / slirp4netns"),
@@ -24,7 +25,8 @@ RATIOS = [("arcbox-net", "slirp4netns", "arcbox-net / slirp4netns"),
           ("arcbox-net-qemu-fd", "slirp4netns", "--fd via QEMU / slirp4netns"),
           ("arcbox-net-fd-vnet", "slirp4netns", "--fd --vnet-hdr / slirp4netns"),
           ("arcbox-net-rootlesskit", "slirp4netns-rootlesskit",
-           "via rootlesskit / slirp4netns via rootlesskit")]
+           "via rootlesskit / slirp4netns via rootlesskit"),
+          ("arcbox-net", "pasta-v6", "arcbox-net / pasta (IPv6)")]
 #: The VM links against libslirp behind the same QEMU relay, idle and with the competitor.
 for _mine, _short in (("arcbox-net-qemu", "stream"), ("arcbox-net-qemu-dgram", "dgram"),
                       ("arcbox-net-qemu-dgram-qlen512", "dgram qlen 512"),
@@ -46,6 +48,8 @@ ROWS = [
     ("tcp_up_4", "gbps", "TCP guest→host, 4 streams", "Gbit/s"),
     ("tcp_down_4", "gbps", "TCP host→guest, 4 streams", "Gbit/s"),
     ("port_forward", "gbps", "TCP port forward host→guest", "Gbit/s"),
+    ("tcp6_up_1", "gbps", "TCP over IPv6 guest→host, 1 stream", "Gbit/s"),
+    ("tcp6_down_1", "gbps", "TCP over IPv6 host→guest, 1 stream", "Gbit/s"),
     ("tcp_rr", "median_us", "TCP 1-byte request/response, median", "µs"),
     ("tcp_rr", "p99_us", "TCP 1-byte request/response, p99", "µs"),
     ("conn_rate", "per_second", "Connect, 1 request, close", "conn/s"),
@@ -57,6 +61,8 @@ ROWS = [
     ("tcp_up_4", "cpu_s_per_gb", "Stack CPU, TCP guest→host 4 streams", "CPU s/GB"),
     ("tcp_down_4", "cpu_s_per_gb", "Stack CPU, TCP host→guest 4 streams", "CPU s/GB"),
     ("port_forward", "cpu_s_per_gb", "Stack CPU, port forward host→guest", "CPU s/GB"),
+    ("tcp6_up_1", "cpu_s_per_gb", "Stack CPU, TCP over IPv6 guest→host", "CPU s/GB"),
+    ("tcp6_down_1", "cpu_s_per_gb", "Stack CPU, TCP over IPv6 host→guest", "CPU s/GB"),
     ("tcp_up_1", "relay_cpu_s_per_gb", "Relay CPU (QEMU, vnet_relay.py), TCP guest→host 1 stream",
      "CPU s/GB"),
     ("tcp_down_1", "relay_cpu_s_per_gb",
@@ -76,6 +82,8 @@ SCALE_ROWS = [
 THROUGHPUT = [("tcp_up_1", "gbps", "guest→host\n1 stream"), ("tcp_down_1", "gbps", "host→guest\n1 stream"),
               ("tcp_up_4", "gbps", "guest→host\n4 streams"), ("tcp_down_4", "gbps", "host→guest\n4 streams"),
               ("port_forward", "gbps", "port forward\nhost→guest"),
+              ("tcp6_up_1", "gbps", "IPv6 guest→host\n1 stream"),
+              ("tcp6_down_1", "gbps", "IPv6 host→guest\n1 stream"),
               ("udp", "received_mbps", "UDP received\n(offered {udp_rate})")]
 
 
@@ -229,6 +237,15 @@ NOTES = """\
   processes (from /proc/PID/stat; RSS and fds count them too); the kernel row has no
   process to measure. The port forward of pasta splices loopback sockets (no frames
   through its tap); the kernel row's "forward" is the direct route.
+- IPv6 rows: one iperf3 stream each way to a server on the host side's ::1, reached at
+  the stack's alias of it: arcbox-net fd00::1 (the guest at fd00::2, default route via
+  fe80::1; `--deny ::/0 --allow ::1/128`), slirp4netns `--enable-ipv6` fd00::2 (the guest
+  configured by its RA), the kernel veth fd10::1. pasta copies the host's addresses and
+  routes, and this host's IPv6 is a real network, so its IPv6 rows ("pasta-v6") run in a
+  host namespace of its own (lo, and a veth into an empty namespace holding fd10::1/64 and
+  the default routes: nothing pasta sends elsewhere than its loopback goes anywhere), the
+  guest reaching ::1 at the gateway fd10::ff. rootlesskit and libslirp via QEMU have no
+  IPv6 row (run without IPv6, as Docker and this relay run them).
 - DNS: only arcbox-net has a local name (host.arcbox.internal); the others would forward to
   the host's resolver, and this benchmark sends nothing off the machine.
 - Scale rows run at the first MTU only; in the echo phase each connection gets 30 s, so
@@ -255,7 +272,6 @@ def write(out_dir, result):
 def plot(out_dir, result):
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     meta = result["meta"]
     stacks = meta["stacks"]
@@ -266,6 +282,14 @@ def plot(out_dir, result):
     # only stacks that ran a throughput workload (variants may run latency only).
     stacks = [s for s in stacks if any((wid, mtu, s) in index
                                        for wid, _, _ in THROUGHPUT for mtu in mtus)]
+    if stacks:
+        _plot_throughput(out_dir, meta, index, stacks, mtus)
+    _plot_latency(out_dir, meta, index, meta["stacks"], mtus)
+
+
+def _plot_throughput(out_dir, meta, index, stacks, mtus):
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(len(mtus), 1, figsize=(11, 4.2 * len(mtus)), squeeze=False)
     width = 0.8 / len(stacks)
     for ax, mtu in zip(axes[:, 0], mtus):
@@ -293,8 +317,12 @@ def plot(out_dir, result):
     fig.savefig(os.path.join(out_dir, "throughput.png"), dpi=90)
     plt.close(fig)
 
-    # Latency: distribution (CDF) of 1-byte round trips, one panel per MTU.
-    stacks = meta["stacks"]
+
+
+def _plot_latency(out_dir, meta, index, stacks, mtus):
+    """Latency: distribution (CDF) of 1-byte round trips, one panel per MTU."""
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(mtus), figsize=(6 * len(mtus), 4.2), squeeze=False)
     for ax, mtu in zip(axes[0], mtus):
         for stack in stacks:

@@ -13,10 +13,17 @@ workloads need from it:
   forward()     (namespace, address, port) a host client uses to reach the
                 guest's port 5201, or Unsupported
   dns           (server, name) for the DNS workload, or None and ``dns_reason``
+  gateway6      address the guest uses to reach ``server_addr6`` over IPv6 (the
+                host's ::1), after ``ipv6_ready()``; None: no IPv6 row, for
+                ``ipv6_reason``
 
 Everything stays on this machine: servers bind loopback (or the host end of
 the kernel veth, itself in a namespace of its own), arcbox-net runs with
-``--deny 0.0.0.0/0 --allow 127.0.0.0/8`` and DNS upstreams on loopback only.
+``--deny 0.0.0.0/0 --allow 127.0.0.0/8 --deny ::/0 --allow ::1/128`` and DNS
+upstreams on loopback only. This machine's IPv6 is a real network (its eth0 has
+a v6 default route), so the IPv6 rows of pasta, which copies the host's
+addresses and routes, run in a host namespace of their own whose only route
+leads into a veth with nothing behind it.
 """
 
 import contextlib
@@ -52,6 +59,10 @@ class Stack:
     #: Workload ids this stack runs (None: all); a variant that differs from its
     #: base stack in one respect runs only the workloads that respect can change.
     only_workloads = None
+    #: IPv6 rows: where the guest reaches the host's ::1 (None: none, see ipv6_reason).
+    gateway6 = None
+    server_addr6 = "::1"
+    ipv6_reason = "no IPv6 row for this stack"
 
     def __init__(self, mtu, logdir, twistd):
         self.mtu = mtu
@@ -79,6 +90,11 @@ class Stack:
     def forward(self):
         raise Unsupported("no port forwarding")
 
+    def ipv6_ready(self):
+        """Make sure the guest can reach ``server_addr6`` at ``gateway6``, or raise
+        Unsupported. Called before each IPv6 workload."""
+        raise Unsupported(self.ipv6_reason)
+
     @contextlib.contextmanager
     def competitor(self):
         """What runs beside the stack during each workload (the +hog variants)."""
@@ -96,9 +112,26 @@ class Stack:
         return None
 
 
+def _wait_ipv6(ns, ifname="tap0", timeout=15):
+    """Wait until ``ifname`` in ``ns`` has a global IPv6 address out of DAD and a
+    default route (from a router advertisement); raise Unsupported if not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        addrs = subprocess.run(["ip", "-n", ns, "-6", "addr", "show", "dev", ifname,
+                                "scope", "global"], capture_output=True, text=True).stdout
+        route = subprocess.run(["ip", "-n", ns, "-6", "route", "show", "default"],
+                               capture_output=True, text=True).stdout
+        if "inet6" in addrs and "tentative" not in addrs and "default" in route:
+            return
+        if time.monotonic() > deadline:
+            raise Unsupported(f"the guest got no IPv6 address and default route in {timeout} s")
+        time.sleep(0.1)
+
+
 class ArcboxNet(Stack):
     name = "arcbox-net"
     gateway = "10.0.2.1"
+    gateway6 = "fd00::1"           # the gateway, which reaches the host's ::1
     _help = None
     extra_args = []
 
@@ -120,6 +153,9 @@ class ArcboxNet(Stack):
         args = [*link_args, "--mtu", str(self.mtu), "--deny", "0.0.0.0/0",
                 "--allow", "127.0.0.0/8"]
         self.has_forward = "--forward" in help_text
+        self.has_ipv6 = "--no-ipv6" in help_text
+        if self.has_ipv6:
+            args += ["--deny", "::/0", "--allow", "::1/128"]
         if self.has_forward:
             args += ["--forward", f"tcp:127.0.0.1:{self.forward_port}:{GUEST_PORT}"]
         if "--dns-upstream" in help_text:
@@ -142,6 +178,20 @@ class ArcboxNet(Stack):
         if not self.has_forward:
             raise Unsupported("this arcbox-net has no --forward option")
         return None, "127.0.0.1", self.forward_port
+
+    def ipv6_ready(self):
+        """The guest's tap0 gets fd00::2 (the stack's first DHCPv6 address; no DAD
+        wait) and a default route via the router's fe80::1, as from its RA."""
+        if not self.has_ipv6:
+            raise Unsupported("this arcbox-net has no IPv6")
+        if getattr(self, "_ipv6_done", False):
+            return
+        ns = self.guest_ns
+        subprocess.run(["ip", "-n", ns, "addr", "replace", "fd00::2/64", "dev", "tap0", "nodad"],
+                       check=True, capture_output=True)
+        subprocess.run(["ip", "-n", ns, "-6", "route", "replace", "default", "via", "fe80::1",
+                        "dev", "tap0"], check=True, capture_output=True)
+        self._ipv6_done = True
 
     @staticmethod
     def version():
@@ -335,13 +385,15 @@ class ArcboxNetFdVnet(ArcboxNet):
             if not ready or self.relay_proc.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"vnet_relay.py did not start: {self.log_tail()}")
             self.relay_pid = self.relay_proc.pid
+            # Up before the stack's first frame (its router advertisement): the relay
+            # ends on a write to a TAP that is down (EIO).
+            _ip(self.guest_ns, "link", "set", "tap0", "mtu", str(self.mtu), "up")
             self._start_twistd(["--fd", str(ours.fileno()), "--vnet-hdr"],
                                pass_fds=(ours.fileno(),))
         finally:
             ours.close()
             theirs.close()
-        for ip_args in (["link", "set", "tap0", "mtu", str(self.mtu), "up"],
-                        ["addr", "add", "10.0.2.2/24", "dev", "tap0"],
+        for ip_args in (["addr", "add", "10.0.2.2/24", "dev", "tap0"],
                         ["route", "add", "default", "via", self.gateway]):
             _ip(self.guest_ns, *ip_args)
 
@@ -364,6 +416,7 @@ class LibslirpQemu(QemuRelay, Stack):
 
     name = "libslirp-qemu"
     gateway = "10.0.2.2"
+    ipv6_reason = "libslirp behind the QEMU relay runs with ipv6=off (no egress policy)"
     guest_addr = "10.0.2.15"       # libslirp's first DHCP address, hostfwd's default target
     dns_reason = ("libslirp's DNS (10.0.2.3) only forwards to the host's resolver: no local "
                   "name, and the benchmark sends nothing off this machine")
@@ -438,8 +491,12 @@ class ArcboxNetQueues(ArcboxNet):
 
 
 class Slirp4netns(Stack):
+    """slirp4netns --configure, with --enable-ipv6 (the guest takes fd00::/64 from
+    its router advertisement; fd00::2 is its alias of the host's ::1)."""
+
     name = "slirp4netns"
     gateway = "10.0.2.2"           # slirp4netns's alias of the host's loopback
+    gateway6 = "fd00::2"
     dns_reason = ("slirp4netns's DNS (10.0.2.3) only forwards to the host's resolver: "
                   "it has no local name, and the benchmark sends nothing off this machine")
 
@@ -447,7 +504,8 @@ class Slirp4netns(Stack):
         self.guest_ns = netns_add(_ns_name("slirp"))
         self.api_socket = os.path.join(self.logdir, f"slirp-{os.getpid()}-{next(_ids)}.sock")
         read_fd, write_fd = os.pipe()
-        cmd = ["slirp4netns", "--configure", f"--mtu={self.mtu}", "--netns-type=path",
+        cmd = ["slirp4netns", "--configure", f"--mtu={self.mtu}", "--enable-ipv6",
+               "--netns-type=path",
                "--api-socket", self.api_socket, "--ready-fd", str(write_fd),
                f"/var/run/netns/{self.guest_ns}", "tap0"]
         with self._log() as log:
@@ -469,6 +527,9 @@ class Slirp4netns(Stack):
         if "error" in reply:
             raise RuntimeError(f"slirp4netns add_hostfwd: {reply['error']}")
         return None, "127.0.0.1", self.forward_port
+
+    def ipv6_ready(self):
+        _wait_ipv6(self.guest_ns)
 
     def stop(self):
         super().stop()
@@ -494,6 +555,7 @@ class Rootlesskit(Stack):
     environment options have no --max-connections), so scale_5000 stops there."""
 
     gateway = "10.0.2.2"
+    ipv6_reason = "run as Docker's rootless mode runs it: rootlesskit without --ipv6"
     binary = None               # the --slirp4netns-binary, from the user's venv or $PATH
     dns_reason = ("via rootlesskit, DNS (10.0.2.3) forwards to the resolver of a host "
                   "namespace that has only lo: no local name here")
@@ -606,6 +668,8 @@ class Slirp4netnsRootlesskit(Rootlesskit):
 class Pasta(Stack):
     name = "pasta"
     gateway = "10.0.2.2"           # pasta maps its gateway address to the host's loopback
+    ipv6_reason = ("pasta copies the host's IPv6 addresses and routes, and this host's are "
+                   "a real network: see pasta-v6 (a sandboxed host namespace)")
     dns_reason = ("pasta only forwards DNS to the host's resolver (--dns-forward): no local "
                   "name, and the benchmark sends nothing off this machine")
 
@@ -645,6 +709,68 @@ class Pasta(Stack):
         return out or None
 
 
+class Pasta6(Pasta):
+    """pasta for the IPv6 rows, in a host namespace of its own: lo (the servers
+    on ::1 there) and a veth into a namespace with nothing in it, holding the
+    addresses pasta copies (fd10::1/64, 10.250.0.1/24) and default routes, so
+    whatever pasta sends anywhere but the host's loopback goes nowhere. The
+    guest gets fd10::1 and reaches that ::1 at the gateway, fd10::ff, which
+    pasta maps to the host's loopback."""
+
+    name = "pasta-v6"
+    gateway6 = "fd10::ff"
+    only_workloads = ("tcp6_up_1", "tcp6_down_1")
+    sink_ns = None
+
+    def start(self):
+        if shutil.which("pasta") is None:
+            raise Unsupported("pasta is not installed (Debian package passt)")
+        self.host_ns = netns_add(_ns_name("pastahost"))
+        self.sink_ns = netns_add(_ns_name("pastasink"))
+        self.guest_ns = netns_add(_ns_name("pasta6"))
+        host = self.host_ns
+        for cmd in (["link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns",
+                     self.sink_ns],
+                    ["link", "set", "lo", "up"], ["link", "set", "v0", "up"],
+                    ["addr", "add", "fd10::1/64", "dev", "v0", "nodad"],
+                    ["-6", "route", "add", "default", "via", "fd10::ff", "dev", "v0"],
+                    ["addr", "add", "10.250.0.1/24", "dev", "v0"],
+                    ["route", "add", "default", "via", "10.250.0.254", "dev", "v0"]):
+            _ip(host, *cmd)
+        _ip(self.sink_ns, "link", "set", "v1", "up")
+        cmd = ["pasta", "--netns", f"/var/run/netns/{self.guest_ns}", "--runas", "0",
+               "--config-net", "-I", "tap0", "-m", str(self.mtu), "-t", "none", "-u", "none",
+               "-T", "none", "-U", "none", "-f", "-q"]
+        with self._log() as log:
+            self.proc = spawn(cmd, ns=host, log=log)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise Unsupported(f"pasta exited ({self.proc.returncode}): {self.log_tail()}")
+            addr = subprocess.run(["ip", "-n", self.guest_ns, "-4", "addr", "show", "tap0"],
+                                  capture_output=True, text=True).stdout
+            if "10.250.0.1" in addr:
+                self.server_addr = "127.0.0.1"
+                self.gateway = "10.250.0.254"
+                return
+            time.sleep(0.1)
+        raise Unsupported(f"pasta did not configure the namespace: {self.log_tail()}")
+
+    def ipv6_ready(self):
+        _wait_ipv6(self.guest_ns)
+
+    def forward(self):
+        raise Unsupported("IPv6 rows only")
+
+    def stop(self):
+        super().stop()
+        for attr in ("host_ns", "sink_ns"):
+            if getattr(self, attr):
+                netns_del(getattr(self, attr))
+                setattr(self, attr, None)
+
+
 class Kernel(Stack):
     """A veth pair between the guest and a host-side namespace: the physical limit."""
 
@@ -653,6 +779,8 @@ class Kernel(Stack):
     guest_addr = "10.200.0.2"
     server_addr = host_addr
     gateway = host_addr
+    host_addr6, guest_addr6 = "fd10::1", "fd10::2"
+    server_addr6 = gateway6 = host_addr6
     dns_reason = "no resolver on the kernel path"
 
     def start(self):
@@ -666,12 +794,19 @@ class Kernel(Stack):
             ["ip", "-n", self.host_ns, "link", "set", "vh", "mtu", str(self.mtu), "up"],
             ["ip", "-n", self.guest_ns, "link", "set", "vg", "mtu", str(self.mtu), "up"],
             ["ip", "-n", self.guest_ns, "route", "add", "default", "via", self.host_addr],
+            ["ip", "-n", self.host_ns, "addr", "add", f"{self.host_addr6}/64", "dev", "vh",
+             "nodad"],
+            ["ip", "-n", self.guest_ns, "addr", "add", f"{self.guest_addr6}/64", "dev", "vg",
+             "nodad"],
         ]
         for cmd in steps:
             subprocess.run(cmd, check=True, capture_output=True)
 
     def forward(self):
         return self.host_ns, self.guest_addr, GUEST_PORT
+
+    def ipv6_ready(self):
+        pass
 
     def stop(self):
         super().stop()
@@ -695,4 +830,4 @@ STACKS = {cls.name: cls for cls in (ArcboxNet, ArcboxNetQueues, ArcboxNetNoOfflo
                                        *map(with_competitor, _CONTENDED),
                                        ArcboxNetNoBusyPoll, Slirp4netns,
                                        ArcboxNetRootlesskit, Slirp4netnsRootlesskit,
-                                       Pasta, Kernel)}
+                                       Pasta, Pasta6, Kernel)}
