@@ -223,21 +223,29 @@ s.close()
 
 
 @pytest.mark.parametrize("ping_sockets", [False, True], ids=["raw", "ping-sockets"])
-def test_v6_host_without_a_route_answers_the_guest_at_once(netns, host_netns, stack_factory,
+def test_v6_host_failures_reach_the_guest_as_icmpv6_errors(netns, host_netns, stack_factory,
                                                            ping_sockets):
-    """The stack runs in a namespace with only lo: its kernel has no route to
-    the (allowed) mapped target, so the send fails there and then, and the
-    guest hears ICMPv6 no route. Nothing can leave that namespace."""
+    """The stack runs in a namespace with only lo and two routes of its own:
+    a prohibit and an unreachable one. Its kernel refuses each (allowed,
+    mapped) target at once and the guest hears the ICMPv6 error a router
+    would send for it. Nothing can leave that namespace."""
     if ping_sockets:
         in_ns(host_netns, "sysctl", "-w", "net.ipv4.ping_group_range=0 2147483647")
+    in_ns(host_netns, "ip", "-6", "route", "add", "prohibit", "2001:db8:ffff:1::/64")
+    in_ns(host_netns, "ip", "-6", "route", "add", "unreachable", "2001:db8:ffff:2::/64")
     stack = stack_factory("--netns", netns, "--configure", *SAFE,
                           "--map", "2001:db8::30=2001:db8:ffff::1",
-                          "--allow", "2001:db8:ffff::/64",
+                          "--map", "2001:db8::31=2001:db8:ffff:1::1",
+                          "--map", "2001:db8::32=2001:db8:ffff:2::1",
+                          "--allow", "2001:db8:ffff::/48",
                           prefix=["ip", "netns", "exec", host_netns])
     _v6_guest(netns)
-    result = _ping(netns, "2001:db8::30", count=2, v6=True)
-    out = result.stdout
-    assert result.returncode != 0 and "bytes from" not in out, out
-    assert re.findall(r"From 2001:db8::30 icmp_seq=(\d) Destination unreachable: No route",
-                      out) == ["1", "2"], out
-    assert ("using unprivileged ping sockets" in stack.log()) == ping_sockets
+    for target, error in (("2001:db8::30", "No route"),
+                          ("2001:db8::31", "Administratively prohibited"),
+                          ("2001:db8::32", "Address unreachable")):
+        result = _ping(netns, target, count=2, v6=True)
+        out = result.stdout
+        assert result.returncode != 0 and "bytes from" not in out, out
+        assert re.findall(rf"From {re.escape(target)} icmp_seq=(\d) Destination unreachable: "
+                          rf"{error}", out) == ["1", "2"], out
+    assert ("ICMPv6 echo NAT: using unprivileged ping sockets" in stack.log()) == ping_sockets
