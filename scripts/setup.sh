@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 # rootlesskit, podman (with runc), uidmap (newuidmap) and slirp4netns:
 # tests/guest/test_slirp4netns_dropin.py runs rootlesskit and rootless Podman unprivileged
 # around arcbox-net-slirp4netns and the real slirp4netns.
-APT_PACKAGES=(iproute2 busybox iputils-ping dnsutils curl socat iperf3 qemu-system-x86 lz4 tshark python3 python3-venv rootlesskit podman runc uidmap slirp4netns)
+# isc-dhcp-client (dhclient -6) and ndisc6 (rdisc6, a reader of RDNSS/DNSSL):
+# tests/guest/test_ipv6.py's DHCPv6 client and router-advertisement check.
+APT_PACKAGES=(iproute2 busybox iputils-ping dnsutils curl socat iperf3 qemu-system-x86 lz4 tshark python3 python3-venv rootlesskit podman runc uidmap slirp4netns isc-dhcp-client ndisc6)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
