@@ -93,14 +93,21 @@ class NetworkStack(service.Service):
 
     def _add_nat(self):
         """Outbound NAT handlers (TCP, UDP, ICMP to other hosts)."""
+        from .fdbudget import FdBudget
         from .tcp.nat import TcpNat
-        self.tcp = TcpNat(self.dispatcher, self.config, self.egress, self.reactor)
+        #: Host descriptors the guest may make us hold; sized at start.
+        self.fd_budget = FdBudget()
+        self.tcp = TcpNat(self.dispatcher, self.config, self.egress, self.reactor,
+                          fd_budget=self.fd_budget)
         self.parts.append(self.tcp)
         # UDP NAT (a dispatch handler) and ICMP echo NAT (IcmpHandler's forward,
         # started and stopped by it: not a second handler for IP protocol 1).
         from .protocols.icmp_nat import IcmpNat
         from .protocols.udp_nat import UdpNat
-        self.udp = UdpNat(self.dispatcher, self.config, self.egress, self.reactor)
+        self.udp = UdpNat(self.dispatcher, self.config, self.egress, self.reactor,
+                          fd_budget=self.fd_budget)
+        self.fd_budget.add_user(lambda: len(self.tcp.connections))
+        self.fd_budget.add_user(lambda: len(self.udp.table))
         self.parts.append(self.udp)
         self.icmp.forward = IcmpNat(self.dispatcher, self.config, self.egress, self.reactor)
         if self.icmp6 is not None:
@@ -121,10 +128,19 @@ class NetworkStack(service.Service):
             start = getattr(part, "start", None)
             if start is not None:
                 start()
+        self._size_fd_budget()
         self.link.start(self.dispatcher)
         self._start_queue_workers()
         self.log.info("arcbox-net serving {link}: {summary}",
                       link=self.link.description, summary=self.config.summary())
+
+    def _size_fd_budget(self):
+        """After the TCP NAT raised the descriptor limit: what the guest may use."""
+        from .fdbudget import FdBudget
+        self.fd_budget.capacity = FdBudget.for_process().capacity
+        table = getattr(getattr(self.icmp, "forward", None), "table", None)
+        if table is not None:      # ICMP echo flows: a ping socket each
+            self.fd_budget.add_user(table.__len__)
 
     def _start_queue_workers(self):
         extra = getattr(self.link, "extra_queues", None)
@@ -361,6 +377,7 @@ class NetworkStack(service.Service):
             "link": {"description": self.link.description,
                      "queued_frames": getattr(self.link, "queued_frames", 0)},
             "guest_mac": mac_to_str(self.dispatcher.guest_mac) if self.dispatcher.guest_mac else None,
+            "fds": self.fd_budget.to_json(),
             "neighbours": {str(ip_address(a)): mac_to_str(m)
                            for a, m in self.dispatcher.neighbours.entries()},
         }

@@ -119,6 +119,22 @@ class FlowTable:
             del self._flows[flow.key]
         return expired
 
+    def expire_idle(self, now, idle):
+        """Remove and return the flows idle for ``idle`` seconds or more,
+        established or not (descriptors running short)."""
+        expired = []
+        for flow in self._flows.values():
+            if now - flow.last_active < idle:
+                break
+            expired.append(flow)
+        for flow in expired:
+            del self._flows[flow.key]
+        return expired
+
+    def pop_oldest(self):
+        """Remove and return the least recently active flow."""
+        return self._flows.popitem(last=False)[1]
+
     def next_deadline(self):
         """The earliest expiry time, or None when the table is empty."""
         best = None

@@ -50,6 +50,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..fdbudget import MIN_IDLE, FdBudget
 from ..interfaces import IIPv4Handler, IIPv6Handler
 from ..policy import Refusal
 from ..ratelimit import LimitedLog
@@ -154,8 +155,11 @@ class UdpNat:
     log = Logger()
     ip_protocol = ipv4.PROTO_UDP
 
-    def __init__(self, dispatcher, config, egress, reactor, socket_factory=HostUdpSocket):
+    def __init__(self, dispatcher, config, egress, reactor, socket_factory=HostUdpSocket,
+                 fd_budget=None):
         self.framer = dispatcher.framer
+        #: Host sockets the guest may still make us hold (fdbudget.py).
+        self.fd_budget = fd_budget if fd_budget is not None else FdBudget()
         self.config = config
         self.egress = egress
         self.reactor = reactor
@@ -211,6 +215,7 @@ class UdpNat:
             self.drops["udp-" + target.reason] += 1
             self._icmp_to_guest(remote_ip, guest_ip, quote, target.icmp_code)
             return None
+        self._make_room()
         flow = UdpFlow(key, (str(target[0]), int(target[1])))
         try:
             flow.socket = self.socket_factory(self, flow)
@@ -230,6 +235,22 @@ class UdpNat:
         self.counters["udp-flows-opened"] += 1
         self.timer.schedule()
         return flow
+
+    def _make_room(self):
+        """Descriptors running short: close flows idle for a quarter of their
+        timeout, and at the budget's end the least recently active one."""
+        budget = self.fd_budget
+        if not budget.under_pressure():
+            return
+        now = self.reactor.seconds()
+        idle = max(MIN_IDLE, self.config.udp_timeout / 4)
+        for flow in self.table.expire_idle(now, idle):
+            self.drops["udp-fd-reaped"] += 1
+            self._close(flow)
+        while budget.room() <= 0 and len(self.table):
+            flow = self.table.pop_oldest()
+            self.drops["udp-fd-evicted"] += 1
+            self._close(flow)
 
     # -- host side (called by the flow's socket)
 

@@ -50,6 +50,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..fdbudget import FdBudget
 from ..interfaces import IFlushable, IIPv4Handler, IIPv6Handler
 from ..policy import NO_ROUTE, Refusal
 from ..wire import icmp, ip as ipfamily, ipv4, tcp
@@ -63,6 +64,9 @@ from .connection import (Closed, Established, GuestEndOfData, GuestReset, Illega
 #: MTU 1500, 5 s): one stream 9.6-13.3 vs 7.8-9.1 Gbit/s, four 8.4-11.1 vs 7.4-7.8.
 HOST_READ_SIZE = 512 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
+#: Connections to the stack's own services (DNS over TCP) allowed beyond the
+#: descriptor budget: each takes two descriptors of the reserve.
+LOCAL_SERVICE_RESERVE = 8
 
 
 @implementer(IIPv4Handler, IIPv6Handler, IFlushable)
@@ -74,8 +78,10 @@ class TcpNat:
     log = Logger()
     ip_protocol = ipv4.PROTO_TCP
 
-    def __init__(self, dispatcher, config, egress, reactor, params=None):
+    def __init__(self, dispatcher, config, egress, reactor, params=None, fd_budget=None):
         self.dispatcher = dispatcher
+        #: Host sockets the guest may still make us hold (fdbudget.py).
+        self.fd_budget = fd_budget if fd_budget is not None else FdBudget()
         self.framer = dispatcher.framer
         self.config = config
         self.egress = egress
@@ -208,6 +214,10 @@ class TcpNat:
             else:
                 self.send_icmp_error(key, quote, target.icmp_code)
             return
+        if self.fd_budget.room() <= 0 and not self._may_use_reserve(remote_ip, remote_port):
+            self.drops["tcp-fd-exhausted"] += 1
+            self.emit(key, TcpConnection.reset_for(seg))
+            return
         conn = TcpConnection.from_guest_syn(seg, self.reactor.seconds(), random.getrandbits(32),
                                             self.params6 if len(guest_ip) == 16 else self.params)
         conn.counters = self.counters
@@ -219,6 +229,15 @@ class TcpNat:
         if self.on_event is not None:
             self.on_event("connection-opened", splice.describe())
         splice.connect()
+
+    def _may_use_reserve(self, remote_ip, remote_port):
+        """A service the stack runs itself (DNS over TCP) stays reachable with
+        the guest's descriptors used up, for a few connections at once."""
+        if (remote_ip, remote_port) not in self.egress.local_services:
+            return False
+        local = sum(1 for s in self.connections.values()
+                    if (s.key[2], s.key[3]) in self.egress.local_services)
+        return local < LOCAL_SERVICE_RESERVE
 
     # -- the way out
 
@@ -617,6 +636,8 @@ class InboundSplice(TcpSplice):
         guest_port = forward.guest_port
         src_ip, preferred = forward.source_for(self.client, guest)
         src_port = nat.free_port(guest_ip, guest_port, src_ip, preferred)
+        # Not held to the guest's descriptor budget: the client is a host
+        # program, already accepted (from the reserve the budget keeps).
         if src_port is None or len(nat.connections) >= nat.config.max_connections:
             nat.drops["tcp-forward-no-slot"] += 1
             self.transport.abortConnection()
