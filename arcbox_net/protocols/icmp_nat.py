@@ -507,6 +507,12 @@ class IcmpNat:
                 self.log.info("ICMP{v} echo NAT: using unprivileged ping sockets",
                               v="v6" if v6 else "")
                 return PingBackend(self)
+            if ping_error.errno == errno.EAFNOSUPPORT:
+                # A host booted without IPv6: no socket of the family at all.
+                self.log.warn("ICMP{v} echo NAT: the host has no {family} ({error}); pings "
+                              "to {family} hosts are dropped", v="v6" if v6 else "",
+                              family=_family(v6), error=ping_error.strerror)
+                return None
         if v6:
             # One line says why for both families (the sysctl governs both).
             why = (f"no IPv6 ping sockets ({ping_error.strerror})" if ping_error is not None

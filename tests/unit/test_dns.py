@@ -440,3 +440,18 @@ def test_v6_upstream_is_asked_from_an_ipv6_socket():
     m = decode(out[0])
     assert m.rCode == dns.OK and aaaa(m) == ["2001:db8::66"] and not m.auth
     proxy.stop()
+
+
+def test_a_separate_v6_dns_address_is_served_and_names_answer_the_v6_gateway():
+    """slirp4netns's -6 plan: gateway fd00::2, DNS fd00::3, guest fd00::100."""
+    config = StackConfig(ipv6_gateway="fd00::2", ipv6_dns="fd00::3", ipv6_guest="fd00::100")
+    handler, dispatcher, link, egress, _ = make_handler(config)
+    dispatcher.framer.learn(a6("fd00::100"), fb.GUEST_MAC)
+    dispatcher.frames_received([udp6(40000, 53, query("host.arcbox.internal", dns.AAAA),
+                                     src="fd00::100", dst="fd00::3")])
+    [frame] = [fb.parse(f) for f in link.frames]
+    assert (frame.data.src, frame.data.dst) == (a6("fd00::3"), a6("fd00::100"))
+    assert aaaa(decode(frame.data.data.data)) == ["fd00::2"]
+    handler.start()
+    assert egress.route(a6("fd00::3"), 53) == ("127.0.0.1", handler.tcp_port.getHost().port)
+    handler.stop()

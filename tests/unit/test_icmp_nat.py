@@ -518,3 +518,29 @@ def test_a_host_socket_without_a_route_answers_the_guest_at_once():
     h = Harness6(backend=UnroutableBackend(errno.EMFILE))
     h.ping("2001:db8::10")
     assert h.link.take() == [] and h.nat.drops["icmp-socket-failed"] == 1
+
+
+def test_a_host_without_ipv6_gets_one_warning_and_no_v6_backend(monkeypatch):
+    import errno
+    import socket as socket_module
+
+    from twisted.logger import globalLogPublisher
+    real_socket = socket_module.socket
+
+    def no_ipv6(family=socket_module.AF_INET, *args, **kwargs):
+        if family == socket_module.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+    monkeypatch.setattr(icmp_nat.socket, "socket", no_ipv6)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        nat = IcmpNat(FrameDispatcher(StackConfig(), FakeLink()), StackConfig(),
+                      Egress(StackConfig(), ipv6_loopback=False), Clock(), mode="ping")
+        nat.backend = FakeBackend()       # the IPv4 side is not what is tested here
+        nat.start()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert nat.backend6 is None
+    lines = [e["log_format"] for e in events if e.get("log_namespace", "").endswith("IcmpNat")]
+    assert len(lines) == 1 and "the host has no {family}" in lines[0]
