@@ -192,7 +192,7 @@ def test_an_echo_from_the_future_is_no_sample():
 # -- PAWS (RFC 7323 5)
 
 def test_paws_drops_an_old_segment_counts_it_and_acks():
-    c, g, _ = established()
+    c, g, _ = established(TcpParams(paws_window=1))  # Linux's window
     g.send(0.1, payload=b"new", tsval=500)
     c.flush(0.1)
     c.take_segments()
@@ -203,33 +203,47 @@ def test_paws_drops_an_old_segment_counts_it_and_acks():
     assert ack.ack == (GISS + 1 + 3) & M and ack.tsecr == 500
     assert c.counters["tcp-paws-rejected"] == 1
     assert b"".join(bytes(b) for b in c.take_received()) == b"new"
-    # One tick older is within Linux's PAWS window: taken.
+    # One tick older is within the window: taken.
     g.send(0.3, off=3, payload=b"ok", tsval=499)
     c.flush(0.3)
     assert b"".join(bytes(b) for b in c.take_received()) == b"ok"
     # Across the 32-bit wrap, newer is newer.
-    c2, g2, _ = established(guest_tsval=M - 1)
+    c2, g2, _ = established(TcpParams(paws_window=1), guest_tsval=M - 1)
     g2.send(0.1, payload=b"w", tsval=3)
     c2.flush(0.1)
     assert c2.counters["tcp-paws-rejected"] == 0 and c2.take_received()
 
 
-def test_paws_old_pure_ack_is_dropped_silently_but_a_reordered_dupack_passes():
+def test_paws_window_by_default_lets_reordered_data_through():
     c, g, _ = established()
+    g.send(0.1, off=100, payload=b"b" * 100, tsval=1000)  # out of order: no update
+    g.send(0.1, payload=b"a" * 100, tsval=1003)            # in order: TS.Recent 1003
+    g.send(0.1, off=200, payload=b"c" * 100, tsval=1001)   # sent before it, arrived after
+    g.send(0.1, off=300, payload=b"d" * 100, tsval=1003 - 201)  # older than the window
+    c.flush(0.1)
+    assert b"".join(bytes(b) for b in c.take_received()) == b"a" * 100 + b"b" * 100 + \
+        b"c" * 100
+    assert c.counters["tcp-paws-rejected"] == 1
+
+
+def test_paws_leaves_pure_acks_alone():
+    """A reordered ACK may carry SACK blocks the later one does not: it is
+    never dropped by PAWS (its ACK field is checked as always)."""
+    c, g, _ = established(sack=True)
     c.send(b"p" * 4000)
     c.flush(1.0)
     segs = c.take_segments()
-    g.send(1.01, ack_off=1000, tsval=600, tsecr=segs[0].tsval)
-    una = c.snd_una
-    # An older ACK of new data (it could only be stale): dropped, unanswered.
-    g.send(1.02, ack_off=2000, tsval=590, tsecr=segs[0].tsval)
-    assert c.snd_una == una and c.take_segments() == []
-    assert c.counters["tcp-paws-rejected"] == 1
-    # A duplicate ACK overtaken by a later one (reordering): still counted.
-    for _ in range(3):
-        g.send(1.03, ack_off=1000, tsval=598, tsecr=segs[0].tsval)
-    assert c.counters["tcp-paws-rejected"] == 1
-    assert c.counters["tcp-fast-recovery"] == 1  # the third duplicate ACK did its work
+    base = segs[0].seq
+    g.send(1.01, ack_off=1000, tsval=600, tsecr=segs[0].tsval,
+           sack=((base + 2000) & M, (base + 3000) & M))
+    g.send(1.01, ack_off=1000, tsval=590, tsecr=segs[0].tsval,  # older, more blocks
+           sack=((base + 2000) & M, (base + 4000) & M))
+    assert c.counters["tcp-paws-rejected"] == 0
+    assert c._sacked == [[(base + 2000) & M, (base + 4000) & M]]
+    # It does not set TS.Recent either: the echo stays the newer one.
+    g.send(1.02, off=0, payload=b"x", tsval=601)
+    c.flush(1.02)
+    assert c.take_segments()[-1].tsecr == 601
 
 
 def test_paws_lets_an_rst_through():
@@ -240,7 +254,7 @@ def test_paws_lets_an_rst_through():
 
 
 def test_paws_stops_holding_after_24_days_idle():
-    c, g, _ = established()
+    c, g, _ = established(TcpParams(paws_window=1))
     g.send(0.1, payload=b"x", tsval=900)
     c.flush(0.1)
     c.take_received()
@@ -295,8 +309,24 @@ def test_paws_rejected_old_duplicate_is_d_sacked():
     g.send(0.1, payload=b"a" * 100, tsval=500)
     c.flush(0.1)
     c.take_segments()
-    g.send(0.2, payload=b"a" * 100, tsval=400)  # the original of a resend, very late
+    g.send(0.2, payload=b"a" * 100, tsval=100)  # a copy from long before
     c.flush(0.2)
     ack = only(c.take_segments())
     assert ack.sack == ((GISS + 1) & M, (GISS + 101) & M)
     assert c.counters["tcp-paws-rejected"] == 1
+
+
+def test_a_coarser_tick():
+    c, g, synack = established(TcpParams(ts_tick=0.004))
+    assert synack.tsval == OFFSET
+    c.send(b"t" * 100)
+    c.flush(0.0101)
+    seg = only(c.take_segments())
+    assert seg.tsval == OFFSET + 2  # 10.1 ms is the third 4 ms tick
+    rto = c.next_deadline()
+    c.on_timer(rto)
+    resent = only(c.take_segments())
+    g.send(rto + 0.002, ack_off=100, tsval=300, tsecr=resent.tsval)
+    # The sample runs from the start of the resend's tick: at most 4 ms over.
+    sample = (c._srtt - 0.875 * 0.001) / 0.125
+    assert 0.002 <= sample <= 0.006
