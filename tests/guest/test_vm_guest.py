@@ -5,11 +5,15 @@ slow part under TCG): DHCP, ping of the gateway, two local DNS names, 16 MB
 down (busybox wget from a host HTTP server) and 16 MB up (busybox nc to a
 host sink), each checked by sha256, iperf3 each way (the host's binary with
 its libraries), and a busybox httpd that the host reaches through a
-``--forward`` and checks by sha256. Then the guest powers off, and
+``--forward`` and checks by sha256. IPv6 from the stack's router
+advertisement alone (the guest kernel's accept_ra: SLAAC in fd00::/64, default
+route via fe80::1): ping6 of fd00::1 and 1 MB from the host's ``::1`` through
+fd00::1 and through 2001:db8::10 (mapped to ``::1``). Then the guest powers off, and
 a second VM (a new MAC) gets a lease from the same stack and pings, except on
 ``--connect-stream``, where the stack ends with its only peer. The host
 reaches nothing but loopback: the guest's traffic to the gateway goes to
-127.0.0.1 and the stack runs with ``--deny 0.0.0.0/0 --allow 127.0.0.0/8``.
+127.0.0.1 and the stack runs with ``--deny 0.0.0.0/0 --allow 127.0.0.0/8
+--deny ::/0 --allow ::1/128``.
 
 The throughput is measured, never asserted: the guest's console marks the
 start and end of the download, the host's sink those of the upload, and each
@@ -35,8 +39,12 @@ import vmguest
 from conftest import require_root
 from hostside import HostServer
 
-SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8"]
+SAFE = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8", "--deny", "::/0", "--allow", "::1/128",
+        "--map", "2001:db8::10=::1"]
 SIZE = 16 * 1024 * 1024
+SMALL = 1024 * 1024             # what the guest fetches over IPv6 (kept small: TCG is slow)
+#: The SLAAC address of the first VM (MAC 52:54:00:19:00:01, EUI-64) in the stack's fd00::/64.
+VM_SLAAC = "fd00::5054:ff:fe19:1"
 DNS_RECORD = ("vm.arcbox.internal", "10.0.2.77")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -61,11 +69,12 @@ def vm_image():
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """GET /down: the 16 MB blob. GET /gate: answers once the test opens the gate."""
+    """GET /down: the 16 MB blob; /small: its first MB. GET /gate: answers once the
+    test opens the gate."""
 
     def do_GET(self):
-        if self.path == "/down":
-            body = self.server.blob
+        if self.path in ("/down", "/small"):
+            body = self.server.blob if self.path == "/down" else self.server.blob[:SMALL]
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -90,21 +99,29 @@ def blob():
     return data, hashlib.sha256(data).hexdigest()
 
 
+class _Server6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 @pytest.fixture
 def web(blob):
-    """The host's HTTP server on 127.0.0.1 (the guest sees it at 10.0.2.1)."""
+    """The host's HTTP server on 127.0.0.1 (the guest sees it at 10.0.2.1), and the
+    same on [::1] (fd00::1 and 2001:db8::10 to the guest) at ``server.v6.server_address``."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    server.blob = blob[0]
-    server.gate = threading.Event()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server.v6 = _Server6(("::1", 0), _Handler)
+    servers = (server, server.v6)
+    for s in servers:
+        s.daemon_threads = True
+        s.blob = blob[0]
+        s.gate = threading.Event()
+        threading.Thread(target=s.serve_forever, daemon=True).start()
     try:
         yield server
     finally:
-        server.gate.set()
-        server.shutdown()
-        server.server_close()
+        for s in servers:
+            s.gate.set()
+            s.shutdown()
+            s.server_close()
 
 
 @pytest.fixture
@@ -196,6 +213,19 @@ echo "RESULT ping=$(ping -c 3 -W 2 10.0.2.1 | grep 'packets transmitted')"
 """
 
 FULL = LEASE_AND_PING + """
+# IPv6 needs no client: the kernel configures eth0 from the RA (pinged until the
+# route and address are there: its solicitation waits for the link-local
+# address's duplicate address detection, the global address has its own).
+echo "MARK v6-start"
+i=0
+while [ $i -lt 40 ] && ! ping6 -c 1 -W 1 fd00::1 >/dev/null 2>&1; do sleep 0.5; i=$((i + 1)); done
+echo "RESULT v6_waits=$i"
+echo "RESULT v6_addr=$(ip -6 addr show dev eth0 | awk '/inet6 fd00:/ {print $2; exit}')"
+echo "RESULT v6_route=$(ip -6 route show default | head -1)"
+echo "RESULT v6_ping=$(ping6 -c 2 -W 2 fd00::1 | grep 'packets transmitted')"
+echo "RESULT v6_gw=$(wget -q -O - 'http://[fd00::1]:{web6}/small' | sha256sum | cut -d' ' -f1)"
+echo "RESULT v6_mapped=$(wget -q -O - 'http://[2001:db8::10]:{web6}/small' | sha256sum | cut -d' ' -f1)"
+echo "MARK v6-end"
 lookup() { nslookup "$1" 10.0.2.1 2>&1 | awk '/^Name:/ {n=1} n && /^Address/ {print $NF; exit}'; }
 echo "RESULT dns_host=$(lookup host.arcbox.internal)"
 echo "RESULT dns_record=$(lookup {record})"
@@ -253,7 +283,8 @@ def start_full_vm(vms, netdev, web, sink, marks, iperf_port, pass_fds=()):
     """Boot a guest that runs every check (FULL); the VM."""
     script = FULL
     for key, value in {"record": DNS_RECORD[0], "blocks": SIZE // 65536,
-                       "web": web.server_address[1], "sink": sink.port,
+                       "web": web.server_address[1], "web6": web.v6.server_address[1],
+                       "sink": sink.port,
                        "iperf": iperf_port}.items():
         script = script.replace("{%s}" % key, str(value))
     return vms(netdev, script, mac="52:54:00:19:00:01", pass_fds=pass_fds, on_line=marks,
@@ -279,6 +310,11 @@ def check_full_vm(vm, marks, stack, web, sink, blob, fwd_port):
     assert results["lease_ip"] == "10.0.2.2"
     assert results["lease_router"] == "10.0.2.1" and results["lease_dns"] == "10.0.2.1"
     assert "3 packets transmitted, 3 packets received" in results["ping"]
+    assert results["v6_addr"] == f"{VM_SLAAC}/64", vm.console()
+    assert results["v6_route"].startswith("default via fe80::1 dev eth0"), results["v6_route"]
+    assert "2 packets transmitted, 2 packets received" in results["v6_ping"], vm.console()
+    small = hashlib.sha256(blob[0][:SMALL]).hexdigest()
+    assert results["v6_gw"] == small and results["v6_mapped"] == small, vm.console()
     assert results["dns_host"] == "10.0.2.1"
     assert results["dns_record"] == DNS_RECORD[1]
     assert results["down_sha256"] == blob[1]
@@ -303,7 +339,8 @@ def check_full_vm(vm, marks, stack, web, sink, blob, fwd_port):
     assert vm.wait_exit(60) == 0
     results = vm.results()
     assert results["gate"] == "open" and results["exit"] == "0", vm.console()
-    return {"down": marks.rate("down-start", "down-end"),
+    return {"ipv6_checks_s": round(marks.at["v6-end"][0] - marks.at["v6-start"][0], 1),
+            "down": marks.rate("down-start", "down-end"),
             "up": marks.rate("up-start", "up-end"),
             "forward": {"MB/s": round(SIZE / (t1 - t0) / 1e6, 1),
                         "cpu_s_per_GB": round((c1 - c0) / (SIZE / 1e9), 1)},
