@@ -145,7 +145,7 @@ def test_arp_request_answered_exactly_for_owned_targets(op, sha, spa, tpa, same_
     if result is not None:
         reply = dpkt.arp.ARP(result[1])
         assert (result[0], reply.tha, reply.tpa, reply.spa) == (sha, sha, spa, GW)
-    wanted = same_src and spa not in (GW, b"\0\0\0\0")
+    wanted = src == sha and spa not in (GW, b"\0\0\0\0")
     assert learned == ([(spa, sha)] if wanted else [])
 
 
