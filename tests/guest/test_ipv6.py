@@ -27,12 +27,9 @@ import threading
 import time
 
 import pytest
-
 from conftest import HERE, guest_tcp_client, in_ns, run
 from hostside import HostServer, sender, sink_then_reply
-
-sys.path.insert(0, os.path.join(HERE, "programs"))
-from tcpclient import data_chunks  # noqa: E402
+from tcpclient import data_chunks
 
 SAFE6 = ["--deny", "0.0.0.0/0", "--allow", "127.0.0.0/8", "--deny", "::/0", "--allow", "::1/128"]
 MAPPED = "2001:db8::10"
@@ -107,6 +104,14 @@ def _link_local_ready(ns):
             if info.get("scope") == "link" and not info.get("tentative"):
                 return True
     return False
+
+
+def need(tool):
+    """``tool`` must be installed (scripts/setup.sh does): a skip here, a failure under CI."""
+    if shutil.which(tool) is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{tool} is missing; scripts/setup.sh should have installed it")
+        pytest.skip(f"{tool} is not installed")
 
 
 def api_get(sock, path):
@@ -212,6 +217,7 @@ exit 0
 
 
 def test_dhcpv6_client_gets_the_first_address_and_the_api_lists_it(v6guest, tmp_path):
+    need("dhclient")
     ns = v6guest.ns
     script = tmp_path / "dhclient-script"
     record = tmp_path / "dhclient.record"
@@ -353,6 +359,7 @@ def _udp6_echo():
 
 
 def test_udp6_echo_via_gateway_and_mapped_address(v6guest):
+    need("socat")
     s, peers = _udp6_echo()
     port = s.getsockname()[1]
     try:
@@ -382,7 +389,7 @@ def test_denied_v6_destination_gets_the_icmpv6_error_and_is_counted(v6guest):
     before = api_get(v6guest.api, "/stats")
     out = client(v6guest.ns, "connect", UNMAPPED, 80)
     # ICMPv6 destination unreachable, administratively prohibited: EACCES in Linux.
-    assert out["errno"] in (errno.EACCES, errno.EHOSTUNREACH, errno.ENETUNREACH), out
+    assert out["errno"] == errno.EACCES, out
     assert out["seconds"] < 10, out
     after = api_get(v6guest.api, "/stats")
 
@@ -397,7 +404,8 @@ def test_denied_v6_destination_gets_the_icmpv6_error_and_is_counted(v6guest):
              "try:\n s.recv(10);print('reply')\n"
              "except OSError as e:print(type(e).__name__, e.errno)\n")
     result = in_ns(v6guest.ns, sys.executable, "-c", probe, timeout=30).stdout.split()
-    assert result[0] != "reply" and result[0] != "TimeoutError", result
+    # EACCES: administratively prohibited, as for TCP (a timeout would mean silence).
+    assert result == ["PermissionError", str(errno.EACCES)], result
     _no_traceback(v6guest.stack)
 
 
@@ -452,7 +460,7 @@ def host_veth6():
         run(["ip", "link", "set", name, "up"])
         yield name
     finally:
-        subprocess.run(["ip", "link", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
 
 
 def test_forward_source_preserve_shows_the_real_v6_client(netns, stack_factory, guest_server,
