@@ -128,6 +128,12 @@ def check_frame(frame, max_frame):
     elif etype == 0x86DD:
         if len(frame) < 54 or 54 + ((frame[18] << 8) | frame[19]) != len(frame):
             raise BadFrame("IPv6 payload length does not match the frame")
+        nh = frame[20]
+        if nh in (6, 17, 58):
+            l4 = frame[54:]
+            pseudo = frame[22:54] + len(l4).to_bytes(4, "big") + bytes((0, 0, 0, nh))
+            if _ones(pseudo + l4) != 0xFFFF:
+                raise BadFrame(f"bad IPv6 {({6: 'TCP', 17: 'UDP', 58: 'ICMPv6'})[nh]} checksum")
 
 
 class FuzzLink:
@@ -600,6 +606,8 @@ def vary(frame, serial):
         f[6:12] = mac
         f[22:28] = mac
         return bytes(f)
+    if etype == 0x86DD:
+        return _vary6(f, serial, mac)
     if etype != 0x0800:
         return bytes(f)
     l4 = 14 + (f[14] & 0x0F) * 4
@@ -620,6 +628,32 @@ def vary(frame, serial):
         if proto == 6:
             pseudo = bytes(f[26:34]) + bytes((0, 6)) + (end - l4).to_bytes(2, "big")
             f[l4 + 16:l4 + 18] = (~_ones(pseudo + bytes(f[l4:end])) & 0xFFFF).to_bytes(2, "big")
+    return bytes(f)
+
+
+def _vary6(f, serial, mac):
+    """``vary`` for IPv6: DHCPv6 from a new MAC (its DUID-LL too), TCP and UDP
+    from a new source port; the L4 checksum fixed."""
+    if len(f) < 62 or f[20] not in (6, 17):
+        return bytes(f)
+    nh = f[20]
+    end = min(len(f), 54 + ((f[18] << 8) | f[19]))
+    if nh == 17 and f[56:58] == b"\x02\x23":  # to the DHCPv6 server
+        f[6:12] = mac
+        if f[22:24] == b"\xfe\x80":  # a link-local source: the new MAC's EUI-64
+            f[30:38] = bytes((mac[0] ^ 2, mac[1], mac[2], 0xFF, 0xFE, *mac[3:]))
+        if end >= 62 + 18 and f[66:68] == b"\x00\x01":  # client id first: DUID-LL(T)
+            f[74:80] = mac
+    else:
+        f[54:56] = (1024 + serial % 64000).to_bytes(2, "big")
+    csum = 54 + (16 if nh == 6 else 6)
+    if end < csum + 2:
+        return bytes(f)
+    f[csum:csum + 2] = b"\x00\x00"
+    l4 = bytes(f[54:end])
+    pseudo = bytes(f[22:54]) + len(l4).to_bytes(4, "big") + bytes((0, 0, 0, nh))
+    value = ~_ones(pseudo + l4) & 0xFFFF
+    f[csum:csum + 2] = (value or (0xFFFF if nh == 17 else 0)).to_bytes(2, "big")
     return bytes(f)
 
 
@@ -702,6 +736,18 @@ def seed_inputs():
     u6 = dpkt.udp.UDP(sport=546, dport=547, data=solicit)
     u6.ulen = len(u6)
 
+    guest6 = bytes.fromhex("fd000000000000000000000000000002")
+
+    def tcp6(sport, dport, seq, ack=0, flags=dpkt.tcp.TH_SYN, opts=b""):
+        t = dpkt.tcp.TCP(sport=sport, dport=dport, seq=seq, ack=ack, flags=flags, win=65535,
+                         opts=opts)
+        t.off = (20 + len(opts)) // 4
+        return ip6(guest6, gw6, 6, t, GATEWAY_MAC, hlim=64)
+
+    u6_flow = dpkt.udp.UDP(sport=34000, dport=5000, data=b"hello6")
+    u6_flow.ulen = len(u6_flow)
+    echo6 = dpkt.icmp6.ICMP6(type=128, code=0, data=b"\x00\x09\x00\x01" + b"ping6" * 4)
+
     isn = random.Random(0).getrandbits(32)  # the ISN of the first connection an input opens
     syn_opts = b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07"  # MSS 1460, SACK-permitted, WS 7
     ack = dpkt.tcp.TH_ACK
@@ -751,6 +797,18 @@ def seed_inputs():
                                               b"\x33\x33\xff\x00\x00\x01")),
         "dhcpv6-solicit": step(OP_FRAME, ip6(guest_ll, dhcp6_servers, 17, u6,
                                              b"\x33\x33\x00\x01\x00\x02", hlim=1)),
+        "flood-dhcpv6": step(0x80, ip6(guest_ll, dhcp6_servers, 17, u6,
+                                       b"\x33\x33\x00\x01\x00\x02", hlim=1)),
+        "tcp6-handshake": (step(OP_FRAME, tcp6(40002, 80, 7000, opts=syn_opts))
+                           + step(OP_CONNECT, b"\x00")
+                           + step(OP_FRAME, tcp6(40002, 80, 7001, isn + 1, ack))
+                           + step(OP_HOST_DATA, b"\x00" + b"z" * 2000)),
+        "flood-tcp6": step(0x80, tcp6(40003, 80, 9000, opts=syn_opts)) + step(OP_CONNECT),
+        "udp6-flow": (step(OP_FRAME, ip6(guest6, gw6, 17, u6_flow, GATEWAY_MAC, hlim=64))
+                      + step(OP_UDP_REPLY, b"\x00back6")),
+        "flood-udp6": step(0x80, ip6(guest6, gw6, 17, u6_flow, GATEWAY_MAC, hlim=64)),
+        "icmpv6-echo-gateway": step(OP_FRAME, ip6(guest6, gw6, 58, echo6, GATEWAY_MAC,
+                                                  hlim=64)),
     }
 
 

@@ -110,11 +110,35 @@ def test_dns_over_tcp_seed_reaches_the_local_listener(harness):
     assert synack.data.flags == dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK
 
 
-@pytest.mark.parametrize("name", [n for n in SEEDS if "ipv6" in n or "dhcpv6" in n])
-def test_ipv6_seeds_pass_the_checks(harness, name):
-    """Answered or dropped and counted, by whatever the stack does with IPv6."""
+def _ipv6_to_guest(h):
+    """(next header, first byte of the L4 message) of each unicast IPv6 frame."""
+    out = []
+    for frame in h.link.frames:
+        if frame[12:14] == b"\x86\xdd" and not frame[0] & 1:  # unicast, to a guest
+            out.append((frame[20], frame[54] if frame[20] == 58 else frame[62]))
+    return out
+
+
+@pytest.mark.parametrize("name, answer", [
+    ("ipv6-rs", (58, 134)),                 # a router advertisement
+    ("ipv6-ns-gateway", (58, 136)),         # a neighbour advertisement
+    ("dhcpv6-solicit", (17, 2)),            # ADVERTISE
+    ("icmpv6-echo-gateway", (58, 129)),     # echo reply
+])
+def test_ipv6_seeds_are_answered(harness, name, answer):
     harness.run(SEEDS[name])
-    assert harness.dispatcher.frames_in == 1
+    assert _ipv6_to_guest(harness) == [answer]
+
+
+def test_ipv6_tcp_and_udp_seeds_go_through_the_nat(harness):
+    harness.run(SEEDS["tcp6-handshake"])
+    assert harness.stack.tcp.counters["tcp-established"] == 1
+    tcp = [f for f in harness.link.frames if f[12:14] == b"\x86\xdd" and f[20] == 6]
+    assert sum(len(f) - 54 - ((f[66] >> 4) * 4) for f in tcp) >= 2000  # the host's bytes
+    harness.run(SEEDS["udp6-flow"])
+    assert [f[62:] for f in harness.link.frames if f[20] == 17] == [b"back6"]
+    harness.run(SEEDS["flood-dhcpv6"])
+    assert _ipv6_to_guest(harness).count((17, 2)) == fz.FLOOD  # one per made-up client
 
 
 def test_mutated_seeds_never_break_the_checks(harness):
