@@ -237,11 +237,25 @@ def test_dhcp_never_doubles_an_address_and_acks_only_what_it_offered(script, sta
         assert bound == {le.address: le.mac for le in leases if le.state == "bound"}
 
 
+_BOOTP = bytes(dpkt.dhcp.DHCP(op=1, chaddr=MACS[0], xid=99, opts=[]))[:240]  # up to the magic
+
+
 @FAST
-@given(st.binary(max_size=400))
+@given(st.one_of(st.binary(max_size=300),
+                 st.tuples(st.sampled_from([b"", b"\x35\x01\x01", b"\x35\x01\x03",
+                                            b"\x35\x01\x08", b"\x35\x02\x01\x01"]),
+                           st.binary(max_size=80)).map(lambda t: _BOOTP + t[0] + t[1])))
 def test_dhcp_takes_any_bytes(payload):
+    """Any bytes, and a valid header with a message type (or not) and any
+    options after it."""
     server = DhcpServer(StackConfig(), Clock())
-    assert server.handle(payload) is None or server.handle(payload).payload
+    reply = server.handle(payload)
+    if reply is None:
+        assert sum(server.drops.values()) >= 1
+    else:
+        msg = dpkt.dhcp.DHCP(reply.payload)
+        assert len(reply.payload) >= 300 and msg.op == 2 and msg.xid == 99
+        event("replied")
 
 
 # -- DNS
