@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.soak --minutes 10 --out bench/results/soak
 
-(root; not part of CI, where tests/guest/test_soak.py runs it for 20 s.)
+(root; not part of CI, where tests/guest/test_soak.py runs it for 15 s.)
 
 The stack runs as users run it, ``twistd -n arcbox-net --netns NS`` with
 ``--deny 0.0.0.0/0 --allow 127.0.0.0/8``, the control API, a ``--map``, port
@@ -40,7 +40,7 @@ Verdict (written to summary.json/summary.md, exit 1 when it fails):
           drain waits up to ``--drain`` 200 s)
   held    at the end, fds above the baseline are no more than the live
           flows (each holds one host socket): this holds after a short
-          drain too, which is all the 20-second smoke test can wait for
+          drain too, which is all the 15-second smoke test can wait for
   alive   the stack still runs, and every kind of traffic that must succeed
           succeeded in the second half too
 Results: samples.csv, soak.png (RSS, fds and flows over time), summary.json,
