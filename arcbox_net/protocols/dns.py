@@ -37,8 +37,16 @@ AAAA record; a name with records of one family only is NOERROR without data
 for the other (never NXDOMAIN); reverse names of IPv6 addresses live under
 ip6.arpa. IPv6 upstreams (``--dns-upstream [::1]:5353``) are asked from an
 IPv6 socket (twisted.names picks the family by the server's address).
+
+Upstream queries share a UDP port per family (``PooledResolver``), renewed
+after ``QUERIES_PER_PORT`` queries but not more than once a second:
+twisted.names' client opens a port per query and Twisted logs every port's
+opening and closing, so a guest asking for unique names would write four
+log lines per query; now it is at most two a second, and the source port
+still changes every hundred queries (the query id is random per query).
 """
 
+import errno
 import ipaddress
 import struct
 from collections import Counter
@@ -310,6 +318,85 @@ def retry_schedule(total):
     return tuple(schedule)
 
 
+#: Upstream queries sent from one UDP port before a fresh one is taken.
+QUERIES_PER_PORT = 100
+#: ... but a port serves at least this many seconds (bounds the log lines).
+MIN_PORT_LIFE = 1.0
+
+
+class PooledResolver(client.Resolver):
+    """client.Resolver whose UDP queries share one quiet port per family.
+
+    Overrides ``_query`` (twisted.names' per-query port); the port's
+    protocol is not ``noisy``. A retired port closes once its last query is
+    answered or given up.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ports = {}        # family (4 or 6) -> _QueryPort
+
+    def _query(self, *args):
+        family = 6 if ":" in args[0][0] else 4
+        port = self._ports.get(family)
+        now = self._reactor.seconds()
+        if port is None or port.used >= QUERIES_PER_PORT and now - port.born >= MIN_PORT_LIFE:
+            if port is not None:
+                port.retire()
+            port = self._ports[family] = _QueryPort(self, family, now)
+        return port.query(*args)
+
+    def close_ports(self):
+        for port in self._ports.values():
+            port.retire()
+        self._ports.clear()
+
+
+class _QueryPort:
+    """One DNSDatagramProtocol on a random port, counting its queries."""
+
+    def __init__(self, resolver, family, now):
+        proto = dns.DNSDatagramProtocol(resolver, reactor=resolver._reactor)
+        proto.noisy = False
+        interface = "::" if family == 6 else ""
+        for _ in range(100):
+            try:
+                resolver._reactor.listenUDP(dns.randomSource(), proto, interface=interface)
+                break
+            except CannotListenError as e:
+                if getattr(e.socketError, "errno", None) == errno.EMFILE:
+                    raise
+        else:
+            raise CannotListenError(interface, 0, "no free source port")
+        self.proto = proto
+        self.born = now
+        self.used = 0
+        self.in_flight = 0
+        self.retired = False
+
+    def query(self, *args):
+        self.used += 1
+        self.in_flight += 1
+        d = self.proto.query(*args)
+
+        def done(result):
+            self.in_flight -= 1
+            if self.retired and not self.in_flight:
+                self._close()
+            return result
+        return d.addBoth(done)
+
+    def retire(self):
+        self.retired = True
+        if not self.in_flight:
+            self._close()
+
+    def _close(self):
+        transport = self.proto.transport
+        if transport is not None:
+            transport.stopListening()
+
+
 class UpstreamResolver(common.ResolverBase):
     """The chain's last link: the upstream servers, with a hard deadline.
 
@@ -338,8 +425,8 @@ class UpstreamResolver(common.ResolverBase):
                       else {"resolv": self.resolv_conf})
             # Retries end a little before the deadline, so that normally the
             # client gives up by itself (and cleans up) before it is cut off.
-            self._resolver = client.Resolver(timeout=retry_schedule(self.timeout * 0.9),
-                                             reactor=self._reactor, **kwargs)
+            self._resolver = PooledResolver(timeout=retry_schedule(self.timeout * 0.9),
+                                            reactor=self._reactor, **kwargs)
             self._owned = True
         return self._resolver
 
@@ -351,6 +438,8 @@ class UpstreamResolver(common.ResolverBase):
         call = getattr(resolver, "_parseCall", None)
         if call is not None and call.active():
             call.cancel()
+        if isinstance(resolver, PooledResolver):
+            resolver.close_ports()
         for protocol in list(getattr(resolver, "connections", ())):
             if protocol.transport is not None:
                 protocol.transport.loseConnection()

@@ -455,3 +455,68 @@ def test_a_separate_v6_dns_address_is_served_and_names_answer_the_v6_gateway():
     handler.start()
     assert egress.route(a6("fd00::3"), 53) == ("127.0.0.1", handler.tcp_port.getHost().port)
     handler.stop()
+
+
+class _UdpRecordingReactor:
+    """What PooledResolver needs of a reactor: listenUDP (recorded), a clock."""
+
+    def __init__(self):
+        from twisted.internet.task import Clock
+        self.clock = Clock()
+        self.ports = []
+        self.seconds = self.clock.seconds
+        self.callLater = self.clock.callLater
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        reactor = self
+
+        class Port:
+            def __init__(self):
+                self.port, self.interface, self.closed, self.sent = port, interface, False, []
+
+            def write(self, data, addr):
+                self.sent.append((data, addr))
+
+            def stopListening(self):
+                self.closed = True
+                protocol.doStop()
+
+        transport = Port()
+        protocol.makeConnection(transport)
+        reactor.ports.append(transport)
+        return transport
+
+
+def test_upstream_queries_share_a_port_and_ports_rotate():
+    """A guest asking for unique names makes the stack open a port per 100
+    queries at most once a second (Twisted logs every port open and close)."""
+    from arcbox_net.protocols.dns import MIN_PORT_LIFE, QUERIES_PER_PORT, PooledResolver
+    reactor = _UdpRecordingReactor()
+    resolver = PooledResolver(servers=[("127.0.0.1", 5300)], reactor=reactor)
+    pending = []
+    for i in range(QUERIES_PER_PORT * 2 + 1):
+        pending.append(resolver.queryUDP([dns.Query(f"n{i}.test".encode(), dns.A)], timeout=[5]))
+    # Within one second: one port took them all, the rest wait for time to pass.
+    assert len(reactor.ports) == 1 and len(reactor.ports[0].sent) == len(pending)
+    reactor.clock.advance(MIN_PORT_LIFE)
+    pending.append(resolver.queryUDP([dns.Query(b"late.test", dns.A)], timeout=[5]))
+    assert len(reactor.ports) == 2
+    first, second = reactor.ports
+    assert not first.closed          # queries still in flight on it
+    reactor.clock.advance(10)        # every query of the first port times out
+    for d in pending:
+        d.addErrback(lambda f: None)
+    assert first.closed and not second.closed
+    # An answer to a query on the live port still reaches its Deferred.
+    got = []
+    resolver.queryUDP([dns.Query(b"again.test", dns.A)], timeout=[5]).addBoth(got.append)
+    data, addr = second.sent[-1]
+    query = dns.Message()
+    query.fromStr(data)
+    reply = dns.Message(id=query.id, answer=1)
+    reply.queries = query.queries
+    resolver._ports[4].proto.datagramReceived(reply.toStr(), addr)
+    assert got and isinstance(got[0], dns.Message) and got[0].id == query.id
+    assert len(reactor.ports) == 2
+    resolver.close_ports()
+    assert second.closed

@@ -343,6 +343,17 @@ def test_client_resolver__parseCall_is_its_resolv_conf_timer(tmp_path):
     resolver._parseCall.cancel()
 
 
+def test_client_resolver_sends_every_udp_query_through__query():
+    """PooledResolver overrides _query (one port per query upstream)."""
+    assert param_names(client.Resolver._query) == ["self", "args"], \
+        depends("client.Resolver._query(*args)", f"{DNS} (PooledResolver._query)")
+    source = inspect.getsource(client.Resolver.queryUDP)
+    assert "self._query(" in source, depends("client.Resolver.queryUDP -> _query",
+                                            f"{DNS} (PooledResolver._query)")
+    assert param_names(dns.DNSDatagramProtocol.query)[:3] == ["self", "address", "queries"], \
+        depends("DNSDatagramProtocol.query(address, queries, ...)", f"{DNS} (_QueryPort)")
+
+
 # -- twisted.web (api.py)
 
 
