@@ -150,7 +150,8 @@ class NetworkStack(service.Service):
         from .multiqueue.supervisor import QueueWorkers
         caps = self.link.capabilities
         if caps.vnet_header_len:
-            kind = "vnet-offload" if caps.gso_tcpv4 else "vnet"
+            kind = ("vnet-offload6" if caps.gso_tcpv6 else "vnet-offload") if caps.gso_tcpv4 \
+                else "vnet"
         else:
             kind = "plain"
         self.link.extra_queues = []  # the workers own them from here

@@ -39,7 +39,8 @@ class QueueWorkers:
         self._capture = capture
         self._lost = lost
         self._fds = list(fds)
-        #: "vnet-offload", "vnet" (header, no offloads) or "plain": as queue 0.
+        #: "vnet-offload6" (TCPv4 and v6 GSO), "vnet-offload", "vnet" (header,
+        #: no offloads) or "plain": as queue 0.
         self._link_kind = link_kind
         self._busy_poll = busy_poll
         self.workers = []

@@ -201,12 +201,14 @@ def serve_queue(argv):
     reactor = install(float(busy_poll))
     from ..allocator import tune
     from ..config import StackConfig
-    from ..link.tap import TapLink
+    from ..link.tap import OFFLOAD_CHOICES, TapLink
     from twisted.internet.stdio import StandardIO
 
     config = StackConfig(**json.loads(config_json))
-    link = TapLink.from_fds([3], link_kind != "plain", link_kind == "vnet-offload",
-                         f"tap queue {index}", config.mtu, reactor)
+    # The TUN_F_* flags queue 0 got, by name: with and without TCPv6 GSO.
+    offloads = {"vnet-offload6": OFFLOAD_CHOICES[0], "vnet-offload": OFFLOAD_CHOICES[1]}
+    link = TapLink.from_fds([3], link_kind != "plain", offloads.get(link_kind, 0),
+                            f"tap queue {index}", config.mtu, reactor)
     stack = _worker_stack_class()(link, config, reactor=reactor)
     stack.dispatcher.tcp_connections = stack.tcp.connections
     # IP idents of this process start elsewhere than the main process's.

@@ -229,7 +229,7 @@ def open_tap_via_helper(tap, pid=None, netns=None, userns=None, offload=True,
     for fd in fds:
         os.set_blocking(fd, False)
         os.set_inheritable(fd, False)
-    return fds, bool(status.get("offloads"))
+    return fds, int(status.get("offloads") or 0)
 
 
 if __name__ == "__main__":
