@@ -841,6 +841,7 @@ class _Meter:
         self.count = 0
         self.start_rss = None
         self.baseline = None
+        self.baseline_blocks = 0
         self.peak_growth = 0
 
     def __call__(self, data):
@@ -851,8 +852,9 @@ class _Meter:
         self.count += 1
         if self.count == WARMUP:
             self.baseline = rss_bytes()
-            print(f"#fuzz RSS after {WARMUP} inputs (baseline) {self.baseline / 2**20:.1f} MiB",
-                  flush=True)
+            self.baseline_blocks = sys.getallocatedblocks()
+            print(f"#fuzz RSS after {WARMUP} inputs (baseline) {self.baseline / 2**20:.1f} MiB, "
+                  f"{self.baseline_blocks} Python blocks", flush=True)
         elif self.count % CHECK_EVERY == 0 or self.count == self.runs:
             self.report()
 
@@ -866,8 +868,11 @@ class _Meter:
         if self.baseline is not None:
             growth = rss - self.baseline
             self.peak_growth = max(self.peak_growth, growth)
-            line += (f"; growth since baseline {growth / 2**20:+.1f} MiB "
-                     f"(bound {RSS_BOUND / 2**20:.0f} MiB)")
+            # Python's allocated blocks: the stack's own objects, apart from
+            # what libFuzzer (its corpus, native) adds to RSS.
+            blocks = sys.getallocatedblocks() - self.baseline_blocks
+            line += (f"; growth since baseline {growth / 2**20:+.1f} MiB, {blocks:+d} Python "
+                     f"blocks (bound {RSS_BOUND / 2**20:.0f} MiB)")
             print(line, flush=True)
             if growth > RSS_BOUND:
                 print(f"#fuzz FAIL: RSS grew {growth / 2**20:.1f} MiB after warm-up", flush=True)
