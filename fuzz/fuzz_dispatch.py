@@ -46,6 +46,7 @@ GATEWAY_MAC = b"\x02\xab\xcb\x00\x00\x01"
 #: A documentation address (TEST-NET-3) the guest "reaches"; mapped onto
 #: loopback like the tests do, though no socket is ever opened here.
 REMOTE = "203.0.113.10"
+REMOTE6 = "2001:db8::7"
 
 # Step opcodes (the low 3 bits of the op byte).
 OP_FRAME = 0
@@ -353,7 +354,8 @@ class Harness:
 
         self.reactor = reactor = _fuzz_reactor()
         self.config = StackConfig(
-            address_map=[f"{REMOTE}=127.0.0.2"], deny=["0.0.0.0/0"], allow=["127.0.0.0/8"],
+            address_map=[f"{REMOTE}=127.0.0.2", f"{REMOTE6}=::1"], deny=["0.0.0.0/0", "::/0"],
+            allow=["127.0.0.0/8", "::1/128"],
             dns_upstreams=["127.0.0.1:53"], dns_records=["fuzz.test=10.0.2.9"])
 
         class Dispatcher(FrameDispatcher):
@@ -510,7 +512,7 @@ class Harness:
         if body[0] & 0x80 and len(body) >= 3:
             nat.host_error(flow, body[1], body[2])
         elif len(request) >= 8:
-            reply = b"\x00" + request[1:]
+            reply = bytes((129 if request[0] == 128 else 0,)) + request[1:]  # ICMPv6 or v4
             nat.host_reply(flow, reply, 64)
 
     def _dns(self, body):
@@ -746,7 +748,8 @@ def seed_inputs():
 
     u6_flow = dpkt.udp.UDP(sport=34000, dport=5000, data=b"hello6")
     u6_flow.ulen = len(u6_flow)
-    echo6 = dpkt.icmp6.ICMP6(type=128, code=0, data=b"\x00\x09\x00\x01" + b"ping6" * 4)
+    def echo6():  # a new one each time: dpkt keeps the checksum of the first use
+        return dpkt.icmp6.ICMP6(type=128, code=0, data=b"\x00\x09\x00\x01" + b"ping6" * 4)
 
     isn = random.Random(0).getrandbits(32)  # the ISN of the first connection an input opens
     syn_opts = b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07"  # MSS 1460, SACK-permitted, WS 7
@@ -807,8 +810,11 @@ def seed_inputs():
         "udp6-flow": (step(OP_FRAME, ip6(guest6, gw6, 17, u6_flow, GATEWAY_MAC, hlim=64))
                       + step(OP_UDP_REPLY, b"\x00back6")),
         "flood-udp6": step(0x80, ip6(guest6, gw6, 17, u6_flow, GATEWAY_MAC, hlim=64)),
-        "icmpv6-echo-gateway": step(OP_FRAME, ip6(guest6, gw6, 58, echo6, GATEWAY_MAC,
+        "icmpv6-echo-gateway": step(OP_FRAME, ip6(guest6, gw6, 58, echo6(), GATEWAY_MAC,
                                                   hlim=64)),
+        "icmpv6-echo-remote": (step(OP_FRAME, ip6(guest6, socket.inet_pton(
+            socket.AF_INET6, REMOTE6), 58, echo6(), GATEWAY_MAC, hlim=64))
+                               + step(OP_ICMP_REPLY, b"\x00")),
     }
 
 

@@ -124,6 +124,7 @@ def _ipv6_to_guest(h):
     ("ipv6-ns-gateway", (58, 136)),         # a neighbour advertisement
     ("dhcpv6-solicit", (17, 2)),            # ADVERTISE
     ("icmpv6-echo-gateway", (58, 129)),     # echo reply
+    ("icmpv6-echo-remote", (58, 129)),      # through the echo NAT and back
 ])
 def test_ipv6_seeds_are_answered(harness, name, answer):
     harness.run(SEEDS[name])
