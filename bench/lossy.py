@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python -m bench.lossy [--bytes 50000000] [--loss 0.05] [--reorder 0.25]
                                          [--delay 0.001] [--duplicate 0.0] [--seed 20]
+                                         [--guest-sysctl net.ipv4.tcp_sack=0 ...]
 
 Both cases use the same impairment (tests/impairment.py: seeded loss,
 duplication, and netem-style reordering, where a frame goes at once with
@@ -13,6 +14,10 @@ frames of at most the MTU:
   Linux TCP downloads from and uploads to a server on 127.0.0.1.
 - Linux-to-Linux: two namespaces, each with a TAP whose other end is this
   process, relaying frames between them through the same impairment.
+
+``--guest-sysctl`` sets a sysctl in the guest's namespace (both namespaces
+for Linux-to-Linux), e.g. ``net.ipv4.tcp_sack=0`` for a guest without SACK
+that still has timestamps.
 
 Prints the seconds each direction took (byte-exact, checked by sha256) and
 the ratio. Root; everything stays in namespaces it creates and removes.
@@ -52,6 +57,12 @@ def in_ns(ns, *cmd, timeout=600):
 def faults(args, seed):
     return Impairment(seed, loss=args.loss, duplicate=args.duplicate, reorder=args.reorder,
                       delay=args.delay)
+
+
+def set_sysctls(args, *namespaces):
+    for ns in namespaces:
+        for setting in args.guest_sysctl:
+            sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", setting)
 
 
 def run_reactor_until(reactor, work):
@@ -100,6 +111,7 @@ def arcbox(args):
     ns = "arcbox-lossy"
     sh("ip", "netns", "add", ns)
     try:
+        set_sysctls(args, ns)
         config = StackConfig(deny=("0.0.0.0/0",), allow=("127.0.0.0/8",))
         inner = open_link(config, netns=ns, tap_name="tap0", configure=True, reactor=reactor,
                           offload=False)
@@ -144,6 +156,7 @@ def linux(args):
     for ns in (a, b):
         sh("ip", "netns", "add", ns)
     try:
+        set_sysctls(args, a, b)
         links = {}
         for ns, addr in ((a, "10.77.0.1"), (b, "10.77.0.2")):
             (fd,), _ = open_tap_in_netns(ns, "tap0", configure=dict(address=addr, prefixlen=24))
@@ -208,6 +221,8 @@ def main():
     parser.add_argument("--delay", type=float, default=0.001)
     parser.add_argument("--duplicate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=20)
+    parser.add_argument("--guest-sysctl", action="append", default=[], metavar="KEY=VALUE",
+                        help="set in the guest's namespace (repeatable)")
     parser.add_argument("--stack", choices=("arcbox-net", "linux"), required=True,
                         help="one per process (each runs the reactor once)")
     args = parser.parse_args()
