@@ -246,9 +246,13 @@ class TcpNat:
         as one GSO frame cut into segments of that size where the link can."""
         guest_ip, _gport, remote_ip, _rport = key
         if seg.flags & SYN:
-            options = tcp.syn_options(seg.mss, seg.wscale, seg.sack)
+            options = tcp.syn_options(seg.mss, seg.wscale, seg.sack, seg.tsval, seg.tsecr)
+        elif seg.sack:
+            options = tcp.sack_option(seg.sack, seg.tsval, seg.tsecr)
+        elif seg.tsval is not None:  # timestamps (RFC 7323): every segment, one pack
+            options = tcp.ts_option(seg.tsval, seg.tsecr)
         else:
-            options = tcp.sack_option(seg.sack) if seg.sack else b""
+            options = b""
         self.framer.send_tcp(remote_ip, guest_ip, seg.src_port, seg.dst_port, seg.seq, seg.ack,
                              seg.flags, seg.window, seg.payload, options, mss)
 

@@ -378,3 +378,39 @@ def test_sack_permitted_and_sack_blocks_on_the_wire(nat):
     assert t.ack == 1001 and len(dup) <= 1514
     sack = dict(dpkt.tcp.parse_opts(t.opts))[dpkt.tcp.TCP_OPT_SACK]
     assert sack == (2001).to_bytes(4, "big") + (2501).to_bytes(4, "big")
+
+
+# -- timestamps on the wire (issue 20, item 1)
+
+def test_timestamps_on_the_wire(nat):
+    """A guest SYN offering timestamps gets them in the SYN-ACK, echoing its
+    TSval; every later segment carries them, and data leaves room for them."""
+    ts_opt = b"\x04\x02\x08\x0a" + (777).to_bytes(4, "big") + bytes(4)
+    opts = b"\x02\x04\x05\xb4" + ts_opt + b"\x01\x03\x03\x07"
+    guest(nat, fb.tcp(40030, 80, seq=1000, flags=dpkt.tcp.TH_SYN, dst=REMOTE, opts=opts))
+    transport = connect_succeeds(nat)
+    synack = nat_sent(nat).data.data
+    ts = dict(dpkt.tcp.parse_opts(synack.opts))[dpkt.tcp.TCP_OPT_TIMESTAMP]
+    assert ts[4:] == (777).to_bytes(4, "big")
+    tsval = int.from_bytes(ts[:4], "big")
+    isn = synack.seq
+    echo = b"\x01\x01\x08\x0a" + (778).to_bytes(4, "big") + tsval.to_bytes(4, "big")
+    guest(nat, fb.tcp(40030, 80, seq=1001, ack=isn + 1, flags=dpkt.tcp.TH_ACK, dst=REMOTE,
+                      opts=echo))
+    splice = nat.connections[(fb.ip4("10.0.2.2"), 40030, fb.ip4(REMOTE), 80)]
+    assert transport is splice.transport
+    splice.dataReceived(b"d" * 3000)
+    frames = [fb.parse(f) for f in nat.dispatcher.link.sent]
+    nat.dispatcher.link.sent.clear()
+    assert [len(f.data.data.data) for f in frames] == [1448, 1448, 104]
+    for f in frames:
+        assert len(f) <= 1514
+        ts = dict(dpkt.tcp.parse_opts(f.data.data.opts))[dpkt.tcp.TCP_OPT_TIMESTAMP]
+        assert ts[4:] == (778).to_bytes(4, "big")
+
+
+def test_no_timestamps_unless_the_guest_offers_them(nat):
+    guest(nat, syn(sport=40031))
+    connect_succeeds(nat)
+    synack = nat_sent(nat).data.data
+    assert dpkt.tcp.TCP_OPT_TIMESTAMP not in dict(dpkt.tcp.parse_opts(synack.opts))
