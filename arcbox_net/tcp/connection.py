@@ -1367,7 +1367,7 @@ class TcpConnection:
 
     def _partial_ack(self, ack, now):
         if not self._sack_ok:
-            self._retransmit()  # NewReno: the segment at the new snd_una
+            self._newreno_retransmit()  # the segment at the new snd_una
             return
         if seq_le(self._rexmit_next, ack):
             self._rexmit_next = ack
@@ -1402,7 +1402,7 @@ class TcpConnection:
         also have left more than ``_reorder_wait`` ago: on a link that
         reorders, a SACK above a hole is no proof that the hole is lost."""
         if not self._sack_ok:
-            self._retransmit()
+            self._newreno_retransmit()
             return
         una = self.snd_una
         flight = (self.snd_nxt - una) & MASK
@@ -1451,6 +1451,12 @@ class TcpConnection:
             self.counters["tcp-retransmits"] += sent
             self._rtt_seq = None  # Karn
             self._karn = True
+
+    def _newreno_retransmit(self):
+        """NewReno's resend of the first unacknowledged segment, counted."""
+        if self.snd_nxt != self.snd_una:
+            self._retransmit()
+            self.counters["tcp-retransmits"] += 1
 
     def _retransmit(self):
         """Resend the first unacknowledged segment; returns its data length."""

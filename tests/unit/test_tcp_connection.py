@@ -357,6 +357,8 @@ def test_fast_retransmit_on_third_duplicate_ack():
     g.send(ack_off=1000, window=30000, now=0.05)  # a window update is no dup ACK
     g.send(ack_off=2000, window=30000, now=0.06)  # partial ACK: the next hole
     assert g.off_of(only(c.take_segments())) == 2000
+    # Both resends are in /stats (NewReno's went uncounted before).
+    assert c.counters["tcp-retransmits"] == 2 and c.counters["tcp-fast-recovery"] == 1
 
 
 def test_zero_window_probes_then_resume():
