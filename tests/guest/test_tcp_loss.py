@@ -88,6 +88,50 @@ def test_bulk_both_ways_through_loss_and_reordering(netns):
 
 
 @pytest_twisted.inlineCallbacks
+def test_bulk_both_ways_with_timestamps_and_no_sack(netns):
+    """A guest with SACK off (net.ipv4.tcp_sack=0) but timestamps on, through
+    5 % loss and 25 % reordering: both directions arrive byte-exact, the
+    stack's RTO estimator takes samples from the guest's echoes of resent
+    segments (RFC 7323), and the guest's own RTO sees through its
+    retransmissions (50 MB up in 71-84 s through bench.lossy, 299 s without
+    our echoes)."""
+    import subprocess
+    from twisted.internet import reactor
+
+    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-q", "-w",
+                    "net.ipv4.tcp_sack=0", "net.ipv4.tcp_timestamps=1"], check=True)
+    stack, link = _impaired_stack(netns, reactor, 21, loss=0.05, reorder=0.25, delay=0.001)
+    down = HostServer(sender(lambda: data_chunks(TOTAL, 7)))
+    up = HostServer(sink_then_reply)
+    try:
+        start = time.monotonic()
+        got = yield threads.deferToThread(guest_client, netns, "recv", "10.0.2.1", down.port)
+        down_s = time.monotonic() - start
+        down.wait()
+        assert not down.errors
+        assert got["bytes"] == TOTAL and got["sha256"] == down.results[0]
+        start = time.monotonic()
+        sent = yield threads.deferToThread(guest_client, netns, "send", "10.0.2.1", up.port,
+                                           TOTAL, 11)
+        up_s = time.monotonic() - start
+        up.wait()
+        assert not up.errors
+        expected = hashlib.sha256(b"".join(data_chunks(TOTAL, 11))).hexdigest()
+        assert sent["reply"] == f"{expected}:{TOTAL}"
+        counters = stack.stats()["counters"]
+        print(f"\nno SACK, timestamps, {TOTAL} bytes each way: host->guest {down_s:.1f} s, "
+              f"guest->host {up_s:.1f} s; tcp counters "
+              f"{ {k: v for k, v in counters.items() if k.startswith('tcp-')} }")
+        assert "tcp-dsack-received" not in counters and "tcp-probe" not in counters  # no SACK
+        assert counters["tcp-retransmits"] > 0
+        assert counters["tcp-rtt-from-timestamps"] > 0  # the guest echoed our TSvals
+    finally:
+        down.close()
+        up.close()
+        stack.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_guest_that_never_sends_its_fin_is_reset_after_the_fin_timeout(netns):
     """The host closes; the guest reads the EOF but keeps its socket open and
     silent: after --tcp-fin-timeout (1 s here) the stack resets it, frees the
