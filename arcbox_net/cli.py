@@ -41,6 +41,8 @@ class Options(usage.Options):
                                    "MAC; others are dropped and counted)."],
         ["no-ipv6", None, "No IPv6 on the guest link (no router advertisements, NDP, "
                           "DHCPv6 or IPv6 NAT); IPv6 frames are dropped and counted."],
+        ["no-tcp-timestamps", None, "Do not offer or accept TCP timestamps (RFC 7323) with "
+                                    "the guest (12 more payload bytes per segment)."],
         ["vnet-hdr", None, "With --fd (datagram or seqpacket): each datagram starts with a "
                            "virtio_net_hdr_v1 (12 bytes), so TSO frames up to 64 KiB and "
                            "partial checksums cross the socket both ways."],
@@ -195,6 +197,7 @@ class Options(usage.Options):
                 max_connections=self["max-connections"], udp_timeout=self["udp-timeout"],
                 max_half_open=self["max-half-open"], tcp_fin_timeout=self["tcp-fin-timeout"],
                 tcp_close_wait_timeout=self["tcp-close-wait-timeout"],
+                tcp_timestamps=not self["no-tcp-timestamps"],
                 max_udp_flows=self["max-udp-flows"], dns_upstreams=self["dns_upstreams"],
                 dns_records=self["dns_records"], dns_timeout=self["dns-timeout"],
                 forwards=self["forwards"], forward_source=self["forward-source"],

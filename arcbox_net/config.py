@@ -350,6 +350,8 @@ class StackConfig:
     #: (Linux's tcp_fin_timeout), and in CLOSE_WAIT without host data.
     tcp_fin_timeout: float = attrs.field(default=60.0)
     tcp_close_wait_timeout: float = attrs.field(default=300.0)
+    #: Offer and accept TCP timestamps (RFC 7323) with the guest.
+    tcp_timestamps: bool = attrs.field(default=True)
     #: UDP flow idle timeout (seconds), and the longer one once replies came back.
     udp_timeout: float = attrs.field(default=60.0)
     udp_established_timeout: float = attrs.field(default=180.0)

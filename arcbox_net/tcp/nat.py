@@ -94,7 +94,8 @@ class TcpNat:
             mtu = min(config.mtu, self.framer.mtu)
             params = TcpParams(mss_limit=mtu - 40, segment_size=self.framer.tcp_segment_limit,
                                fin_wait2_timeout=config.tcp_fin_timeout,
-                               close_wait_timeout=config.tcp_close_wait_timeout)
+                               close_wait_timeout=config.tcp_close_wait_timeout,
+                               timestamps=config.tcp_timestamps)
         self.params = params
         #: IPv6 connections: 20 more header bytes per segment, and their own GSO.
         self.params6 = attrs.evolve(params, mss_limit=params.mss_limit - 20,

@@ -56,6 +56,10 @@ def test_tcp_caps_and_timeouts_from_the_command_line():
                     "--tcp-close-wait-timeout", "7.5"])
     c = o.config
     assert (c.max_half_open, c.tcp_fin_timeout, c.tcp_close_wait_timeout) == (16, 5.0, 7.5)
+    assert c.tcp_timestamps is True
+    o = Options()
+    o.parseOptions(["--netns", "x", "--no-tcp-timestamps"])
+    assert o.config.tcp_timestamps is False
     d = StackConfig()
     assert (d.max_half_open, d.tcp_fin_timeout, d.tcp_close_wait_timeout) == (256, 60.0, 300.0)
     for bad in ({"max_half_open": 0}, {"tcp_fin_timeout": 0}, {"tcp_close_wait_timeout": -1}):

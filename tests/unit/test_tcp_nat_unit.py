@@ -414,3 +414,16 @@ def test_no_timestamps_unless_the_guest_offers_them(nat):
     connect_succeeds(nat)
     synack = nat_sent(nat).data.data
     assert dpkt.tcp.TCP_OPT_TIMESTAMP not in dict(dpkt.tcp.parse_opts(synack.opts))
+
+
+def test_no_tcp_timestamps_refuses_them():
+    """--no-tcp-timestamps: a guest SYN offering them gets a SYN-ACK without,
+    for both families and the forwards' SYNs alike."""
+    nat = _nat(tcp_timestamps=False)
+    assert not (nat.params.timestamps or nat.params6.timestamps
+                or nat.inbound_params.timestamps)
+    opts = b"\x02\x04\x05\xb4" + b"\x01\x01\x08\x0a" + bytes(8)
+    guest(nat, fb.tcp(40032, 80, seq=1000, flags=dpkt.tcp.TH_SYN, dst=REMOTE, opts=opts))
+    connect_succeeds(nat)
+    synack = nat_sent(nat).data.data
+    assert dpkt.tcp.TCP_OPT_TIMESTAMP not in dict(dpkt.tcp.parse_opts(synack.opts))
