@@ -270,19 +270,21 @@ class Framer:
         """One TCP segment; ``segment_size`` > 0 lets a longer payload leave as
         one GSO frame that the guest's kernel cuts into segments of that size.
 
-        The per-segment path: one struct pack for a plain option-less segment,
-        no copy of the payload (it is gathered into the write).
+        The per-segment path: one struct pack for an IPv4 segment (its options,
+        timestamps and SACK blocks, included), no copy of the payload (it is
+        gathered into the write).
         """
         family = _FAMILIES[len(src)]
         guest_mac = self._macs.get(dst)
-        if guest_mac is None or not self._csum_offload and (options or family is not _IPv4):
+        if guest_mac is None or not self._csum_offload and family is not _IPv4:
             head = tcp.header(sport, dport, seq, ack, flags, window, options)
             self.send_ip(src, dst, ipv4.PROTO_TCP, head, payload)
             return
         size = len(payload)
         if not self._csum_offload:
             head = tcp.frame_header(self.ethernet_header(guest_mac), src, dst, self.next_ident(),
-                                    sport, dport, seq, ack, flags, window, payload)
+                                    sport, dport, seq, ack, flags, window, payload,
+                                    options=options)
             self.send_frame([head, payload] if size else head)
             return
         head = tcp.build_header_partial(src, dst, sport, dport, seq, ack, flags, window, size,
