@@ -379,6 +379,15 @@ class Framer:
         if self.neighbours.confirm(address, mac, now):
             self.release(address)
 
+    def learn_claim(self, address, mac):
+        """A guest says ``mac`` has ``address`` (an ARP sender, an NDP link-layer
+        option): learned if the neighbour table lets that MAC use it; True then."""
+        now = self.clock()
+        if not self.neighbours.valid_source(address, mac, now):
+            return False
+        self.learn(address, mac, now)
+        return True
+
     def release(self, address):
         """Send the packets that waited for ``address``'s MAC, if it is known."""
         address = bytes(address)

@@ -52,6 +52,29 @@ def finish(frame, header, csum=True, tso4=True, tso6=True):
     raise OffloadError(f"GSO type {gso_type} cannot be cut here")
 
 
+def _tcp_segments(tcp_head, payload, mss, src, dst, pseudo_sum):
+    """(TCP header, chunk) of each segment a GSO payload is cut into: the
+    sequence advanced, FIN/PSH only on the last, CWR only on the first, and
+    the checksum over the pseudo-header ``pseudo_sum(src, dst, 6, length)``."""
+    seq = struct.unpack_from("!I", tcp_head, 4)[0]
+    tcp_flags = tcp_head[13]
+    count = max(1, -(-len(payload) // mss))
+    for i in range(count):
+        chunk = bytes(payload[i * mss:(i + 1) * mss])
+        th = bytearray(tcp_head)
+        struct.pack_into("!I", th, 4, (seq + i * mss) & 0xFFFFFFFF)
+        f = tcp_flags
+        if i != count - 1:
+            f &= ~(_TCP_FIN | _TCP_PSH)
+        if i:
+            f &= ~_TCP_CWR
+        th[13] = f
+        _U16.pack_into(th, 16, 0)
+        length = len(th) + len(chunk)
+        _U16.pack_into(th, 16, checksum(bytes(th) + chunk, pseudo_sum(src, dst, 6, length)))
+        yield i, bytes(th), chunk
+
+
 def segment_tcpv4(frame, mss):
     """Cut a TCPv4 GSO frame into frames of at most ``mss`` payload bytes,
     each with its own IPv4 length, ident and checksums and TCP sequence."""
@@ -70,29 +93,14 @@ def segment_tcpv4(frame, mss):
     payload = memoryview(frame)[payload_at:]
     src, dst = bytes(eth_ip[_ETH + 12:_ETH + 16]), bytes(eth_ip[_ETH + 16:_ETH + 20])
     ident = _U16.unpack_from(eth_ip, _ETH + 4)[0]
-    seq = struct.unpack_from("!I", tcp_head, 4)[0]
-    tcp_flags = tcp_head[13]
     out = []
-    count = max(1, -(-len(payload) // mss))
-    for i in range(count):
-        chunk = payload[i * mss:(i + 1) * mss]
+    for i, th, chunk in _tcp_segments(tcp_head, payload, mss, src, dst, pseudo_header_sum):
         ip = bytearray(eth_ip)
         _U16.pack_into(ip, _ETH + 2, ihl + thl + len(chunk))
         _U16.pack_into(ip, _ETH + 4, (ident + i) & 0xFFFF)
         _U16.pack_into(ip, _ETH + 10, 0)
         _U16.pack_into(ip, _ETH + 10, checksum(bytes(ip[_ETH:])))
-        th = bytearray(tcp_head)
-        struct.pack_into("!I", th, 4, (seq + i * mss) & 0xFFFFFFFF)
-        f = tcp_flags
-        if i != count - 1:
-            f &= ~(_TCP_FIN | _TCP_PSH)
-        if i:
-            f &= ~_TCP_CWR
-        th[13] = f
-        _U16.pack_into(th, 16, 0)
-        body = bytes(th) + bytes(chunk)
-        _U16.pack_into(th, 16, checksum(body, pseudo_header_sum(src, dst, 6, len(body))))
-        out.append(bytes(ip) + bytes(th) + bytes(chunk))
+        out.append(bytes(ip) + th + chunk)
     return out
 
 
@@ -115,24 +123,10 @@ def segment_tcpv6(frame, mss):
     tcp_head = bytearray(frame[tcp_at:payload_at])
     payload = memoryview(frame)[payload_at:]
     src, dst = eth_ip[_ETH + 8:_ETH + 24], eth_ip[_ETH + 24:_ETH + 40]
-    seq = struct.unpack_from("!I", tcp_head, 4)[0]
-    tcp_flags = tcp_head[13]
     out = []
-    count = max(1, -(-len(payload) // mss))
-    for i in range(count):
-        chunk = payload[i * mss:(i + 1) * mss]
+    for _i, th, chunk in _tcp_segments(tcp_head, payload, mss, src, dst,
+                                       ipv6.pseudo_header_sum):
         ip = bytearray(eth_ip)
         _U16.pack_into(ip, _ETH + 4, thl + len(chunk))
-        th = bytearray(tcp_head)
-        struct.pack_into("!I", th, 4, (seq + i * mss) & 0xFFFFFFFF)
-        f = tcp_flags
-        if i != count - 1:
-            f &= ~(_TCP_FIN | _TCP_PSH)
-        if i:
-            f &= ~_TCP_CWR
-        th[13] = f
-        _U16.pack_into(th, 16, 0)
-        body = bytes(th) + bytes(chunk)
-        _U16.pack_into(th, 16, checksum(body, ipv6.pseudo_header_sum(src, dst, 6, len(body))))
-        out.append(bytes(ip) + bytes(th) + bytes(chunk))
+        out.append(bytes(ip) + th + chunk)
     return out

@@ -70,15 +70,8 @@ class ArpHandler:
 
     def __init__(self, dispatcher):
         self.framer = dispatcher.framer
-        neighbours = dispatcher.framer.neighbours
-
-        def learn(address, mac):
-            now = self.framer.clock()
-            if not neighbours.valid_source(address, mac, now):
-                return False
-            self.framer.learn(address, mac, now)
-            return True
-        self.core = ArpResponder(dispatcher.owned, dispatcher.gateway_mac, learn)
+        self.core = ArpResponder(dispatcher.owned, dispatcher.gateway_mac,
+                                 self.framer.learn_claim)
 
     def handle_frame(self, frame):
         reply = self.core.handle(frame)

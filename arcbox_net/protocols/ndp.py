@@ -286,21 +286,14 @@ class NdpHandler:
     def __init__(self, dispatcher, config, reactor):
         self.framer = dispatcher.framer
         self.reactor = reactor
-        neighbours = self.framer.neighbours
         mtu = min(config.mtu, self.framer.mtu)
         self.advertiser = RouterAdvertiser(
             config.gateway_mac, reactor.seconds(), prefix=config.ipv6_subnet,
             link_local=config.router_link_local, mtu=mtu, dns=(config.dns6,),
             search=search_list(config.domain, config.search))
-
-        def learn(address, mac):
-            now = self.framer.clock()
-            if not neighbours.valid_source(address, mac, now):
-                return False
-            self.framer.learn(address, mac, now)
-            return True
         self.core = NdpResponder(config.gateway_mac, self.advertiser,
-                                 owned=sorted(config.owned_addresses6), learn=learn)
+                                 owned=sorted(config.owned_addresses6),
+                                 learn=self.framer.learn_claim)
         self._timer = None
         self._stopped = False
 
