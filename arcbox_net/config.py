@@ -30,13 +30,16 @@ def _address(value):
 
 
 def _ip_address(value, what="address"):
-    """An IPv4 or IPv6 address (maps, records, policy: either family)."""
+    """An IPv4 or IPv6 address, either family (maps, records, forwards); an
+    IPv6 one may come in brackets, as in ``[::1]:8080``."""
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return value
+    text = value[1:-1] if isinstance(value, str) and value.startswith("[") \
+        and value.endswith("]") else value
     try:
-        return ipaddress.ip_address(value.strip("[]") if isinstance(value, str) else value)
+        return ipaddress.ip_address(text)
     except ValueError:
-        raise ConfigError(f"{value!r} is not an IP {what}") from None
+        raise ConfigError(f"{what} {value!r} is not an IP address") from None
 
 
 def _network6(value):
@@ -191,14 +194,6 @@ def _port(text, what, lowest=1):
     return port
 
 
-def _addr(text, what):
-    try:
-        return ipaddress.ip_address(text[1:-1] if text.startswith("[") and text.endswith("]")
-                                    else text)
-    except ValueError:
-        raise ConfigError(f"{what} {text!r} is not an IP address") from None
-
-
 def _looks_like_address(text):
     return "." in text or text.startswith("[")
 
@@ -252,8 +247,8 @@ class ForwardSpec:
         else:
             raise ConfigError(f"forward {text!r} is not PROTO:[BIND_ADDR:]HOST_PORT:GUEST_PORT")
         return cls(protocol=protocol, host_port=_port(host_port, "host port", lowest=0),
-                   guest_port=_port(guest_port, "guest port"), bind=_addr(bind, "bind address"),
-                   guest=None if guest is None else _addr(guest, "guest address"))
+                   guest_port=_port(guest_port, "guest port"), bind=_ip_address(bind, "bind address"),
+                   guest=None if guest is None else _ip_address(guest, "guest address"))
 
     @classmethod
     def from_json(cls, data):
@@ -280,8 +275,8 @@ class ForwardSpec:
         guest = str(guest)
         guest_addr, sep, guest_port = guest.rpartition(":")
         return cls(protocol=protocol, host_port=_port(host_port, "listen port", lowest=0),
-                   guest_port=_port(guest_port, "guest port"), bind=_addr(bind, "listen address"),
-                   guest=_addr(guest_addr, "guest address") if sep else None)
+                   guest_port=_port(guest_port, "guest port"), bind=_ip_address(bind, "listen address"),
+                   guest=_ip_address(guest_addr, "guest address") if sep else None)
 
     def check_guest(self, config):
         """Refuse a guest address that is not a guest's in ``config``'s subnet
