@@ -44,6 +44,7 @@ _DHCP_SERVER_PORT = 67
 
 
 _ALL_DHCP_SERVERS = ipv6.ALL_DHCP_SERVERS
+_DHCPV6_SERVER_PORT = 547
 _ZERO6 = bytes(16)
 _ICMPV6 = ipv6.NH_ICMPV6
 
@@ -250,8 +251,9 @@ class FrameDispatcher:
         if proto == ipv4.PROTO_UDP:
             sport, dport, start, end = udp.parse(frame, ip)
             service = self._udp6_services.get(dport)
-            if service is not None and (dst in self.owned6 or dst == _ALL_DHCP_SERVERS
-                                        or not service.local_only and dst[0] != 0xFF):
+            if service is not None and (dst in self.owned6 or not service.local_only
+                                        and dst[0] != 0xFF or dst == _ALL_DHCP_SERVERS
+                                        and dport == _DHCPV6_SERVER_PORT):
                 service.handle_datagram(frame, ip, sport, frame[start:end])
                 return
         if dst[0] == 0xFF and proto != _ICMPV6:

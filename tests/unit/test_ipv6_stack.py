@@ -181,3 +181,12 @@ def test_no_ipv6_drops_every_ipv6_frame():
                       dst_mac=ipv6.multicast_mac(ipv6.ALL_ROUTERS)))
     assert s.link.sent == [] and s.dispatcher.drops["ipv6-disabled"] == 1
     assert s.icmp6 is None and s.dhcp6 is None
+
+
+def test_only_dhcpv6_is_served_on_the_dhcp_servers_group(stack):
+    """ff02::1:2 is DHCPv6's group: a DNS query sent there is not answered."""
+    stack.dispatcher.framer.learn(GUEST_LL, GUEST_MAC)
+    query = bytes.fromhex("12340100000100000000000004686f7374056172636278000001") + b"\x00\x01"
+    receive(stack, udp6(GUEST_LL, ipv6.ALL_DHCP_SERVERS, 5353, 53, query,
+                        dst_mac=ipv6.multicast_mac(ipv6.ALL_DHCP_SERVERS)))
+    assert sent6(stack) == [] and stack.dispatcher.drops["multicast"] == 1
