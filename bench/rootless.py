@@ -14,19 +14,18 @@ import contextlib
 import grp
 import os
 import pwd
-import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
-from importlib import metadata
 
 from .common import REPO
 
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from uservenv import make_user_venv  # noqa: E402  (shared with the drop-in test)
+
 USER = "arcbox-bench"
-SCRIPT = os.path.join(os.path.dirname(sys.executable), "arcbox-net-slirp4netns")
 _user = None
 
 
@@ -77,49 +76,7 @@ class RootlessUser:
         self.open_tun()
         self.base = tempfile.mkdtemp(prefix="arcbox-bench-rk-", dir="/tmp")
         os.chmod(self.base, 0o755)
-        self.python, self.script = self._venv(os.path.join(self.base, "venv"))
-
-    def _venv(self, dest):
-        """(python, arcbox-net-slirp4netns) of a venv the user can run."""
-        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", dest], check=True,
-                       capture_output=True)
-        python = os.path.join(dest, "bin", "python")
-        site = subprocess.run([python, "-c", "import sysconfig; "
-                               "print(sysconfig.get_paths()['purelib'])"], check=True,
-                              capture_output=True, text=True).stdout.strip()
-        seen = {}
-
-        def walk(name):
-            key = re.sub(r"[-_.]+", "-", name).lower()
-            if key in seen:
-                return
-            try:
-                seen[key] = dist = metadata.distribution(name)
-            except metadata.PackageNotFoundError:
-                return
-            for req in dist.requires or []:
-                if "extra ==" not in req:
-                    walk(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
-        walk("arcbox-net")
-        ours = sysconfig.get_paths()["purelib"]
-        for top in sorted({f.parts[0] for d in seen.values() for f in d.files or []}):
-            src = os.path.join(ours, top)
-            if top in ("..", "__pycache__") or top.endswith(".pth") or not os.path.exists(src):
-                continue
-            if os.path.isdir(src):
-                shutil.copytree(src, os.path.join(site, top), dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, site)
-        shutil.copytree(os.path.join(REPO, "arcbox_net"), os.path.join(site, "arcbox_net"),
-                        dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-        with open(SCRIPT) as f:
-            body = f.read().split("\n", 1)[1]
-        script = os.path.join(dest, "bin", "arcbox-net-slirp4netns")
-        with open(script, "w") as f:
-            f.write(f"#!{python}\n{body}")
-        os.chmod(script, 0o755)
-        return python, script
+        self.python, self.script = make_user_venv(os.path.join(self.base, "venv"))
 
     def open_tun(self):
         """/dev/net/tun mode 0666, as stock Debian has it: set again before each

@@ -35,15 +35,14 @@ import socket
 import struct
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
-from importlib import metadata
 
 import pytest
-from conftest import REPO, namespace, require_root, run
+from conftest import namespace, require_root, run
 from hostside import HostServer
+from uservenv import SCRIPT, make_user_venv
 
 USER = "arcbox-s4nn"
 PUBLISHED = 18080
@@ -51,7 +50,6 @@ NAME = "dropin.test"
 #: The test DNS server's answer (TEST-NET-2: only ever an answer, never a destination).
 ANSWER = "198.51.100.7"
 PAYLOAD = os.urandom(3 << 20)
-SCRIPT = os.path.join(os.path.dirname(sys.executable), "arcbox-net-slirp4netns")
 SAFE_OPTS = "--deny 0.0.0.0/0 --allow 127.0.0.0/8 --deny ::/0 --allow ::1/128"
 CLONE_NEWNET = 0x40000000
 
@@ -187,47 +185,6 @@ def _ensure_subids(path, user):
     return f"{user}:{start}:65536"
 
 
-def _user_venv(dest):
-    """A venv of /usr/bin/python3 the user can run, with arcbox-net in it."""
-    run(["/usr/bin/python3", "-m", "venv", "--without-pip", dest])
-    site = run([f"{dest}/bin/python", "-c",
-                "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
-    seen = {}
-
-    def walk(name):
-        key = re.sub(r"[-_.]+", "-", name).lower()
-        if key in seen:
-            return
-        try:
-            seen[key] = dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            return
-        for req in dist.requires or []:
-            if "extra ==" not in req:
-                walk(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
-    walk("arcbox-net")
-    ours = sysconfig.get_paths()["purelib"]
-    tops = {f.parts[0] for dist in seen.values() for f in dist.files or []}
-    for top in sorted(tops):
-        src = os.path.join(ours, top)
-        if top in ("..", "__pycache__") or top.endswith(".pth") or not os.path.exists(src):
-            continue
-        if os.path.isdir(src):
-            shutil.copytree(src, os.path.join(site, top), dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, site)
-    shutil.copytree(os.path.join(REPO, "arcbox_net"), os.path.join(site, "arcbox_net"),
-                    dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-    with open(SCRIPT) as f:
-        body = f.read().split("\n", 1)[1]
-    script = os.path.join(dest, "bin", "arcbox-net-slirp4netns")
-    with open(script, "w") as f:
-        f.write(f"#!{dest}/bin/python\n{body}")
-    os.chmod(script, 0o755)
-    return script
-
-
 @pytest.fixture(scope="module")
 def rootless():
     """The unprivileged user, its venv and the binaries under test."""
@@ -250,7 +207,7 @@ def rootless():
     os.chmod(base, 0o755)
     uid, gid = pwd.getpwnam(USER).pw_uid, grp.getgrnam(USER).gr_gid
     try:
-        script = _user_venv(str(base / "venv"))
+        _python, script = make_user_venv(str(base / "venv"))
         child = base / "child.py"
         child.write_text(CHILD)
         child.chmod(0o644)
