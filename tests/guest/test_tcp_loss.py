@@ -13,7 +13,7 @@ import os
 import time
 
 import pytest_twisted
-from twisted.internet import threads
+from twisted.internet import defer, threads
 
 from conftest import guest_tcp_client
 from hostside import HostServer, sender, sink_then_reply
@@ -42,6 +42,28 @@ def _impaired_stack(netns, reactor, seed, **faults):
     return stack, link
 
 
+@defer.inlineCallbacks
+def _both_ways_byte_exact(netns, down, up):
+    """TOTAL bytes from ``down`` to the guest, then TOTAL from the guest to
+    ``up``, each checked by sha256; (seconds down, seconds up)."""
+    start = time.monotonic()
+    got = yield threads.deferToThread(guest_client, netns, "recv", "10.0.2.1", down.port)
+    down_s = time.monotonic() - start
+    down.wait()
+    assert not down.errors
+    assert got["bytes"] == TOTAL and got["sha256"] == down.results[0]
+    start = time.monotonic()
+    sent = yield threads.deferToThread(guest_client, netns, "send", "10.0.2.1", up.port,
+                                       TOTAL, 11)
+    up_s = time.monotonic() - start
+    up.wait()
+    assert not up.errors
+    expected = hashlib.sha256(b"".join(data_chunks(TOTAL, 11))).hexdigest()
+    assert sent["sent_sha256"] == expected
+    assert sent["reply"] == f"{expected}:{TOTAL}"
+    return down_s, up_s
+
+
 @pytest_twisted.inlineCallbacks
 def test_bulk_both_ways_through_loss_and_reordering(netns):
     """5 % loss, 25 % reordering (the rest 1 ms late), 1 % duplicates, both
@@ -54,23 +76,7 @@ def test_bulk_both_ways_through_loss_and_reordering(netns):
     down = HostServer(sender(lambda: data_chunks(TOTAL, 7)))
     up = HostServer(sink_then_reply)
     try:
-        start = time.monotonic()
-        got = yield threads.deferToThread(guest_client, netns, "recv", "10.0.2.1", down.port)
-        down_s = time.monotonic() - start
-        down.wait()
-        assert not down.errors
-        assert got["bytes"] == TOTAL and got["sha256"] == down.results[0]
-
-        start = time.monotonic()
-        sent = yield threads.deferToThread(guest_client, netns, "send", "10.0.2.1", up.port,
-                                           TOTAL, 11)
-        up_s = time.monotonic() - start
-        up.wait()
-        assert not up.errors
-        expected = hashlib.sha256(b"".join(data_chunks(TOTAL, 11))).hexdigest()
-        assert sent["sent_sha256"] == expected
-        assert sent["reply"] == f"{expected}:{TOTAL}"
-
+        down_s, up_s = yield _both_ways_byte_exact(netns, down, up)
         faults = link.to_guest.counts + link.from_guest.counts
         assert faults["dropped"] > 100 and faults["reordered"] > 100
         counters = stack.stats()["counters"]
@@ -104,20 +110,7 @@ def test_bulk_both_ways_with_timestamps_and_no_sack(netns):
     down = HostServer(sender(lambda: data_chunks(TOTAL, 7)))
     up = HostServer(sink_then_reply)
     try:
-        start = time.monotonic()
-        got = yield threads.deferToThread(guest_client, netns, "recv", "10.0.2.1", down.port)
-        down_s = time.monotonic() - start
-        down.wait()
-        assert not down.errors
-        assert got["bytes"] == TOTAL and got["sha256"] == down.results[0]
-        start = time.monotonic()
-        sent = yield threads.deferToThread(guest_client, netns, "send", "10.0.2.1", up.port,
-                                           TOTAL, 11)
-        up_s = time.monotonic() - start
-        up.wait()
-        assert not up.errors
-        expected = hashlib.sha256(b"".join(data_chunks(TOTAL, 11))).hexdigest()
-        assert sent["reply"] == f"{expected}:{TOTAL}"
+        down_s, up_s = yield _both_ways_byte_exact(netns, down, up)
         counters = stack.stats()["counters"]
         print(f"\nno SACK, timestamps, {TOTAL} bytes each way: host->guest {down_s:.1f} s, "
               f"guest->host {up_s:.1f} s; tcp counters "
